@@ -1,0 +1,35 @@
+"""The ``maas`` command line."""
+
+from __future__ import annotations
+
+import asyncio
+
+import typer
+
+from shared.logging import configure_logging
+from services.cli.common import console
+from services.cli.models import models_app
+from services.cli.settings import CliSettings
+
+app = typer.Typer(help="maas: train, register, deploy and serve models.", no_args_is_help=True)
+app.add_typer(models_app, name="models", help="Models and versions in the registry.")
+
+
+@app.command()
+def up(
+    quickstart: bool = typer.Option(False, help="Also push a zoo model so the registry is not empty."),
+) -> None:
+    """Start the mesh (the registry; later issues add the scheduler and gateway); Ctrl-C stops it."""
+    from services.cli.up import run_up
+
+    settings = CliSettings()
+    configure_logging("cli", settings.log_level, settings.log_format)
+    try:
+        asyncio.run(run_up(settings, quickstart, console))
+    except RuntimeError as exc:
+        console.print(f"[red]error[/]: {exc}")
+        raise typer.Exit(1) from None
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,130 @@
+"""The default artifact store: a local directory, content-addressed by sha256.
+
+Layout: ``<root>/sha256/ab/cd/<digest>`` for artifacts and ``<root>/tmp/`` for uploads in progress. A
+commit is write, fsync, rename, fsync of the directory: after a crash a file either has all its bytes
+under its digest or sits in tmp/, which the next start sweeps. Paths are built from digests the store
+computed itself, never from names a client sent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+
+
+class LocalWriter:
+    """Writes one artifact to a temporary file, hashing as it goes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = path.open("xb")
+        self._hash = hashlib.sha256()
+        # Writes run in worker threads; abort may come from another one when a client hangs up.
+        self._lock = threading.Lock()
+        self.closed = False
+
+    def write(self, chunk: bytes) -> None:
+        with self._lock:
+            if self.closed:
+                raise RuntimeError("write after abort")
+            self._file.write(chunk)
+            self._hash.update(chunk)
+
+    def hexdigest(self) -> str:
+        with self._lock:
+            return self._hash.hexdigest()
+
+    def finish(self) -> None:
+        with self._lock:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self.closed = True
+
+    def abort(self) -> None:
+        with self._lock:
+            if not self._file.closed:
+                self._file.close()
+            self.closed = True
+            self.path.unlink(missing_ok=True)
+
+
+class LocalArtifactStore:
+    """Implements ``core.ports.ArtifactStore`` on a local directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._tmp = root / "tmp"
+        self._blobs = root / "sha256"
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        self._blobs.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, sha256: str) -> Path:
+        if not _DIGEST.fullmatch(sha256):
+            raise ValueError(f"not a sha256 digest: {sha256!r}")
+        return self._blobs / sha256[:2] / sha256[2:4] / sha256
+
+    def writer(self) -> LocalWriter:
+        return LocalWriter(self._tmp / f"{uuid.uuid4().hex}.part")
+
+    def commit(self, writer: LocalWriter) -> bool:  # type: ignore[override]
+        digest = writer.hexdigest()
+        writer.finish()
+        final = self._path(digest)
+        if final.exists():
+            # Identical bytes are stored once.
+            writer.path.unlink(missing_ok=True)
+            return False
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(writer.path, final)
+        _fsync_dir(final.parent)
+        return True
+
+    def exists(self, sha256: str) -> bool:
+        return self._path(sha256).exists()
+
+    def read(self, sha256: str, offset: int, chunk_size: int) -> Iterator[bytes]:
+        path = self._path(sha256)
+        fh = path.open("rb")
+
+        def chunks() -> Iterator[bytes]:
+            with fh:
+                fh.seek(offset)
+                while block := fh.read(chunk_size):
+                    yield block
+
+        return chunks()
+
+    @contextlib.contextmanager
+    def local_copy(self, sha256: str) -> Iterator[Path]:
+        yield self._path(sha256)
+
+    def delete(self, sha256: str) -> None:
+        self._path(sha256).unlink(missing_ok=True)
+
+    def sweep(self, keep: set[str]) -> int:
+        removed = 0
+        for part in self._tmp.iterdir():
+            part.unlink(missing_ok=True)
+            removed += 1
+        for blob in self._blobs.glob("*/*/*"):
+            if blob.name not in keep:
+                blob.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,301 @@
+"""The registry's Repository on SQLAlchemy Core: SQLite and PostgreSQL through the same statements."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from services.registry.adapters.sql.tables import aliases, events, model_tags, models, versions
+from services.registry.core.model import Alias, Event, EventType, Lineage, Model, NewVersion, Version
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _utc(value: datetime) -> datetime:
+    # SQLite hands back naive datetimes; everything stored is UTC.
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+class SqlRepository:
+    """Implements ``core.ports.Repository``; each method is one transaction."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self._engine = engine
+
+    # Internal helpers ---------------------------------------------------------------------------------
+
+    def _read(self) -> sa.Connection:
+        # Marked so that SQLite starts a plain deferred transaction, not a write-locking one.
+        return self._engine.connect().execution_options(maas_readonly=True)
+
+    @staticmethod
+    def _model_row(conn: sa.Connection, name: str, *, lock: bool = False) -> sa.Row[Any]:
+        query = sa.select(models).where(models.c.name == name)
+        if lock:
+            query = query.with_for_update()
+        row = conn.execute(query).first()
+        if row is None:
+            raise NotFound(f"model {name!r} not found", reason="MODEL_NOT_FOUND")
+        return row
+
+    @staticmethod
+    def _event(conn: sa.Connection, type_: EventType, model: str, version: int = 0, alias: str = "") -> None:
+        conn.execute(
+            events.insert().values(type=type_.value, model=model, version=version, alias=alias, created_at=_now())
+        )
+
+    @staticmethod
+    def _to_model(conn: sa.Connection, row: sa.Row[Any]) -> Model:
+        tags = dict(conn.execute(sa.select(model_tags.c.key, model_tags.c.value).where(model_tags.c.model_id == row.id)).all())
+        alias_map = dict(conn.execute(sa.select(aliases.c.name, aliases.c.version).where(aliases.c.model_id == row.id)).all())
+        return Model(
+            name=row.name,
+            description=row.description,
+            tags=tags,
+            latest_version=row.latest_version,
+            aliases=alias_map,
+            create_time=_utc(row.created_at),
+            update_time=_utc(row.updated_at),
+        )
+
+    @staticmethod
+    def _to_version(conn: sa.Connection, model: str, model_id: int, row: sa.Row[Any]) -> Version:
+        names = conn.execute(
+            sa.select(aliases.c.name)
+            .where(aliases.c.model_id == model_id, aliases.c.version == row.number)
+            .order_by(aliases.c.name)
+        ).scalars()
+        return Version(
+            model=model,
+            number=row.number,
+            sha256=row.sha256,
+            size_bytes=row.size_bytes,
+            manifest_json=row.manifest_json,
+            tags=dict(row.tags),
+            lineage=Lineage(**row.lineage),
+            aliases=tuple(names),
+            create_time=_utc(row.created_at),
+        )
+
+    @staticmethod
+    def _set_tags(conn: sa.Connection, model_id: int, tags: dict[str, str]) -> None:
+        conn.execute(model_tags.delete().where(model_tags.c.model_id == model_id))
+        if tags:
+            conn.execute(model_tags.insert(), [{"model_id": model_id, "key": k, "value": v} for k, v in tags.items()])
+
+    def _insert_model(self, conn: sa.Connection, name: str, description: str, tags: dict[str, str]) -> int:
+        now = _now()
+        try:
+            with conn.begin_nested():
+                model_id = conn.execute(
+                    models.insert().values(name=name, description=description, created_at=now, updated_at=now)
+                ).inserted_primary_key[0]
+        except sa.exc.IntegrityError as exc:
+            raise AlreadyExists(f"model {name!r} already exists", reason="MODEL_EXISTS") from exc
+        self._set_tags(conn, model_id, tags)
+        self._event(conn, EventType.MODEL_CREATED, name)
+        return int(model_id)
+
+    # Models -------------------------------------------------------------------------------------------
+
+    def create_model(self, name: str, description: str, tags: dict[str, str]) -> Model:
+        with self._engine.begin() as conn:
+            self._insert_model(conn, name, description, tags)
+            return self._to_model(conn, self._model_row(conn, name))
+
+    def get_model(self, name: str) -> Model:
+        with self._read() as conn:
+            return self._to_model(conn, self._model_row(conn, name))
+
+    def list_models(self, prefix: str, tags: dict[str, str], after: str | None, limit: int) -> list[Model]:
+        query = sa.select(models).order_by(models.c.name).limit(limit)
+        if prefix:
+            # Compared as a range, not LIKE, so '%' and '_' in a prefix match themselves.
+            query = query.where(models.c.name >= prefix, models.c.name < prefix + "\U0010ffff")
+        if after is not None:
+            query = query.where(models.c.name > after)
+        for key, value in tags.items():
+            query = query.where(
+                sa.exists().where(model_tags.c.model_id == models.c.id, model_tags.c.key == key, model_tags.c.value == value)
+            )
+        with self._read() as conn:
+            return [self._to_model(conn, row) for row in conn.execute(query).all()]
+
+    def update_model(self, name: str, description: str | None, tags: dict[str, str] | None) -> Model:
+        with self._engine.begin() as conn:
+            row = self._model_row(conn, name, lock=True)
+            values: dict[str, Any] = {"updated_at": _now()}
+            if description is not None:
+                values["description"] = description
+            conn.execute(models.update().where(models.c.id == row.id).values(**values))
+            if tags is not None:
+                self._set_tags(conn, row.id, tags)
+            self._event(conn, EventType.MODEL_UPDATED, name)
+            return self._to_model(conn, self._model_row(conn, name))
+
+    def delete_model(self, name: str, force: bool) -> set[str]:
+        with self._engine.begin() as conn:
+            row = self._model_row(conn, name, lock=True)
+            held = conn.execute(sa.select(aliases.c.name).where(aliases.c.model_id == row.id)).scalars().all()
+            if held and not force:
+                raise FailedPrecondition(
+                    f"model {name!r} has aliases ({', '.join(sorted(held))}); delete them first or set force",
+                    reason="MODEL_HAS_ALIASES",
+                )
+            digests = set(conn.execute(sa.select(versions.c.sha256).where(versions.c.model_id == row.id)).scalars())
+            for table in (aliases, versions, model_tags):
+                conn.execute(table.delete().where(table.c.model_id == row.id))
+            conn.execute(models.delete().where(models.c.id == row.id))
+            self._event(conn, EventType.MODEL_DELETED, name)
+            return digests
+
+    # Versions -----------------------------------------------------------------------------------------
+
+    def add_version(self, new: NewVersion, create_model: bool) -> Version:
+        with self._engine.begin() as conn:
+            exists = conn.execute(sa.select(models.c.id).where(models.c.name == new.model)).first()
+            if exists is None and create_model:
+                self._insert_model(conn, new.model, "", {})
+            # The row lock (PostgreSQL) or the write lock (SQLite) serialises allocation per model.
+            row = self._model_row(conn, new.model, lock=True)
+            number = row.latest_version + 1
+            now = _now()
+            conn.execute(models.update().where(models.c.id == row.id).values(latest_version=number, updated_at=now))
+            conn.execute(
+                versions.insert().values(
+                    model_id=row.id,
+                    number=number,
+                    sha256=new.sha256,
+                    size_bytes=new.size_bytes,
+                    manifest_json=new.manifest_json,
+                    architecture=new.architecture,
+                    framework=new.framework,
+                    dtype=new.dtype,
+                    tags=new.tags,
+                    lineage=dataclasses.asdict(new.lineage),
+                    created_at=now,
+                )
+            )
+            self._event(conn, EventType.VERSION_CREATED, new.model, version=number)
+            return self._get_version(conn, new.model, number)
+
+    def _get_version(self, conn: sa.Connection, model: str, number: int) -> Version:
+        model_row = self._model_row(conn, model)
+        row = conn.execute(
+            sa.select(versions).where(versions.c.model_id == model_row.id, versions.c.number == number)
+        ).first()
+        if row is None:
+            raise NotFound(f"model {model!r} has no version {number}", reason="VERSION_NOT_FOUND")
+        return self._to_version(conn, model, model_row.id, row)
+
+    def get_version(self, model: str, number: int) -> Version:
+        with self._read() as conn:
+            return self._get_version(conn, model, number)
+
+    def resolve(self, model: str, ref: str) -> int:
+        with self._read() as conn:
+            row = self._model_row(conn, model)
+            if ref in ("", "latest"):
+                if row.latest_version == 0:
+                    raise NotFound(f"model {model!r} has no versions yet", reason="VERSION_NOT_FOUND")
+                return int(row.latest_version)
+            if ref.isdigit():
+                number = int(ref)
+                if number <= 0:
+                    raise InvalidArgument.field("version", "version numbers start at 1")
+                return number
+            number = conn.execute(
+                sa.select(aliases.c.version).where(aliases.c.model_id == row.id, aliases.c.name == ref)
+            ).scalar()
+            if number is None:
+                raise NotFound(f"model {model!r} has no alias {ref!r}", reason="ALIAS_NOT_FOUND")
+            return int(number)
+
+    def list_versions(self, model: str, after: int | None, limit: int) -> list[Version]:
+        with self._read() as conn:
+            row = self._model_row(conn, model)
+            query = sa.select(versions).where(versions.c.model_id == row.id).order_by(versions.c.number).limit(limit)
+            if after is not None:
+                query = query.where(versions.c.number > after)
+            return [self._to_version(conn, model, row.id, v) for v in conn.execute(query).all()]
+
+    # Aliases ------------------------------------------------------------------------------------------
+
+    def set_alias(self, model: str, alias: str, version: int, create_only: bool) -> Alias:
+        with self._engine.begin() as conn:
+            row = self._model_row(conn, model, lock=True)
+            found = conn.execute(
+                sa.select(versions.c.id).where(versions.c.model_id == row.id, versions.c.number == version)
+            ).first()
+            if found is None:
+                raise NotFound(f"model {model!r} has no version {version}", reason="VERSION_NOT_FOUND")
+            now = _now()
+            current = conn.execute(
+                sa.select(aliases.c.version).where(aliases.c.model_id == row.id, aliases.c.name == alias)
+            ).scalar()
+            if current is not None and create_only:
+                raise AlreadyExists(
+                    f"alias {alias!r} of model {model!r} already exists (version {current})", reason="ALIAS_EXISTS"
+                )
+            updated = conn.execute(
+                aliases.update()
+                .where(aliases.c.model_id == row.id, aliases.c.name == alias)
+                .values(version=version, updated_at=now)
+            ).rowcount
+            if not updated:
+                conn.execute(aliases.insert().values(model_id=row.id, name=alias, version=version, updated_at=now))
+            self._event(conn, EventType.ALIAS_SET, model, version=version, alias=alias)
+            return Alias(model=model, name=alias, version=version, update_time=now)
+
+    def delete_alias(self, model: str, alias: str) -> None:
+        with self._engine.begin() as conn:
+            row = self._model_row(conn, model, lock=True)
+            deleted = conn.execute(
+                aliases.delete().where(aliases.c.model_id == row.id, aliases.c.name == alias)
+            ).rowcount
+            if not deleted:
+                raise NotFound(f"model {model!r} has no alias {alias!r}", reason="ALIAS_NOT_FOUND")
+            self._event(conn, EventType.ALIAS_DELETED, model, alias=alias)
+
+    def list_aliases(self, model: str) -> list[Alias]:
+        with self._read() as conn:
+            row = self._model_row(conn, model)
+            rows = conn.execute(sa.select(aliases).where(aliases.c.model_id == row.id).order_by(aliases.c.name)).all()
+            return [Alias(model=model, name=r.name, version=r.version, update_time=_utc(r.updated_at)) for r in rows]
+
+    # Events and artifacts -----------------------------------------------------------------------------
+
+    def events_after(self, sequence: int, models_: list[str], limit: int) -> list[Event]:
+        query = sa.select(events).where(events.c.sequence > sequence).order_by(events.c.sequence).limit(limit)
+        if models_:
+            query = query.where(events.c.model.in_(models_))
+        with self._read() as conn:
+            return [
+                Event(
+                    sequence=r.sequence,
+                    type=EventType(r.type),
+                    model=r.model,
+                    version=r.version,
+                    alias=r.alias,
+                    time=_utc(r.created_at),
+                )
+                for r in conn.execute(query).all()
+            ]
+
+    def last_sequence(self) -> int:
+        with self._read() as conn:
+            return int(conn.execute(sa.select(sa.func.coalesce(sa.func.max(events.c.sequence), 0))).scalar_one())
+
+    def digest_in_use(self, sha256: str) -> bool:
+        with self._read() as conn:
+            return conn.execute(sa.select(versions.c.id).where(versions.c.sha256 == sha256).limit(1)).first() is not None
+
+    def all_digests(self) -> set[str]:
+        with self._read() as conn:
+            return set(conn.execute(sa.select(versions.c.sha256).distinct()).scalars())

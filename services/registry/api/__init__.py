@@ -1,0 +1,1 @@
+"""The registry's gRPC surface: a thin servicer and the proto <-> domain conversions."""

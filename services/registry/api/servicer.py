@@ -1,0 +1,110 @@
+"""``maas.registry.v1.RegistryService``: each RPC converts, awaits the core, converts back."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+from maas.registry.v1 import registry_pb2 as pb
+from maas.registry.v1 import registry_pb2_grpc
+
+from shared.errors import InvalidArgument
+from services.registry.api import convert
+from services.registry.core.service import RegistryCore
+
+_UPDATABLE = {"description", "tags"}
+
+
+class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
+    def __init__(self, core: RegistryCore) -> None:
+        self._core = core
+
+    async def CreateModel(self, request: pb.CreateModelRequest, context: grpc.aio.ServicerContext) -> pb.CreateModelResponse:
+        model = await self._core.create_model(request.name, request.description, dict(request.tags))
+        return pb.CreateModelResponse(model=convert.model_to_pb(model))
+
+    async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.GetModelResponse:
+        return pb.GetModelResponse(model=convert.model_to_pb(await self._core.get_model(request.name)))
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        page = await self._core.list_models(request.page_size, request.page_token, request.name_prefix, dict(request.tags))
+        return pb.ListModelsResponse(
+            models=[convert.model_to_pb(m) for m in page.items], next_page_token=page.next_page_token
+        )
+
+    async def UpdateModel(self, request: pb.UpdateModelRequest, context: grpc.aio.ServicerContext) -> pb.UpdateModelResponse:
+        mask = set(request.update_mask)
+        if not mask:
+            raise InvalidArgument.field("update_mask", "name at least one of: description, tags")
+        if unknown := mask - _UPDATABLE:
+            raise InvalidArgument.field("update_mask", f"cannot update {', '.join(sorted(unknown))}")
+        model = await self._core.update_model(
+            request.name,
+            request.description if "description" in mask else None,
+            dict(request.tags) if "tags" in mask else None,
+        )
+        return pb.UpdateModelResponse(model=convert.model_to_pb(model))
+
+    async def DeleteModel(self, request: pb.DeleteModelRequest, context: grpc.aio.ServicerContext) -> pb.DeleteModelResponse:
+        await self._core.delete_model(request.name, request.force)
+        return pb.DeleteModelResponse()
+
+    async def UploadVersion(
+        self, request_iterator: AsyncIterator[pb.UploadVersionRequest], context: grpc.aio.ServicerContext
+    ) -> pb.UploadVersionResponse:
+        first = await anext(aiter(request_iterator), None)
+        if first is None or not first.HasField("metadata"):
+            raise InvalidArgument.field("metadata", "the first message of an upload must carry the metadata")
+
+        async def chunks() -> AsyncIterator[bytes]:
+            async for message in request_iterator:
+                if message.WhichOneof("payload") != "chunk":
+                    raise InvalidArgument.field("metadata", "only the first message may carry metadata")
+                yield message.chunk
+
+        version = await self._core.upload_version(convert.upload_from_pb(first.metadata), chunks())
+        return pb.UploadVersionResponse(version=convert.version_to_pb(version))
+
+    async def GetVersion(self, request: pb.GetVersionRequest, context: grpc.aio.ServicerContext) -> pb.GetVersionResponse:
+        version = await self._core.get_version(request.ref.model, request.ref.version)
+        return pb.GetVersionResponse(version=convert.version_to_pb(version))
+
+    async def ListVersions(self, request: pb.ListVersionsRequest, context: grpc.aio.ServicerContext) -> pb.ListVersionsResponse:
+        page = await self._core.list_versions(request.model, request.page_size, request.page_token)
+        return pb.ListVersionsResponse(
+            versions=[convert.version_to_pb(v) for v in page.items], next_page_token=page.next_page_token
+        )
+
+    async def DownloadVersion(
+        self, request: pb.DownloadVersionRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.DownloadVersionResponse]:
+        version, chunks = await self._core.download(
+            request.ref.model, request.ref.version, request.offset, request.chunk_size
+        )
+        yield pb.DownloadVersionResponse(version=convert.version_to_pb(version), offset=request.offset)
+        offset = request.offset
+        async for chunk in chunks:
+            yield pb.DownloadVersionResponse(offset=offset, chunk=chunk)
+            offset += len(chunk)
+
+    async def DeriveVersion(self, request: pb.DeriveVersionRequest, context: grpc.aio.ServicerContext) -> pb.DeriveVersionResponse:
+        version = await self._core.derive_version(request.ref.model, request.ref.version, request.variant, dict(request.tags))
+        return pb.DeriveVersionResponse(version=convert.version_to_pb(version))
+
+    async def SetAlias(self, request: pb.SetAliasRequest, context: grpc.aio.ServicerContext) -> pb.SetAliasResponse:
+        alias = await self._core.set_alias(request.model, request.alias, request.version, request.create_only)
+        return pb.SetAliasResponse(alias=convert.alias_to_pb(alias))
+
+    async def DeleteAlias(self, request: pb.DeleteAliasRequest, context: grpc.aio.ServicerContext) -> pb.DeleteAliasResponse:
+        await self._core.delete_alias(request.model, request.alias)
+        return pb.DeleteAliasResponse()
+
+    async def ListAliases(self, request: pb.ListAliasesRequest, context: grpc.aio.ServicerContext) -> pb.ListAliasesResponse:
+        aliases = await self._core.list_aliases(request.model)
+        return pb.ListAliasesResponse(aliases=[convert.alias_to_pb(a) for a in aliases])
+
+    async def WatchEvents(
+        self, request: pb.WatchEventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchEventsResponse]:
+        async for event in self._core.watch(request.after_sequence, list(request.models)):
+            yield pb.WatchEventsResponse(event=convert.event_to_pb(event))

@@ -1,0 +1,1 @@
+"""The registry's domain core: no grpc, no Ray, no generated code."""

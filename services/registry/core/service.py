@@ -1,0 +1,327 @@
+"""The registry's use cases, over a repository and an artifact store.
+
+Every blocking call (SQL, file I/O, hashing, tensor conversion) runs in a worker thread so the event loop
+stays free; steps that make data durable are shielded from cancellation so that a client hanging up can
+never leave a version row without its bytes, or bytes without their cleanup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from shared import names
+from shared.artifacts import ArtifactError, Manifest, derive_variant
+from shared.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from shared.paging import encode_token, parse_page
+from services.registry.core.events import ChangeSignal
+from services.registry.core.ingest import HeaderCollector, check_artifact
+from services.registry.core.model import (
+    Alias,
+    Event,
+    Lineage,
+    Model,
+    NewVersion,
+    Page,
+    UploadRequest,
+    Version,
+)
+from services.registry.core.ports import ArtifactStore, Repository
+
+T = TypeVar("T")
+MAX_CHUNK_BYTES = 4 * 1024 * 1024
+VARIANTS = ("fp16", "bf16", "int8")
+
+
+async def _durable(awaitable: Awaitable[T]) -> T:
+    """Await a step that must finish once started, even if the caller is cancelled meanwhile."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task
+        raise
+
+
+class RegistryCore:
+    """Models, versions, aliases, artifacts and the change feed."""
+
+    def __init__(
+        self,
+        repository: Repository,
+        store: ArtifactStore,
+        *,
+        max_artifact_bytes: int,
+        download_chunk_bytes: int = 1024 * 1024,
+        watch_poll_s: float = 2.0,
+    ) -> None:
+        self._repo = repository
+        self._store = store
+        self._max_bytes = max_artifact_bytes
+        self._chunk = download_chunk_bytes
+        self._changes = ChangeSignal()
+        self._watch_poll_s = watch_poll_s
+        # Serialises commit/cleanup of one digest, so deleting an orphan never races a new reference.
+        self._digest_locks: dict[str, asyncio.Lock] = {}
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.to_thread(fn, *args)
+
+    async def _mutate(self, fn: Callable[..., T], *args: Any) -> T:
+        result = await _durable(self._run(fn, *args))
+        self._changes.notify()
+        return result
+
+    async def recover(self) -> int:
+        """Remove what an interrupted upload left (temp files, bytes without a version). Run at start."""
+        keep = await self._run(self._repo.all_digests)
+        return await self._run(self._store.sweep, keep)
+
+    # Models -------------------------------------------------------------------------------------------
+
+    async def create_model(self, name: str, description: str = "", tags: dict[str, str] | None = None) -> Model:
+        names.check_name(name)
+        return await self._mutate(self._repo.create_model, name, description, names.check_tags(tags or {}))
+
+    async def get_model(self, name: str) -> Model:
+        return await self._run(self._repo.get_model, names.check_name(name))
+
+    async def list_models(
+        self, page_size: int, page_token: str, name_prefix: str = "", tags: dict[str, str] | None = None
+    ) -> Page[Model]:
+        tags = names.check_tags(tags or {})
+        if len(name_prefix) > 63:
+            raise InvalidArgument.field("name_prefix", "is longer than any name")
+        page = parse_page(page_size, page_token, {"prefix": name_prefix, "tags": tags})
+        models = await self._run(self._repo.list_models, name_prefix, tags, page.after, page.size + 1)
+        return self._page(models, page.size, lambda m: m.name, {"prefix": name_prefix, "tags": tags})
+
+    async def update_model(self, name: str, description: str | None, tags: dict[str, str] | None) -> Model:
+        names.check_name(name)
+        if tags is not None:
+            names.check_tags(tags)
+        return await self._mutate(self._repo.update_model, name, description, tags)
+
+    async def delete_model(self, name: str, force: bool = False) -> None:
+        digests = await self._mutate(self._repo.delete_model, names.check_name(name), force)
+        for digest in digests:
+            await self._release(digest)
+
+    # Versions -----------------------------------------------------------------------------------------
+
+    async def upload_version(self, request: UploadRequest, chunks: AsyncIterator[bytes]) -> Version:
+        """Store a new version from streamed bytes; visible only once verified and durable."""
+        manifest = self._check_upload(request)
+        if not request.create_model:
+            await self.get_model(request.model)
+        writer = await self._run(self._store.writer)
+        committed = False
+        try:
+            head = HeaderCollector()
+            size = 0
+            async for chunk in chunks:
+                if len(chunk) > MAX_CHUNK_BYTES:
+                    raise InvalidArgument.field("chunk", f"chunks are at most {MAX_CHUNK_BYTES} bytes, got {len(chunk)}")
+                size += len(chunk)
+                if size > request.size_bytes:
+                    raise InvalidArgument.field(
+                        "size_bytes", f"received more than the declared {request.size_bytes} bytes"
+                    )
+                head.feed(chunk)
+                await self._run(writer.write, chunk)
+            if size != request.size_bytes:
+                raise InvalidArgument.field(
+                    "size_bytes", f"declared {request.size_bytes} bytes but the stream carried {size}"
+                )
+            digest = await self._run(writer.hexdigest)
+            if digest != request.sha256:
+                raise InvalidArgument.field(
+                    "sha256", f"declared {request.sha256} but the bytes hash to {digest}", reason="DIGEST_MISMATCH"
+                )
+            check_artifact(manifest, head, size)
+            lock = self._digest_locks.setdefault(digest, asyncio.Lock())
+            async with lock:
+                await _durable(self._run(self._store.commit, writer))
+                committed = True
+                try:
+                    new = self._new_version(request, manifest, digest)
+                    version = await self._mutate(self._repo.add_version, new, request.create_model)
+                except BaseException:
+                    await _durable(self._release_locked(digest))
+                    raise
+            return version
+        finally:
+            if not committed:
+                await asyncio.shield(self._run(writer.abort))
+
+    def _check_upload(self, request: UploadRequest) -> Manifest:
+        names.check_name(request.model, "model")
+        names.check_sha256(request.sha256)
+        names.check_tags(request.tags)
+        if request.size_bytes <= 0:
+            raise InvalidArgument.field("size_bytes", "must be positive")
+        if request.size_bytes > self._max_bytes:
+            raise ResourceExhausted(
+                f"size_bytes: {request.size_bytes} bytes exceeds this registry's limit of {self._max_bytes}",
+                reason="ARTIFACT_TOO_LARGE",
+            )
+        try:
+            return Manifest.from_json(request.manifest_json)
+        except ArtifactError as exc:
+            raise InvalidArgument.field("manifest_json", str(exc), reason="BAD_MANIFEST") from exc
+
+    @staticmethod
+    def _new_version(request: UploadRequest, manifest: Manifest, digest: str) -> NewVersion:
+        return NewVersion(
+            model=request.model,
+            sha256=digest,
+            size_bytes=request.size_bytes,
+            manifest_json=manifest.to_json(),
+            architecture=manifest.architecture,
+            framework=manifest.framework,
+            dtype="int8" if manifest.quantization else manifest.dtype,
+            tags=dict(request.tags),
+            lineage=request.lineage,
+        )
+
+    async def get_version(self, model: str, ref: str = "") -> Version:
+        names.check_name(model, "model")
+        number = await self._run(self._repo.resolve, model, ref)
+        return await self._run(self._repo.get_version, model, number)
+
+    async def list_versions(self, model: str, page_size: int, page_token: str) -> Page[Version]:
+        names.check_name(model, "model")
+        page = parse_page(page_size, page_token, {"model": model}, cursor_type=int)
+        versions = await self._run(self._repo.list_versions, model, page.after, page.size + 1)
+        return self._page(versions, page.size, lambda v: v.number, {"model": model})
+
+    async def download(self, model: str, ref: str, offset: int, chunk_size: int) -> tuple[Version, AsyncIterator[bytes]]:
+        """The version and an iterator over its bytes from ``offset``."""
+        if offset < 0:
+            raise InvalidArgument.field("offset", "must not be negative")
+        if chunk_size < 0 or chunk_size > MAX_CHUNK_BYTES:
+            raise InvalidArgument.field("chunk_size", f"must be between 0 and {MAX_CHUNK_BYTES}")
+        version = await self.get_version(model, ref)
+        if offset > version.size_bytes:
+            raise InvalidArgument.field("offset", f"is past the end of the {version.size_bytes}-byte artifact")
+        return version, self._stream(version.sha256, offset, chunk_size or self._chunk)
+
+    async def _stream(self, digest: str, offset: int, chunk_size: int) -> AsyncIterator[bytes]:
+        reader = await self._run(self._store.read, digest, offset, chunk_size)
+        try:
+            while True:
+                chunk = await self._run(next, reader, b"")
+                if not chunk:
+                    return
+                yield chunk
+        finally:
+            reader.close()  # type: ignore[attr-defined]
+
+    async def derive_version(self, model: str, ref: str, variant: str, tags: dict[str, str] | None = None) -> Version:
+        """A compressed variant of a version, registered as a new version whose lineage names its parent."""
+        if variant not in VARIANTS:
+            raise InvalidArgument.field("variant", f"{variant!r} is not one of {', '.join(VARIANTS)}")
+        parent = await self.get_version(model, ref)
+        manifest = Manifest.from_json(parent.manifest_json)
+        if manifest.quantization or manifest.dtype != "float32":
+            raise FailedPrecondition(
+                f"version {parent.number} of {model!r} is already a {parent.lineage.derivation or manifest.dtype} "
+                "variant; derive from a float32 version",
+                reason="NOT_FLOAT32",
+            )
+        with tempfile.TemporaryDirectory(prefix="maas-derive-") as tmp:
+            dest = Path(tmp) / "variant.safetensors"
+            with self._store.local_copy(parent.sha256) as source:
+                derived = await self._run(derive_variant, source, manifest, variant, dest)
+            size = dest.stat().st_size
+            digest = await self._run(_sha256_file, dest)
+            request = UploadRequest(
+                model=model,
+                manifest_json=derived.to_json(),
+                sha256=digest,
+                size_bytes=size,
+                tags=names.check_tags(tags or {}),
+                lineage=Lineage(
+                    parent_version=parent.number,
+                    derivation=variant,
+                    size_ratio=size / parent.size_bytes,
+                    training_job_id=parent.lineage.training_job_id,
+                    dataset_fingerprint=parent.lineage.dataset_fingerprint,
+                    hyperparameters=dict(parent.lineage.hyperparameters),
+                    source=f"derived from {model}@{parent.number}",
+                ),
+            )
+            return await self.upload_version(request, _file_chunks(dest, MAX_CHUNK_BYTES))
+
+    # Aliases ------------------------------------------------------------------------------------------
+
+    async def set_alias(self, model: str, alias: str, version: int, create_only: bool = False) -> Alias:
+        names.check_name(model, "model")
+        names.check_alias(alias)
+        if version <= 0:
+            raise InvalidArgument.field("version", "must be a positive version number")
+        return await self._mutate(self._repo.set_alias, model, alias, version, create_only)
+
+    async def delete_alias(self, model: str, alias: str) -> None:
+        names.check_name(model, "model")
+        names.check_alias(alias)
+        await self._mutate(self._repo.delete_alias, model, alias)
+
+    async def list_aliases(self, model: str) -> list[Alias]:
+        return await self._run(self._repo.list_aliases, names.check_name(model, "model"))
+
+    # Events -------------------------------------------------------------------------------------------
+
+    async def watch(self, after_sequence: int, models: list[str]) -> AsyncIterator[Event]:
+        """Recorded events after ``after_sequence`` (0: only new ones), then live ones, forever."""
+        if after_sequence < 0:
+            raise InvalidArgument.field("after_sequence", "must not be negative")
+        for name in models:
+            names.check_name(name, "models")
+        cursor = after_sequence or await self._run(self._repo.last_sequence)
+        while True:
+            seen = self._changes.generation
+            events = await self._run(self._repo.events_after, cursor, models, 500)
+            for event in events:
+                cursor = event.sequence
+                yield event
+            if len(events) < 500:
+                # Changes made through this process wake us at once; the poll catches other replicas.
+                await self._changes.wait(seen, self._watch_poll_s)
+
+    # Helpers ------------------------------------------------------------------------------------------
+
+    async def _release(self, digest: str) -> None:
+        async with self._digest_locks.setdefault(digest, asyncio.Lock()):
+            await self._release_locked(digest)
+
+    async def _release_locked(self, digest: str) -> None:
+        if not await self._run(self._repo.digest_in_use, digest):
+            await self._run(self._store.delete, digest)
+
+    @staticmethod
+    def _page(items: list[T], size: int, key: Callable[[T], Any], query: dict[str, Any]) -> Page[T]:
+        if len(items) <= size:
+            return Page(items=items)
+        kept = items[:size]
+        return Page(items=kept, next_page_token=encode_token(key(kept[-1]), query))
+
+
+def _sha256_file(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(MAX_CHUNK_BYTES):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+async def _file_chunks(path: Path, size: int) -> AsyncIterator[bytes]:
+    with path.open("rb") as fh:
+        while chunk := await asyncio.to_thread(fh.read, size):
+            yield chunk
+

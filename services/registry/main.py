@@ -1,0 +1,85 @@
+"""The registry's composition root: settings, logging, tracing, metrics, storage, core, server."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import structlog
+from maas.registry.v1 import registry_pb2, registry_pb2_grpc
+
+from shared.grpc.server import ServiceServer, start_server
+from shared.logging import configure_logging
+from shared.metrics import RpcMetrics, serve_metrics
+from shared.tracing import configure_tracing
+from services.registry.adapters.local_store import LocalArtifactStore
+from services.registry.adapters.sql.engine import create_engine, migrate
+from services.registry.adapters.sql.repository import SqlRepository
+from services.registry.api.servicer import RegistryServicer
+from services.registry.core.service import RegistryCore
+from services.registry.settings import RegistrySettings
+
+SERVICE_NAME = registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name
+log = structlog.get_logger("maas.registry")
+
+
+@dataclass
+class RunningRegistry:
+    server: ServiceServer
+    core: RegistryCore
+    metrics_port: int
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+
+async def start(settings: RegistrySettings) -> RunningRegistry:
+    """Start the registry with ``settings``; also what tests call (with port 0 addresses)."""
+    configure_tracing("registry", settings.otel_exporter, settings.otel_endpoint)
+    database_url = settings.database_url()
+    if database_url.startswith("sqlite:///"):
+        (settings.home / "registry").mkdir(parents=True, exist_ok=True)
+    engine = create_engine(database_url)
+    await asyncio.to_thread(migrate, engine)
+    store = LocalArtifactStore(settings.artifact_dir())
+    core = RegistryCore(
+        SqlRepository(engine),
+        store,
+        max_artifact_bytes=settings.registry_max_artifact_bytes,
+        download_chunk_bytes=settings.registry_download_chunk_bytes,
+        watch_poll_s=settings.registry_watch_poll_s,
+    )
+    swept = await core.recover()
+    if swept:
+        log.warning("recovered_interrupted_uploads", removed=swept)
+    metrics = RpcMetrics.create()
+    host, _, port = settings.registry_metrics_address.rpartition(":")
+    metrics_server, metrics_port = serve_metrics(metrics.registry, host, int(port))
+    servicer = RegistryServicer(core)
+    server = await start_server(
+        settings,
+        settings.registry_address,
+        [lambda s: registry_pb2_grpc.add_RegistryServiceServicer_to_server(servicer, s)],
+        [SERVICE_NAME],
+        metrics=metrics,
+    )
+
+    async def close() -> None:
+        metrics_server.shutdown()  # type: ignore[attr-defined]
+        await asyncio.to_thread(engine.dispose)
+
+    server.on_close.append(close)
+    return RunningRegistry(server=server, core=core, metrics_port=metrics_port)
+
+
+async def serve(settings: RegistrySettings) -> None:
+    running = await start(settings)
+    log.info("registry_ready", port=running.port, metrics_port=running.metrics_port)
+    await running.server.wait_for_signal(settings.shutdown_grace_s)
+
+
+def main() -> None:
+    settings = RegistrySettings()
+    configure_logging("registry", settings.log_level, settings.log_format)
+    asyncio.run(serve(settings))

@@ -1,0 +1,42 @@
+"""The registry's settings (environment variables ``MAAS_REGISTRY_*`` plus the common ``MAAS_*``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from shared.settings import MiB, CommonSettings
+
+
+class RegistrySettings(CommonSettings):
+    """Settings of the registry service."""
+
+    registry_address: str = Field("127.0.0.1:7001", description="host:port the registry's gRPC server binds.")
+    registry_metrics_address: str = Field(
+        "127.0.0.1:9002", description="host:port of the Prometheus metrics endpoint (port 0 picks one)."
+    )
+    registry_database_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL (sqlite:///... or postgresql+psycopg://...); default: SQLite under MAAS_HOME.",
+    )
+    registry_artifact_dir: Path | None = Field(
+        None, description="Directory of the local artifact store; default: MAAS_HOME/registry/artifacts."
+    )
+    registry_max_artifact_bytes: int = Field(
+        16 * 1024 * MiB, gt=0, description="Largest artifact an upload may declare (bytes)."
+    )
+    registry_download_chunk_bytes: int = Field(
+        1 * MiB, gt=0, le=4 * MiB, description="Bytes per message of a download stream."
+    )
+    registry_watch_poll_s: float = Field(
+        2.0, gt=0, description="How often watchers re-read the change feed for changes made by other replicas."
+    )
+
+    def database_url(self) -> str:
+        if self.registry_database_url:
+            return self.registry_database_url
+        return f"sqlite:///{(self.home / 'registry' / 'registry.db').resolve()}"
+
+    def artifact_dir(self) -> Path:
+        return self.registry_artifact_dir or self.home / "registry" / "artifacts"

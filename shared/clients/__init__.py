@@ -1,0 +1,1 @@
+"""Typed clients of maas services, for other services, the CLI and tests."""

@@ -1,0 +1,127 @@
+"""A client of ``maas.registry.v1.RegistryService`` with streamed, checksummed uploads and downloads."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import grpc
+from maas.registry.v1 import registry_pb2 as pb
+from maas.registry.v1 import registry_pb2_grpc
+
+from shared.errors import InvalidArgument
+from shared.grpc.channel import make_channel
+from shared.grpc.status import from_rpc_error
+from shared.settings import CommonSettings
+
+CHUNK_BYTES = 1024 * 1024
+Progress = Callable[[int], None]
+SERVICE = pb.DESCRIPTOR.services_by_name["RegistryService"]
+
+
+def parse_ref(text: str) -> pb.VersionRef:
+    """``model``, ``model@3``, ``model@production`` or ``model:3`` as a VersionRef."""
+    for sep in ("@", ":"):
+        if sep in text:
+            model, _, version = text.partition(sep)
+            return pb.VersionRef(model=model, version=version)
+    return pb.VersionRef(model=text)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(4 * CHUNK_BYTES):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class RegistryClient:
+    """Wraps the generated stub: domain errors instead of grpc errors, streaming helpers."""
+
+    def __init__(self, channel: grpc.aio.Channel, timeout_s: float = 30.0) -> None:
+        self.channel = channel
+        self.stub = registry_pb2_grpc.RegistryServiceStub(channel)
+        self.timeout_s = timeout_s
+
+    @classmethod
+    def connect(cls, target: str, settings: CommonSettings) -> RegistryClient:
+        return cls(make_channel(target, settings, [SERVICE]), settings.rpc_timeout_s)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def call(self, method: str, request: object, timeout: float | None = None) -> object:
+        """Call a unary method by name; failures raise the matching ``shared.errors`` exception."""
+        try:
+            return await getattr(self.stub, method)(request, timeout=timeout or self.timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    async def upload_file(
+        self,
+        model: str,
+        path: Path,
+        manifest_json: str,
+        *,
+        tags: dict[str, str] | None = None,
+        lineage: pb.Lineage | None = None,
+        create_model: bool = True,
+        progress: Progress | None = None,
+        chunk_bytes: int = CHUNK_BYTES,
+    ) -> pb.Version:
+        """Upload ``path`` as a new version of ``model``; returns the version the registry created."""
+        size = path.stat().st_size
+        metadata = pb.UploadMetadata(
+            model=model,
+            manifest_json=manifest_json,
+            sha256=sha256_file(path),
+            size_bytes=size,
+            tags=tags or {},
+            lineage=lineage,
+            create_model=create_model,
+        )
+
+        async def messages() -> AsyncIterator[pb.UploadVersionRequest]:
+            yield pb.UploadVersionRequest(metadata=metadata)
+            with path.open("rb") as fh:
+                while chunk := fh.read(chunk_bytes):
+                    yield pb.UploadVersionRequest(chunk=chunk)
+                    if progress:
+                        progress(len(chunk))
+
+        try:
+            response = await self.stub.UploadVersion(messages())
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+        return response.version
+
+    async def download_file(
+        self, ref: pb.VersionRef, dest: Path, *, resume: bool = True, progress: Progress | None = None
+    ) -> pb.Version:
+        """Download into ``dest`` (resuming a partial ``dest.part``) and verify the sha256."""
+        part = dest.with_name(dest.name + ".part")
+        offset = part.stat().st_size if resume and part.exists() else 0
+        version: pb.Version | None = None
+        try:
+            with part.open("ab" if offset else "wb") as fh:
+                async for message in self.stub.DownloadVersion(pb.DownloadVersionRequest(ref=ref, offset=offset)):
+                    if message.HasField("version"):
+                        version = message.version
+                        continue
+                    fh.write(message.chunk)
+                    if progress:
+                        progress(len(message.chunk))
+                fh.flush()
+                os.fsync(fh.fileno())
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+        assert version is not None, "the registry always sends the version first"
+        digest = sha256_file(part)
+        if digest != version.sha256:
+            part.unlink(missing_ok=True)
+            raise InvalidArgument(f"downloaded bytes hash to {digest}, expected {version.sha256}; retry the download")
+        os.replace(part, dest)
+        return version

@@ -1,0 +1,1 @@
+"""gRPC plumbing every service shares: server builder, interceptors, channels, status mapping."""

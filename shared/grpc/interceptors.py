@@ -1,0 +1,179 @@
+"""Server interceptors: request context and logging, metrics, error mapping, authentication.
+
+grpc.aio interceptors see a handler, not a call; to act around the call they re-wrap the handler's
+behaviour, for each of the four RPC shapes (:func:`wrap_handler`).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hmac
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any
+
+import grpc
+import structlog
+
+from shared import errors
+from shared.grpc.status import to_status
+from shared.metrics import RpcMetrics
+
+log = structlog.get_logger("maas.rpc")
+
+# The authenticated principal of the current request (None when authentication is off).
+current_principal: contextvars.ContextVar[str | None] = contextvars.ContextVar("current_principal", default=None)
+
+# Services that answer without authentication: probes and tooling must work without a token.
+PUBLIC_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.")
+
+Behavior = Callable[..., Any]
+Wrapper = Callable[[Behavior, bool, bool, str], Behavior]
+
+
+def wrap_handler(handler: grpc.RpcMethodHandler | None, method: str, wrapper: Wrapper) -> Any:
+    """Return ``handler`` with its behaviour wrapped by ``wrapper(behavior, req_stream, resp_stream, method)``."""
+    if handler is None:
+        return None
+    if handler.unary_unary:
+        factory, behavior = grpc.unary_unary_rpc_method_handler, handler.unary_unary
+    elif handler.unary_stream:
+        factory, behavior = grpc.unary_stream_rpc_method_handler, handler.unary_stream
+    elif handler.stream_unary:
+        factory, behavior = grpc.stream_unary_rpc_method_handler, handler.stream_unary
+    else:
+        factory, behavior = grpc.stream_stream_rpc_method_handler, handler.stream_stream
+    wrapped = wrapper(behavior, handler.request_streaming, handler.response_streaming, method)
+    return factory(
+        wrapped,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+class RequestInterceptor(grpc.aio.ServerInterceptor):
+    """Binds request context to logs, maps domain errors to statuses, counts and times every RPC.
+
+    Unexpected exceptions are logged with their stack and trace id and answered with a generic INTERNAL,
+    so that nothing internal leaks to clients.
+    """
+
+    def __init__(self, metrics: RpcMetrics | None = None) -> None:
+        self._metrics = metrics
+
+    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        return wrap_handler(handler, details.method, self._wrap)
+
+    def _wrap(self, behavior: Behavior, _req_stream: bool, resp_stream: bool, method: str) -> Behavior:
+        if resp_stream:
+
+            async def stream_behavior(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                started = self._begin(method)
+                code = grpc.StatusCode.OK
+                try:
+                    async for response in behavior(request, context):
+                        yield response
+                except BaseException as exc:  # noqa: BLE001 - classified and re-raised or mapped below
+                    code = await self._handle(exc, context, method)
+                finally:
+                    self._end(method, started, code, context)
+
+            return stream_behavior
+
+        async def unary_behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started = self._begin(method)
+            code = grpc.StatusCode.OK
+            try:
+                return await behavior(request, context)
+            except BaseException as exc:  # noqa: BLE001 - classified and re-raised or mapped below
+                code = await self._handle(exc, context, method)
+            finally:
+                self._end(method, started, code, context)
+
+        return unary_behavior
+
+    @staticmethod
+    def _begin(method: str) -> float:
+        structlog.contextvars.bind_contextvars(rpc_method=method, request_id=uuid.uuid4().hex[:16])
+        return time.perf_counter()
+
+    async def _handle(self, exc: BaseException, context: grpc.aio.ServicerContext, method: str) -> grpc.StatusCode:
+        if isinstance(exc, errors.MaasError):
+            code, message, trailing = to_status(exc)
+            log.info("rpc_error", code=code.name, error=message, reason=exc.reason)
+            await context.abort(code, message, trailing_metadata=trailing)
+        if isinstance(exc, grpc.aio.AbortError) or _is_cancellation(exc):
+            raise exc
+        log.exception("rpc_internal_error", error_type=type(exc).__name__)
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log for this trace id")
+        raise AssertionError("unreachable")  # pragma: no cover - abort raises
+
+    def _end(self, method: str, started: float, code: grpc.StatusCode, context: grpc.aio.ServicerContext) -> None:
+        elapsed = time.perf_counter() - started
+        final = context.code() or code
+        name = final.name if isinstance(final, grpc.StatusCode) else str(final)
+        if self._metrics is not None:
+            self._metrics.requests.labels(method=method, code=name).inc()
+            self._metrics.latency.labels(method=method).observe(elapsed)
+        log.debug("rpc_done", code=name, duration_ms=round(elapsed * 1000, 3))
+        structlog.contextvars.unbind_contextvars("rpc_method", "request_id")
+
+
+def _is_cancellation(exc: BaseException) -> bool:
+    import asyncio
+
+    return isinstance(exc, asyncio.CancelledError | GeneratorExit | KeyboardInterrupt | SystemExit)
+
+
+class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Bearer-token authentication: ``authorization: Bearer <token>`` must name a known principal.
+
+    The hook later issues extend (per-tenant principals, permissions); with no tokens configured it is not
+    installed at all.
+    """
+
+    def __init__(self, tokens: dict[str, str], public: Iterable[str] = PUBLIC_SERVICES) -> None:
+        self._tokens = dict(tokens)
+        self._public = tuple(public)
+
+    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if details.method.lstrip("/").startswith(self._public):
+            return handler
+        principal = self._authenticate(details.invocation_metadata or ())
+        return wrap_handler(handler, details.method, lambda b, _rq, rs, _m: _with_principal(b, rs, principal))
+
+    def _authenticate(self, metadata: Iterable[tuple[str, Any]]) -> str | None:
+        header = next((v for k, v in metadata if k == "authorization"), None)
+        if not isinstance(header, str) or not header.startswith("Bearer "):
+            return None
+        presented = header.removeprefix("Bearer ").strip()
+        for token, principal in self._tokens.items():
+            # Constant-time comparison: the time taken must not reveal how much of a token matched.
+            if hmac.compare_digest(token.encode(), presented.encode()):
+                return principal
+        return None
+
+
+def _with_principal(behavior: Behavior, resp_stream: bool, principal: str | None) -> Behavior:
+    def check() -> None:
+        if principal is None:
+            raise errors.Unauthenticated("missing or invalid bearer token in the 'authorization' metadata")
+        current_principal.set(principal)
+
+    if resp_stream:
+
+        async def stream_behavior(request: Any, context: Any) -> AsyncIterator[Any]:
+            check()
+            async for response in behavior(request, context):
+                yield response
+
+        return stream_behavior
+
+    async def unary_behavior(request: Any, context: Any) -> Awaitable[Any]:
+        check()
+        return await behavior(request, context)
+
+    return unary_behavior

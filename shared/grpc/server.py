@@ -1,0 +1,116 @@
+"""The server builder every service uses: health, reflection, interceptors, limits, lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+from shared.grpc.interceptors import RequestInterceptor, TokenAuthInterceptor
+from shared.metrics import RpcMetrics
+from shared.settings import CommonSettings
+
+log = structlog.get_logger("maas.server")
+
+# Registers a servicer on a server (the generated ``add_XServicer_to_server`` bound to a servicer).
+Registration = Callable[[grpc.aio.Server], None]
+
+
+@dataclass
+class ServiceServer:
+    """A started server and what its lifecycle needs."""
+
+    server: grpc.aio.Server
+    health: HealthServicer
+    port: int
+    service_names: Sequence[str]
+    on_close: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    async def stop(self, grace: float) -> None:
+        """Report NOT_SERVING first (load balancers stop routing), then drain, then close the core."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        for close in reversed(self.on_close):
+            await close()
+
+    async def wait_for_signal(self, grace: float) -> None:
+        """Serve until SIGTERM or SIGINT, then stop gracefully."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+            log.info("shutting_down", grace_s=grace)
+            await self.stop(grace)
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+
+def _credentials(settings: CommonSettings) -> grpc.ServerCredentials | None:
+    if not settings.tls_enabled:
+        return None
+    assert settings.tls_cert_file is not None and settings.tls_key_file is not None
+    pair = (settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())
+    if settings.tls_ca_file is not None:
+        return grpc.ssl_server_credentials([pair], settings.tls_ca_file.read_bytes(), require_client_auth=True)
+    return grpc.ssl_server_credentials([pair])
+
+
+async def start_server(
+    settings: CommonSettings,
+    address: str,
+    registrations: Sequence[Registration],
+    service_names: Sequence[str],
+    *,
+    metrics: RpcMetrics | None = None,
+    extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    options: Sequence[tuple[str, Any]] = (),
+) -> ServiceServer:
+    """Build, bind and start a grpc.aio server; returns it with the bound port (``host:0`` picks one).
+
+    Interceptors run outermost first: tracing (so every log line has the trace id), request context with
+    logging, metrics and error mapping, authentication, then any service-specific ones.
+    """
+    interceptors: list[grpc.aio.ServerInterceptor] = [aio_server_interceptor(), RequestInterceptor(metrics)]
+    if settings.auth_tokens:
+        interceptors.append(TokenAuthInterceptor(settings.auth_tokens))
+    interceptors.extend(extra_interceptors)
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.so_reuseport", 0),
+            *options,
+        ],
+    )
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    for register in registrations:
+        register(server)
+    reflection.enable_server_reflection(
+        (*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    credentials = _credentials(settings)
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind {address}")
+    await server.start()
+    for name in ("", *service_names):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving", address=address, port=port, services=list(service_names), tls=credentials is not None)
+    return ServiceServer(server=server, health=health, port=port, service_names=service_names)

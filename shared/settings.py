@@ -1,0 +1,83 @@
+"""Typed settings common to every service.
+
+Every field is documented and read from ``MAAS_<FIELD>`` environment variables or from the TOML file
+named by ``MAAS_CONFIG_FILE`` (environment wins). Services subclass :class:`CommonSettings` with their own
+fields and build the object once, in their composition root.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+MiB = 1024 * 1024
+
+
+class CommonSettings(BaseSettings):
+    """Settings every maas service has."""
+
+    model_config = SettingsConfigDict(env_prefix="MAAS_", extra="ignore", validate_default=True)
+
+    home: Path = Field(Path(".maas"), description="Directory holding every service's local data.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Minimum log level.")
+    log_format: Literal["auto", "json", "console"] = Field(
+        "auto", description="json, console, or auto (console on a terminal, json otherwise)."
+    )
+    otel_exporter: Literal["none", "console", "otlp"] = Field(
+        "none", description="Where OpenTelemetry spans go; trace ids are logged whatever this is."
+    )
+    otel_endpoint: str = Field("http://127.0.0.1:4317", description="OTLP gRPC endpoint when otel_exporter=otlp.")
+    tls_cert_file: Path | None = Field(None, description="PEM server certificate; with tls_key_file enables TLS.")
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file.")
+    tls_ca_file: Path | None = Field(
+        None, description="PEM CA bundle: servers require client certificates signed by it; clients verify servers."
+    )
+    auth_tokens: dict[str, str] = Field(
+        default_factory=dict,
+        description="Bearer token -> principal name (JSON). Empty disables authentication.",
+    )
+    client_token: str | None = Field(None, description="Bearer token this process sends to other services.")
+    max_message_bytes: int = Field(
+        8 * MiB, ge=MiB, description="Largest gRPC message accepted or sent; large payloads are streamed."
+    )
+    shutdown_grace_s: float = Field(10.0, ge=0, description="Seconds in-flight RPCs get to finish on shutdown.")
+    rpc_timeout_s: float = Field(30.0, gt=0, description="Default deadline of a unary call made by a client.")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Read at build time, never at import time: the file is optional.
+        config_file = os.environ.get("MAAS_CONFIG_FILE")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if config_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+        return tuple(sources)
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert_file is not None and self.tls_key_file is not None
+
+
+def settings_table(settings_cls: type[BaseSettings]) -> list[tuple[str, str, str]]:
+    """(environment variable, default, description) for every field: the README's settings table."""
+    prefix = settings_cls.model_config.get("env_prefix", "")
+    rows = []
+    for name, info in settings_cls.model_fields.items():
+        default = info.get_default(call_default_factory=True)
+        rows.append((f"{prefix}{name}".upper(), repr(default), info.description or ""))
+    return rows

@@ -1,0 +1,347 @@
+"""Registry versions, artifacts, aliases and variants through the public gRPC API (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+import grpc
+import pytest
+import torch
+from maas.registry.v1 import registry_pb2 as pb
+
+from shared.artifacts import load_artifact
+from shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from tests.support.artifacts import as_stream, rewrite_header, sha256, tiny_artifact, upload_messages
+
+
+async def upload(client, model: str, data: bytes, manifest: str, **kwargs) -> pb.Version:  # type: ignore[no-untyped-def]
+    reply = await client.stub.UploadVersion(as_stream(upload_messages(model, data, manifest, **kwargs)))
+    return reply.version
+
+
+async def expect_upload_error(client, messages, code: grpc.StatusCode, match: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await client.stub.UploadVersion(as_stream(messages))
+    assert info.value.code() == code, info.value.details()
+    assert match in info.value.details()
+
+
+def blobs(registry) -> list:  # type: ignore[no-untyped-def]
+    root = registry.core._store.root  # the store's directory: what the tests check stays clean
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+async def test_upload_download_round_trip(registry, registry_client, tmp_path) -> None:
+    path, manifest = tiny_artifact(tmp_path)
+    data = path.read_bytes()
+    version = await upload(registry_client, "tiny", data, manifest, chunk=100, tags={"stage": "test"})
+    assert (version.number, version.sha256, version.size_bytes) == (1, sha256(data), len(data))
+    assert version.architecture == "mlp" and version.dtype == "float32"
+    assert [s.name for s in version.signature.inputs] == ["input"]
+    assert list(version.signature.inputs[0].shape) == [-1, 4]
+    dest = tmp_path / "out.safetensors"
+    got = await registry_client.download_file(pb.VersionRef(model="tiny", version="1"), dest)
+    assert dest.read_bytes() == data and got.sha256 == sha256(data)
+    # Resumable: from a byte offset the rest arrives, with the digest up front.
+    chunks = []
+    async for message in registry_client.stub.DownloadVersion(
+        pb.DownloadVersionRequest(ref=pb.VersionRef(model="tiny"), offset=1000, chunk_size=333)
+    ):
+        if message.HasField("version"):
+            assert message.version.sha256 == sha256(data)
+        else:
+            assert message.offset == 1000 + sum(len(c) for c in chunks)
+            chunks.append(message.chunk)
+    assert b"".join(chunks) == data[1000:]
+    model = load_artifact(dest)
+    x = torch.randn(2, 4)
+    assert model(x).shape == (2, 3)
+
+
+async def test_client_resumes_a_partial_download(registry_client, tmp_path) -> None:
+    path, manifest = tiny_artifact(tmp_path)
+    data = path.read_bytes()
+    await upload(registry_client, "resume", data, manifest)
+    dest = tmp_path / "resumed.safetensors"
+    (tmp_path / "resumed.safetensors.part").write_bytes(data[:500])
+    seen = []
+    await registry_client.download_file(pb.VersionRef(model="resume"), dest, progress=seen.append)
+    assert dest.read_bytes() == data and sum(seen) == len(data) - 500
+
+
+async def test_identical_bytes_are_stored_once(registry, registry_client, tmp_path) -> None:
+    path, manifest = tiny_artifact(tmp_path)
+    await upload(registry_client, "a", path.read_bytes(), manifest)
+    await upload(registry_client, "b", path.read_bytes(), manifest)
+    assert len(blobs(registry)) == 1
+    await registry_client.call("DeleteModel", pb.DeleteModelRequest(name="a"))
+    assert len(blobs(registry)) == 1  # still referenced by b
+    await registry_client.call("DeleteModel", pb.DeleteModelRequest(name="b"))
+    assert blobs(registry) == []
+
+
+async def test_sixteen_parallel_uploads_number_1_to_16(registry_client, tmp_path) -> None:
+    artifacts = [tiny_artifact(tmp_path, seed=i) for i in range(16)]
+    await registry_client.call("CreateModel", pb.CreateModelRequest(name="busy"))
+    versions = await asyncio.gather(
+        *(upload(registry_client, "busy", p.read_bytes(), m, create_model=False, chunk=512) for p, m in artifacts)
+    )
+    assert sorted(v.number for v in versions) == list(range(1, 17))
+    by_number = {v.number: v.sha256 for v in versions}
+    listed = await registry_client.call("ListVersions", pb.ListVersionsRequest(model="busy", page_size=100))
+    assert [v.number for v in listed.versions] == list(range(1, 17))
+    assert {v.number: v.sha256 for v in listed.versions} == by_number
+
+
+async def test_digest_and_size_mismatches(registry, registry_client, tmp_path) -> None:
+    path, manifest = tiny_artifact(tmp_path)
+    data = path.read_bytes()
+    bad_sha = hashlib.sha256(b"other").hexdigest()
+    await expect_upload_error(
+        registry_client, upload_messages("m", data, manifest, declared_sha=bad_sha), grpc.StatusCode.INVALID_ARGUMENT, "sha256"
+    )
+    await expect_upload_error(
+        registry_client,
+        upload_messages("m", data, manifest, declared_size=len(data) + 10),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "declared",
+    )
+    await expect_upload_error(
+        registry_client,
+        upload_messages("m", data, manifest, declared_size=len(data) - 10),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "more than the declared",
+    )
+    await expect_upload_error(
+        registry_client, upload_messages("m", data, manifest, declared_sha="XYZ"), grpc.StatusCode.INVALID_ARGUMENT, "sha256"
+    )
+    assert blobs(registry) == []
+    with pytest.raises(NotFound):
+        await registry_client.call("GetModel", pb.GetModelRequest(name="m"))
+
+
+async def test_oversize_upload_is_refused_before_any_byte(registry, registry_client, tmp_path) -> None:
+    path, manifest = tiny_artifact(tmp_path)
+    data = path.read_bytes()
+    limit = 64 * 1024 * 1024
+    await expect_upload_error(
+        registry_client,
+        upload_messages("big", data, manifest, declared_size=limit + 1),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "limit",
+    )
+    assert blobs(registry) == []
+
+
+async def test_chunk_over_4_mib_is_invalid(registry_client, tmp_path) -> None:
+    path, manifest = tiny_artifact(tmp_path)
+    data = path.read_bytes()
+    big = data + b"\0" * (5 * 1024 * 1024)
+    messages = upload_messages("m", big, manifest, chunk=len(big))
+    await expect_upload_error(registry_client, messages, grpc.StatusCode.INVALID_ARGUMENT, "at most")
+
+
+@pytest.mark.parametrize(
+    ("manifest", "match"),
+    [
+        ("{not json", "JSON"),
+        ('{"architecture": "resnet-9000", "arguments": {}, "signature": {}, "format_version": 1}', "resnet-9000"),
+        ("[]", "manifest"),
+    ],
+)
+async def test_bad_manifests(registry_client, tmp_path, manifest: str, match: str) -> None:
+    path, _ = tiny_artifact(tmp_path)
+    await expect_upload_error(
+        registry_client,
+        upload_messages("m", path.read_bytes(), manifest),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        match,
+    )
+
+
+async def test_lying_safetensors_headers(registry, registry_client, tmp_path) -> None:
+    path, manifest = tiny_artifact(tmp_path)
+    data = path.read_bytes()
+
+    def shift(header: dict) -> None:
+        name = next(k for k in header if k != "__metadata__")
+        begin, end = header[name]["data_offsets"]
+        header[name]["data_offsets"] = [begin, end + 4]
+
+    def wrong_shape(header: dict) -> None:
+        header["0.weight" if "0.weight" in header else next(k for k in header if k != "__metadata__")]["shape"] = [
+            1,
+            1,
+        ]
+
+    for edit in (shift, wrong_shape):
+        lying = rewrite_header(data, edit)
+        await expect_upload_error(
+            registry_client, upload_messages("m", lying, manifest), grpc.StatusCode.INVALID_ARGUMENT, "artifact"
+        )
+    # A header length that runs past the end of the file.
+    truncated = (10**6).to_bytes(8, "little") + data[8:200]
+    await expect_upload_error(
+        registry_client, upload_messages("m", truncated, manifest), grpc.StatusCode.INVALID_ARGUMENT, "artifact"
+    )
+    # Weights of another architecture than the manifest names.
+    other, _ = tiny_artifact(tmp_path, arguments={"in_features": 5, "hidden": [8], "out_features": 3}, name="o")
+    await expect_upload_error(
+        registry_client, upload_messages("m", other.read_bytes(), manifest), grpc.StatusCode.INVALID_ARGUMENT, "artifact"
+    )
+    assert blobs(registry) == []
+
+
+async def test_first_message_must_be_metadata(registry_client) -> None:
+    await expect_upload_error(
+        registry_client, [pb.UploadVersionRequest(chunk=b"abc")], grpc.StatusCode.INVALID_ARGUMENT, "metadata"
+    )
+    await expect_upload_error(registry_client, [], grpc.StatusCode.INVALID_ARGUMENT, "metadata")
+
+
+async def test_upload_to_missing_model_without_create(registry_client, tmp_path) -> None:
+    path, manifest = tiny_artifact(tmp_path)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await upload(registry_client, "ghost", path.read_bytes(), manifest, create_model=False)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_cancelled_upload_leaves_nothing(registry, registry_client, tmp_path) -> None:
+    path, manifest = tiny_artifact(tmp_path, arguments={"in_features": 256, "hidden": [1024, 1024], "out_features": 10})
+    data = path.read_bytes()
+    messages = upload_messages("cancel", data, manifest, chunk=64 * 1024)
+    sent = asyncio.Event()
+
+    async def slow():  # type: ignore[no-untyped-def]
+        for i, message in enumerate(messages):
+            yield message
+            if i == len(messages) // 2:
+                sent.set()
+                await asyncio.sleep(30)
+
+    call = registry_client.stub.UploadVersion(slow())
+    await asyncio.wait_for(sent.wait(), 10)
+    await asyncio.sleep(0.3)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    for _ in range(50):
+        if not blobs(registry):
+            break
+        await asyncio.sleep(0.1)
+    assert blobs(registry) == []
+    with pytest.raises(NotFound):
+        await registry_client.call("GetVersion", pb.GetVersionRequest(ref=pb.VersionRef(model="cancel")))
+
+
+async def test_aliases_resolve_move_and_delete(registry_client, tmp_path) -> None:
+    for seed in range(3):
+        path, manifest = tiny_artifact(tmp_path, seed=seed)
+        await upload(registry_client, "ranker", path.read_bytes(), manifest)
+    await registry_client.call("SetAlias", pb.SetAliasRequest(model="ranker", alias="production", version=1))
+    await registry_client.call("SetAlias", pb.SetAliasRequest(model="ranker", alias="staging", version=3))
+
+    async def resolve(ref: str) -> int:
+        reply = await registry_client.call("GetVersion", pb.GetVersionRequest(ref=pb.VersionRef(model="ranker", version=ref)))
+        return reply.version.number
+
+    assert [await resolve(r) for r in ("production", "staging", "", "latest", "2")] == [1, 3, 3, 3, 2]
+    await registry_client.call("SetAlias", pb.SetAliasRequest(model="ranker", alias="production", version=2))
+    assert await resolve("production") == 2
+    model = (await registry_client.call("GetModel", pb.GetModelRequest(name="ranker"))).model
+    assert dict(model.aliases) == {"production": 2, "staging": 3}
+    v2 = await registry_client.call("GetVersion", pb.GetVersionRequest(ref=pb.VersionRef(model="ranker", version="2")))
+    assert list(v2.version.aliases) == ["production"]
+    with pytest.raises(AlreadyExists, match="production"):
+        await registry_client.call(
+            "SetAlias", pb.SetAliasRequest(model="ranker", alias="production", version=3, create_only=True)
+        )
+    # Downloads accept aliases too.
+    dest = tmp_path / "prod.safetensors"
+    got = await registry_client.download_file(pb.VersionRef(model="ranker", version="production"), dest)
+    assert got.number == 2
+    await registry_client.call("DeleteAlias", pb.DeleteAliasRequest(model="ranker", alias="production"))
+    with pytest.raises(NotFound, match="production"):
+        await resolve("production")
+    with pytest.raises(NotFound, match="version 9"):
+        await resolve("9")
+    with pytest.raises(NotFound):
+        await registry_client.call("SetAlias", pb.SetAliasRequest(model="ranker", alias="x", version=9))
+    with pytest.raises(InvalidArgument, match="alias"):
+        await registry_client.call("SetAlias", pb.SetAliasRequest(model="ranker", alias="latest", version=1))
+    with pytest.raises(InvalidArgument, match="alias"):
+        await registry_client.call("SetAlias", pb.SetAliasRequest(model="ranker", alias="../p", version=1))
+    with pytest.raises(NotFound):
+        await registry_client.call("DeleteAlias", pb.DeleteAliasRequest(model="ranker", alias="never"))
+    listed = await registry_client.call("ListAliases", pb.ListAliasesRequest(model="ranker"))
+    assert [(a.name, a.version) for a in listed.aliases] == [("staging", 3)]
+
+
+@pytest.mark.parametrize("variant", ["fp16", "bf16", "int8"])
+async def test_derived_variants(registry_client, tmp_path, variant: str) -> None:
+    arguments = {"in_features": 64, "hidden": [128, 128], "out_features": 10}
+    path, manifest = tiny_artifact(tmp_path, arguments=arguments)
+    parent = await upload(registry_client, "compress", path.read_bytes(), manifest)
+    reply = await registry_client.call(
+        "DeriveVersion", pb.DeriveVersionRequest(ref=pb.VersionRef(model="compress", version="1"), variant=variant)
+    )
+    child = reply.version
+    assert child.number == 2 and child.lineage.parent_version == 1 and child.lineage.derivation == variant
+    assert child.lineage.size_ratio == pytest.approx(child.size_bytes / parent.size_bytes)
+    assert child.lineage.size_ratio < (0.6 if variant != "int8" else 0.4)
+    base = load_artifact(path)
+    dest = tmp_path / f"{variant}.safetensors"
+    await registry_client.download_file(pb.VersionRef(model="compress", version="2"), dest)
+    derived = load_artifact(dest)
+    x = torch.randn(16, 64)
+    with torch.inference_mode():
+        expected, got = base(x), derived(x).float()
+    assert torch.allclose(expected, got, atol=0.05, rtol=0.05)
+    with pytest.raises(FailedPrecondition):
+        await registry_client.call(
+            "DeriveVersion", pb.DeriveVersionRequest(ref=pb.VersionRef(model="compress", version="2"), variant="fp16")
+        )
+    with pytest.raises(InvalidArgument, match="variant"):
+        await registry_client.call(
+            "DeriveVersion", pb.DeriveVersionRequest(ref=pb.VersionRef(model="compress", version="1"), variant="int4")
+        )
+
+
+async def test_watch_streams_changes(registry_client, tmp_path) -> None:
+    path, manifest = tiny_artifact(tmp_path)
+    received: list[pb.RegistryEvent] = []
+    call = registry_client.stub.WatchEvents(pb.WatchEventsRequest())
+
+    async def consume() -> None:
+        async for message in call:
+            received.append(message.event)
+            if len(received) == 4:
+                return
+
+    consumer = asyncio.create_task(consume())
+    await asyncio.sleep(0.3)
+    await upload(registry_client, "watched", path.read_bytes(), manifest)
+    await registry_client.call("SetAlias", pb.SetAliasRequest(model="watched", alias="production", version=1))
+    await registry_client.call("DeleteModel", pb.DeleteModelRequest(name="watched", force=True))
+    await asyncio.wait_for(consumer, 10)
+    call.cancel()
+    Type = pb.RegistryEvent.Type
+    assert [(e.type, e.model) for e in received] == [
+        (Type.MODEL_CREATED, "watched"),
+        (Type.VERSION_CREATED, "watched"),
+        (Type.ALIAS_SET, "watched"),
+        (Type.MODEL_DELETED, "watched"),
+    ]
+    assert received[1].version == 1 and received[2].alias == "production"
+    sequences = [e.sequence for e in received]
+    assert sequences == sorted(sequences)
+    # Resuming from a sequence replays what came after it.
+    replay = registry_client.stub.WatchEvents(pb.WatchEventsRequest(after_sequence=sequences[1], models=["watched"]))
+    replayed = []
+    async for message in replay:
+        replayed.append(message.event.type)
+        if len(replayed) == 2:
+            break
+    replay.cancel()
+    assert replayed == [Type.ALIAS_SET, Type.MODEL_DELETED]
