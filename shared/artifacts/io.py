@@ -7,9 +7,10 @@ safetensors and loaded into a model the zoo built.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
-import tempfile
+import uuid
 from collections.abc import Callable, Mapping
 
 import safetensors
@@ -33,6 +34,7 @@ __all__ = [
     "manifest_from_header",
     "read_manifest",
     "save_artifact",
+    "write_tensors",
 ]
 
 #: safetensors metadata key holding the manifest JSON.
@@ -186,15 +188,15 @@ def write_tensors(tensors: dict[str, torch.Tensor], manifest: Manifest, path: st
     half-written artifact and a failed write leaves any previous file intact.
     """
     path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(
-        prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path) or "."
-    )
-    os.close(fd)
+    # A unique sibling name rather than tempfile.mkstemp, whose 0600 mode would survive the rename and
+    # hide the artifact from services running as other users.
+    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
     try:
         safetensors.torch.save_file(tensors, tmp, metadata=_metadata(manifest))
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         raise
 
 

@@ -57,8 +57,8 @@ def storage_layout(
     """
     model_dtype = MODEL_DTYPES[dtype]
     layout: dict[str, tuple[str, tuple[int, ...]]] = {}
-    for name, (tensor_dtype, shape) in state.items():
-        shape = tuple(shape)
+    for name, (tensor_dtype, dims) in state.items():
+        shape = tuple(dims)
         if not tensor_dtype.is_floating_point:
             layout[name] = (torch_to_safetensors(tensor_dtype), shape)
         elif quantization == INT8_WEIGHT_ONLY and is_quantized_weight(tensor_dtype, shape):
@@ -102,8 +102,8 @@ def to_storage(
     """
     model_dtype = MODEL_DTYPES[dtype]
     out: dict[str, torch.Tensor] = {}
-    for name, tensor in state.items():
-        tensor = tensor.detach()
+    for name, value in state.items():
+        tensor = value.detach()
         if not tensor.dtype.is_floating_point:
             out[name] = tensor
         elif quantization == INT8_WEIGHT_ONLY and is_quantized_weight(tensor.dtype, tuple(tensor.shape)):

@@ -22,7 +22,12 @@ def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
     """
     if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
         raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
-    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
+    # Meta tensors (shape-only checks) have no values to inspect.
+    if (
+        input_ids.numel()
+        and not input_ids.is_meta
+        and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size)
+    ):
         raise ValueError(
             f"input_ids must be in [0, {vocab_size}), got values in "
             f"[{int(input_ids.min())}, {int(input_ids.max())}]"

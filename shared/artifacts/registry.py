@@ -66,8 +66,10 @@ class Architecture:
         resolved = self.resolve(arguments)
         try:
             return self.factory(resolved)
-        except (TypeError, ValueError, RuntimeError) as exc:
-            # The explicit checks should make this unreachable; it guards against combinations they miss.
+        except (TypeError, ValueError, AssertionError) as exc:
+            # The explicit checks should make this unreachable; it guards against combinations they miss
+            # (torch asserts some, e.g. attention heads). RuntimeError is left alone: it includes
+            # out-of-memory, which is the server's problem, not the client's.
             raise ArtifactError(f"architecture '{self.id}' rejected arguments {resolved}: {exc}") from None
 
     def signature(self, arguments: Mapping[str, Any] | None = None) -> Signature:

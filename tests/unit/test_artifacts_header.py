@@ -53,7 +53,12 @@ def test_accepts_real_safetensors_file_from_bytes_and_path(tmp_path):
 def test_accepts_real_artifact():
     manifest = Manifest.for_model("mlp", {"in_features": 4, "hidden": [3], "out_features": 2})
     header, _ = _read(artifact_bytes(build_model(manifest), manifest))
-    assert set(tensor_table(header)) == {"layers.0.weight", "layers.0.bias", "layers.2.weight", "layers.2.bias"}
+    assert set(tensor_table(header)) == {
+        "layers.0.weight",
+        "layers.0.bias",
+        "layers.2.weight",
+        "layers.2.bias",
+    }
 
 
 def test_accepts_header_with_only_metadata_and_no_tensors():
