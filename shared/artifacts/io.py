@@ -165,6 +165,10 @@ def load_artifact(
         module.load_state_dict(state, strict=True, assign=assign)
     except RuntimeError as exc:  # unreachable after check_weights unless an architecture misbehaves
         raise ArtifactError(f"weights: {exc}") from None
+    for submodule in module.modules():
+        # Assigned weights are separate tensors; cuDNN wants RNN weights in one chunk (no-op on CPU).
+        if isinstance(submodule, nn.RNNBase):
+            submodule.flatten_parameters()
     return module.eval()
 
 

@@ -237,6 +237,8 @@ class Manifest:
             raise ArtifactError(
                 f"manifest: 'quantization' must be a string or null, got {json.dumps(quantization)}"
             )
+        # The architecture first: "unknown architecture" says more than any signature complaint would.
+        get_architecture(data["architecture"])
         try:
             signature = Signature.from_dict(data["signature"])
         except ArtifactError as exc:

@@ -1,0 +1,163 @@
+"""The shared server runtime, seen from clients: health, reflection, metrics, auth, errors, tracing, TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from maas.registry.v1 import registry_pb2 as pb
+from maas.registry.v1 import registry_pb2_grpc
+from opentelemetry import trace
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from shared.clients.registry import RegistryClient
+from shared.errors import Unauthenticated
+from shared.grpc.channel import make_channel
+from shared.grpc.server import start_server
+from shared.settings import CommonSettings
+from shared.tracing import configure_tracing
+
+GRPCURL = str(Path(sys.executable).parent / "grpcurl")
+sqlite_only = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+
+
+@sqlite_only
+async def test_health_reports_serving(registry) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{registry.port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "maas.registry.v1.RegistryService"):
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=service))
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _grpcurl(*args: str) -> str:
+    return subprocess.run([GRPCURL, "-plaintext", *args], check=True, capture_output=True, text=True, timeout=30).stdout
+
+
+@sqlite_only
+async def test_reflection_with_grpcurl(registry) -> None:
+    target = f"127.0.0.1:{registry.port}"
+    services = await asyncio.to_thread(_grpcurl, target, "list")
+    assert "maas.registry.v1.RegistryService" in services.split()
+    assert "grpc.health.v1.Health" in services.split()
+    described = await asyncio.to_thread(_grpcurl, target, "describe", "maas.registry.v1.RegistryService")
+    assert "rpc UploadVersion ( stream .maas.registry.v1.UploadVersionRequest )" in described
+    created = await asyncio.to_thread(
+        _grpcurl, "-d", '{"name": "from-grpcurl"}', target, "maas.registry.v1.RegistryService/CreateModel"
+    )
+    assert '"name": "from-grpcurl"' in created
+
+
+@sqlite_only
+async def test_metrics_count_rpcs_by_method_and_code(registry, registry_client) -> None:
+    await registry_client.call("CreateModel", pb.CreateModelRequest(name="counted"))
+    with pytest.raises(Exception):
+        await registry_client.call("GetModel", pb.GetModelRequest(name="missing"))
+    url = f"http://127.0.0.1:{registry.metrics_port}/metrics"
+    body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+    assert 'maas_rpc_requests_total{code="OK",method="/maas.registry.v1.RegistryService/CreateModel"} 1.0' in body
+    assert 'maas_rpc_requests_total{code="NOT_FOUND",method="/maas.registry.v1.RegistryService/GetModel"} 1.0' in body
+    assert 'maas_rpc_duration_seconds_count{method="/maas.registry.v1.RegistryService/CreateModel"} 1.0' in body
+
+
+@sqlite_only
+async def test_bearer_token_authentication(registry_settings) -> None:
+    from services.registry.main import start
+
+    settings = registry_settings.model_copy(update={"auth_tokens": {"s3cret-token": "alice"}})
+    running = await start(settings)
+    target = f"127.0.0.1:{running.port}"
+    try:
+        for token in (None, "wrong"):
+            client = RegistryClient.connect(target, settings.model_copy(update={"client_token": token}))
+            with pytest.raises(Unauthenticated, match="bearer token"):
+                await client.call("ListModels", pb.ListModelsRequest())
+            await client.close()
+        client = RegistryClient.connect(target, settings.model_copy(update={"client_token": "s3cret-token"}))
+        await client.call("ListModels", pb.ListModelsRequest())
+        await client.close()
+        # Probes and tooling need no token.
+        async with grpc.aio.insecure_channel(target) as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await running.server.stop(0.2)
+
+
+async def test_unexpected_exception_is_generic_internal_without_details() -> None:
+    async def explode(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        raise RuntimeError("secret path /etc/passwd and a stack")
+
+    handler = grpc.method_handlers_generic_handler(
+        "test.Exploding", {"Boom": grpc.unary_unary_rpc_method_handler(explode)}
+    )
+    server = await start_server(
+        CommonSettings(), "127.0.0.1:0", [lambda s: s.add_generic_rpc_handlers((handler,))], ["test.Exploding"]
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await channel.unary_unary("/test.Exploding/Boom")(b"")
+        assert info.value.code() == grpc.StatusCode.INTERNAL
+        assert "secret" not in info.value.details() and "Traceback" not in info.value.details()
+        assert "trace id" in info.value.details()
+    finally:
+        await server.stop(0.2)
+
+
+@sqlite_only
+async def test_one_trace_follows_a_request_across_the_hop(registry) -> None:
+    provider = configure_tracing("tests")
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    channel = make_channel(f"127.0.0.1:{registry.port}", CommonSettings())
+    stub = registry_pb2_grpc.RegistryServiceStub(channel)
+    with trace.get_tracer("tests").start_as_current_span("caller") as parent:
+        await stub.ListModels(pb.ListModelsRequest())
+    await channel.close()
+    trace_id = parent.get_span_context().trace_id
+    spans = [s for s in exporter.get_finished_spans() if s.context.trace_id == trace_id]
+    kinds = {s.kind for s in spans}
+    assert trace.SpanKind.SERVER in kinds and trace.SpanKind.CLIENT in kinds
+    server_span = next(s for s in spans if s.kind == trace.SpanKind.SERVER)
+    assert server_span.name == "/maas.registry.v1.RegistryService/ListModels"
+
+
+def _make_cert(directory: Path) -> tuple[Path, Path]:
+    key, cert = directory / "server.key", directory / "server.crt"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+            "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return key, cert
+
+
+@sqlite_only
+async def test_tls(registry_settings, tmp_path: Path) -> None:
+    from services.registry.main import start
+
+    key, cert = await asyncio.to_thread(_make_cert, tmp_path)
+    settings = registry_settings.model_copy(update={"tls_cert_file": cert, "tls_key_file": key})
+    running = await start(settings)
+    try:
+        client_settings = CommonSettings(tls_ca_file=cert)
+        client = RegistryClient.connect(f"localhost:{running.port}", client_settings)
+        await client.call("CreateModel", pb.CreateModelRequest(name="over-tls"))
+        await client.close()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as plain:
+            with pytest.raises(grpc.aio.AioRpcError):
+                await registry_pb2_grpc.RegistryServiceStub(plain).ListModels(pb.ListModelsRequest(), timeout=3)
+    finally:
+        await running.server.stop(0.2)
