@@ -238,7 +238,10 @@ class Manifest:
                 f"manifest: 'quantization' must be a string or null, got {json.dumps(quantization)}"
             )
         # The architecture first: "unknown architecture" says more than any signature complaint would.
-        get_architecture(data["architecture"])
+        try:
+            get_architecture(data["architecture"])
+        except ArtifactError as exc:
+            raise ArtifactError(f"manifest: {exc}") from None
         try:
             signature = Signature.from_dict(data["signature"])
         except ArtifactError as exc:
