@@ -162,7 +162,11 @@ class Transfer:
             "server_rss_baseline_mib": _round(worst.rss_baseline_mib),
             "server_rss_peak_growth_mib": _round(worst.rss_growth_mib),
             "runs": [
-                {**asdict(r), "rss_growth_mib": _round(r.rss_growth_mib), "mb_per_s": round(self.size_bytes / r.seconds / MB, 1)}
+                {
+                    **asdict(r),
+                    "rss_growth_mib": _round(r.rss_growth_mib),
+                    "mb_per_s": round(self.size_bytes / r.seconds / MB, 1),
+                }
                 for r in self.runs
             ],
         }
@@ -534,7 +538,10 @@ async def benchmark(size_mib: int, runs: int, workdir: Path) -> dict[str, Any]:
         "rss_sample_interval_s": RSS_INTERVAL_S,
         "idle_rss": idle,
         "disk_reference": disk,
-        "registry": {"upload": results["registry_upload"].to_json(), "download": results["registry_download"].to_json()},
+        "registry": {
+            "upload": results["registry_upload"].to_json(),
+            "download": results["registry_download"].to_json(),
+        },
         "bare": {"upload": results["bare_upload"].to_json(), "download": results["bare_download"].to_json()},
         "ratios": {"upload": round(up, 3), "download": round(down, 3)},
         "targets": {

@@ -10,9 +10,9 @@ from typing import Any
 import typer
 from rich.console import Console
 
+from services.cli.settings import CliSettings
 from shared.clients.registry import RegistryClient
 from shared.errors import MaasError
-from services.cli.settings import CliSettings
 
 console = Console(stderr=True)
 out = Console()

@@ -6,10 +6,10 @@ import asyncio
 
 import typer
 
-from shared.logging import configure_logging
 from services.cli.common import console
 from services.cli.models import models_app
 from services.cli.settings import CliSettings
+from shared.logging import configure_logging
 
 app = typer.Typer(help="maas: train, register, deploy and serve models.", no_args_is_help=True)
 app.add_typer(models_app, name="models", help="Models and versions in the registry.")

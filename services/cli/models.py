@@ -11,9 +11,9 @@ from maas.registry.v1 import registry_pb2 as pb
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 from rich.table import Table
 
+from services.cli.common import console, out, registry_client, run_async
 from shared.clients.registry import parse_ref
 from shared.errors import InvalidArgument
-from services.cli.common import console, out, registry_client, run_async
 
 models_app = typer.Typer(no_args_is_help=True)
 
@@ -30,8 +30,12 @@ def _pairs(values: list[str], option: str) -> dict[str, str]:
 
 def _progress() -> Progress:
     return Progress(
-        "[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-        console=console, transient=True,
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=console,
+        transient=True,
     )
 
 
@@ -88,8 +92,8 @@ async def push(
     description: str = typer.Option("", help="Lineage source text."),
 ) -> None:
     """Upload a new version (streamed in chunks, with a progress bar)."""
-    from shared.artifacts import Manifest, read_header
     from services.cli.quickstart import zoo_artifact
+    from shared.artifacts import Manifest, read_header
 
     with tempfile.TemporaryDirectory() as tmp:
         if zoo:
@@ -181,7 +185,9 @@ async def derive(
             "DeriveVersion", pb.DeriveVersionRequest(ref=parse_ref(ref), variant=variant), timeout=600
         )
         v = reply.version
-        out.print(f"{v.model}@{v.number} ({variant}, {v.lineage.size_ratio:.2f}x the size of @{v.lineage.parent_version})")
+        out.print(
+            f"{v.model}@{v.number} ({variant}, {v.lineage.size_ratio:.2f}x the size of @{v.lineage.parent_version})"
+        )
     finally:
         await client.close()
 

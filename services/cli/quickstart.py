@@ -7,10 +7,10 @@ from pathlib import Path
 
 from rich.console import Console
 
+from services.cli.settings import CliSettings
 from shared.artifacts import Manifest, build_model, save_artifact
 from shared.clients.registry import RegistryClient
 from shared.errors import NotFound
-from services.cli.settings import CliSettings
 
 QUICKSTART_MODEL = "digits"
 
@@ -47,7 +47,9 @@ async def run_quickstart(settings: CliSettings, console: Console) -> None:
                 tags={"origin": "zoo", "trained": "false"},
                 lineage=pb.Lineage(source="maas up --quickstart (untrained zoo cnn)"),
             )
-        await client.call("SetAlias", pb.SetAliasRequest(model=QUICKSTART_MODEL, alias="staging", version=version.number))
+        await client.call(
+            "SetAlias", pb.SetAliasRequest(model=QUICKSTART_MODEL, alias="staging", version=version.number)
+        )
         console.print(
             f"pushed {QUICKSTART_MODEL}@{version.number} ({version.size_bytes} bytes, sha256 {version.sha256[:12]}...)"
         )

@@ -17,8 +17,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
 
-from shared.grpc.channel import make_channel
 from services.cli.settings import CliSettings
+from shared.grpc.channel import make_channel
 
 
 @dataclass

@@ -8,16 +8,16 @@ from dataclasses import dataclass
 import structlog
 from maas.registry.v1 import registry_pb2, registry_pb2_grpc
 
-from shared.grpc.server import ServiceServer, start_server
-from shared.logging import configure_logging
-from shared.metrics import RpcMetrics, serve_metrics
-from shared.tracing import configure_tracing
 from services.registry.adapters.local_store import LocalArtifactStore
 from services.registry.adapters.sql.engine import create_engine, migrate
 from services.registry.adapters.sql.repository import SqlRepository
 from services.registry.api.servicer import RegistryServicer
 from services.registry.core.service import RegistryCore
 from services.registry.settings import RegistrySettings
+from shared.grpc.server import ServiceServer, start_server
+from shared.logging import configure_logging
+from shared.metrics import RpcMetrics, serve_metrics
+from shared.tracing import configure_tracing
 
 SERVICE_NAME = registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name
 log = structlog.get_logger("maas.registry")

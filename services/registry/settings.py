@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from shared.settings import MiB, CommonSettings
+from shared.settings import CommonSettings, MiB
 
 
 class RegistrySettings(CommonSettings):

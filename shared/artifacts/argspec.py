@@ -52,9 +52,7 @@ class IntListArg:
 
     def describe(self) -> str:
         """Returns what a valid value looks like, for error messages."""
-        return (
-            f"a list of {self.min_length} to {self.max_length} integers in [{self.minimum}, {self.maximum}]"
-        )
+        return f"a list of {self.min_length} to {self.max_length} integers in [{self.minimum}, {self.maximum}]"
 
     def check(self, value: Any) -> list[int]:
         """Returns a copy of ``value`` as a list if valid (tuples are accepted).

@@ -68,14 +68,10 @@ def check_weights(manifest: Manifest, table: Mapping[str, tuple[str, tuple[int, 
     where = f"architecture '{manifest.architecture}' ({_variant(manifest)})"
     missing = sorted(expected.keys() - table.keys())
     if missing:
-        raise ArtifactError(
-            f"weights: missing {len(missing)} tensor(s) required by {where}: {_names(missing)}"
-        )
+        raise ArtifactError(f"weights: missing {len(missing)} tensor(s) required by {where}: {_names(missing)}")
     unexpected = sorted(table.keys() - expected.keys())
     if unexpected:
-        raise ArtifactError(
-            f"weights: {len(unexpected)} unexpected tensor(s) not in {where}: {_names(unexpected)}"
-        )
+        raise ArtifactError(f"weights: {len(unexpected)} unexpected tensor(s) not in {where}: {_names(unexpected)}")
     for name in sorted(expected):
         (want_dtype, want_shape), (dtype, shape) = expected[name], table[name]
         if tuple(shape) != want_shape:
@@ -124,9 +120,7 @@ def read_manifest(source: Source) -> Manifest:
     return manifest_from_header(header)
 
 
-def load_artifact(
-    source: Source, manifest: Manifest | None = None, device: str | torch.device = "cpu"
-) -> nn.Module:
+def load_artifact(source: Source, manifest: Manifest | None = None, device: str | torch.device = "cpu") -> nn.Module:
     """Loads an artifact into a zoo model, in eval mode.
 
     fp16/bf16 artifacts give a model of that dtype; int8 artifacts are dequantized to float32.
@@ -152,9 +146,7 @@ def load_artifact(
     # A file replaced between the header check and the read would otherwise slip past check_weights.
     if {n: (torch_to_safetensors(t.dtype), tuple(t.shape)) for n, t in tensors.items()} != table:
         raise ArtifactError("artifact changed while it was being loaded")
-    state = {
-        name: t.to(device) for name, t in from_storage(tensors, manifest.dtype, manifest.quantization).items()
-    }
+    state = {name: t.to(device) for name, t in from_storage(tensors, manifest.dtype, manifest.quantization).items()}
     # Building on meta and assigning the loaded tensors skips a throwaway random initialisation, but
     # only works when every buffer is persistent; otherwise the buffers need real values from __init__.
     module = build_model(manifest, device="meta")

@@ -92,9 +92,7 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.to(torch.float32) * scale.to(torch.float32).view((-1,) + (1,) * (q.dim() - 1))
 
 
-def to_storage(
-    state: Mapping[str, torch.Tensor], dtype: str, quantization: str | None
-) -> dict[str, torch.Tensor]:
+def to_storage(state: Mapping[str, torch.Tensor], dtype: str, quantization: str | None) -> dict[str, torch.Tensor]:
     """Converts a model's state dict (any floating dtype) to the tensors its artifact stores.
 
     Returns:
@@ -116,9 +114,7 @@ def to_storage(
     return {name: t.to("cpu").contiguous() for name, t in out.items()}
 
 
-def from_storage(
-    tensors: Mapping[str, torch.Tensor], dtype: str, quantization: str | None
-) -> dict[str, torch.Tensor]:
+def from_storage(tensors: Mapping[str, torch.Tensor], dtype: str, quantization: str | None) -> dict[str, torch.Tensor]:
     """Turns an artifact's tensors back into a state dict for a model of the manifest dtype.
 
     int8 weights are dequantized to float32 (int8 manifests always compute in float32). Callers must

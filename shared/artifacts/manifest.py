@@ -102,9 +102,7 @@ class Manifest:
                 f"manifest: unsupported format_version {self.format_version!r} (supported: {FORMAT_VERSION})"
             )
         if not isinstance(self.dtype, str) or self.dtype not in MODEL_DTYPES:
-            raise ArtifactError(
-                f"manifest: unsupported dtype {self.dtype!r} (supported: {', '.join(MODEL_DTYPES)})"
-            )
+            raise ArtifactError(f"manifest: unsupported dtype {self.dtype!r} (supported: {', '.join(MODEL_DTYPES)})")
         if self.quantization not in QUANTIZATIONS:
             raise ArtifactError(
                 f"manifest: unsupported quantization {self.quantization!r} "
@@ -116,9 +114,7 @@ class Manifest:
                 f"(weights dequantize to float32), got {self.dtype!r}"
             )
         if not isinstance(self.signature, Signature):
-            raise ArtifactError(
-                f"manifest: signature must be a Signature, got {type(self.signature).__name__}"
-            )
+            raise ArtifactError(f"manifest: signature must be a Signature, got {type(self.signature).__name__}")
         expected = architecture.signature(arguments)
         if self.signature != expected:
             raise ArtifactError(
@@ -188,9 +184,7 @@ class Manifest:
         """
         if isinstance(text, (bytes, bytearray, memoryview)):
             if len(text) > MAX_MANIFEST_BYTES:
-                raise ArtifactError(
-                    f"manifest: {len(text)} bytes exceeds the {MAX_MANIFEST_BYTES}-byte limit"
-                )
+                raise ArtifactError(f"manifest: {len(text)} bytes exceeds the {MAX_MANIFEST_BYTES}-byte limit")
             try:
                 text = bytes(text).decode("utf-8")
             except UnicodeDecodeError as exc:
@@ -234,9 +228,7 @@ class Manifest:
             raise ArtifactError(f"manifest: 'format_version' must be an integer, got {json.dumps(version)}")
         quantization = data.get("quantization")
         if quantization is not None and not isinstance(quantization, str):
-            raise ArtifactError(
-                f"manifest: 'quantization' must be a string or null, got {json.dumps(quantization)}"
-            )
+            raise ArtifactError(f"manifest: 'quantization' must be a string or null, got {json.dumps(quantization)}")
         # The architecture first: "unknown architecture" says more than any signature complaint would.
         try:
             get_architecture(data["architecture"])

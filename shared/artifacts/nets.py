@@ -23,14 +23,9 @@ def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
     if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
         raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
     # Meta tensors (shape-only checks) have no values to inspect.
-    if (
-        input_ids.numel()
-        and not input_ids.is_meta
-        and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size)
-    ):
+    if input_ids.numel() and not input_ids.is_meta and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
         raise ValueError(
-            f"input_ids must be in [0, {vocab_size}), got values in "
-            f"[{int(input_ids.min())}, {int(input_ids.max())}]"
+            f"input_ids must be in [0, {vocab_size}), got values in [{int(input_ids.min())}, {int(input_ids.max())}]"
         )
 
 
@@ -95,9 +90,7 @@ class LSTMClassifier(nn.Module):
 class TransformerClassifier(nn.Module):
     """A pre-norm ``nn.TransformerEncoder`` over token plus learned position embeddings, mean-pooled."""
 
-    def __init__(
-        self, vocab_size: int, seq_len: int, width: int, depth: int, heads: int, num_classes: int
-    ) -> None:
+    def __init__(self, vocab_size: int, seq_len: int, width: int, depth: int, heads: int, num_classes: int) -> None:
         super().__init__()
         self.vocab_size, self.seq_len = vocab_size, seq_len
         self.embedding = nn.Embedding(vocab_size, width)
@@ -109,9 +102,7 @@ class TransformerClassifier(nn.Module):
         )  # fmt: skip
         # Nested tensors only help padded batches with masks, which we never pass; disabling them
         # also silences the warning norm_first=True would otherwise trigger.
-        self.encoder = nn.TransformerEncoder(
-            layer, depth, norm=nn.LayerNorm(width), enable_nested_tensor=False
-        )
+        self.encoder = nn.TransformerEncoder(layer, depth, norm=nn.LayerNorm(width), enable_nested_tensor=False)
         self.head = nn.Linear(width, num_classes)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

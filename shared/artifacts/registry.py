@@ -112,6 +112,4 @@ def get_architecture(architecture_id: str) -> Architecture:
     try:
         return _REGISTRY[architecture_id]
     except (KeyError, TypeError):
-        raise ArtifactError(
-            f"unknown architecture {architecture_id!r} (known: {', '.join(architectures())})"
-        ) from None
+        raise ArtifactError(f"unknown architecture {architecture_id!r} (known: {', '.join(architectures())})") from None

@@ -49,9 +49,7 @@ def _reject_constant(name: str) -> Any:
     raise _fail(f"{name} is not valid JSON")
 
 
-def read_header(
-    fp_or_path: str | os.PathLike[str] | IO[bytes], file_size: int | None = None
-) -> tuple[dict, int]:
+def read_header(fp_or_path: str | os.PathLike[str] | IO[bytes], file_size: int | None = None) -> tuple[dict, int]:
     """Reads and validates the header of a safetensors file.
 
     Args:
@@ -74,9 +72,7 @@ def read_header(
         try:
             file_size = os.fstat(fp.fileno()).st_size
         except (AttributeError, OSError, ValueError):
-            raise ValueError(
-                "file_size is required when reading from a file object without a descriptor"
-            ) from None
+            raise ValueError("file_size is required when reading from a file object without a descriptor") from None
     if file_size < 8:
         raise _fail(f"file is {file_size} bytes, too short to hold the 8-byte header length")
     prefix = fp.read(8)
@@ -97,9 +93,7 @@ def read_header(
     except UnicodeDecodeError as exc:
         raise _fail(f"not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
     try:
-        header = json.loads(
-            text, object_pairs_hook=_object_without_duplicates, parse_constant=_reject_constant
-        )
+        header = json.loads(text, object_pairs_hook=_object_without_duplicates, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         raise _fail(f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
     except RecursionError:
@@ -114,14 +108,11 @@ def _check_entry(name: str, entry: object) -> tuple[int, int]:
         raise _fail(f"tensor {name!r} must be an object, got {type(entry).__name__}")
     if set(entry) != _TENSOR_KEYS:
         raise _fail(
-            f"tensor {name!r} must have exactly keys data_offsets, dtype, shape, "
-            f"got {', '.join(sorted(entry))}"
+            f"tensor {name!r} must have exactly keys data_offsets, dtype, shape, got {', '.join(sorted(entry))}"
         )
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if dtype not in SAFETENSORS_DTYPE_SIZES:
-        raise _fail(
-            f"tensor {name!r} has unknown dtype {dtype!r} (known: {', '.join(SAFETENSORS_DTYPE_SIZES)})"
-        )
+        raise _fail(f"tensor {name!r} has unknown dtype {dtype!r} (known: {', '.join(SAFETENSORS_DTYPE_SIZES)})")
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
         raise _fail(f"tensor {name!r} shape {json.dumps(shape)} must be a list of integers >= 0")
     if (
@@ -130,14 +121,10 @@ def _check_entry(name: str, entry: object) -> tuple[int, int]:
         or not all(_is_int(o) for o in offsets)
         or not 0 <= offsets[0] <= offsets[1]
     ):
-        raise _fail(
-            f"tensor {name!r} data_offsets {json.dumps(offsets)} must be [begin, end] with 0 <= begin <= end"
-        )
+        raise _fail(f"tensor {name!r} data_offsets {json.dumps(offsets)} must be [begin, end] with 0 <= begin <= end")
     nbytes = math.prod(shape) * SAFETENSORS_DTYPE_SIZES[dtype]
     if offsets[1] - offsets[0] != nbytes:
-        raise _fail(
-            f"tensor {name!r} data_offsets {offsets} do not match shape {shape} of {dtype} ({nbytes} bytes)"
-        )
+        raise _fail(f"tensor {name!r} data_offsets {offsets} do not match shape {shape} of {dtype} ({nbytes} bytes)")
     return offsets[0], offsets[1]
 
 
@@ -164,19 +151,13 @@ def validate_header(header: object, file_size: int, data_start: int) -> None:
         not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values())
     ):
         raise _fail(f"{METADATA_KEY} must map strings to strings")
-    spans = sorted(
-        (*_check_entry(name, entry), name) for name, entry in header.items() if name != METADATA_KEY
-    )
+    spans = sorted((*_check_entry(name, entry), name) for name, entry in header.items() if name != METADATA_KEY)
     position, previous = 0, None
     for begin, end, name in spans:
         if begin < position:
-            raise _fail(
-                f"tensor {name!r} bytes [{begin}, {end}] overlap tensor {previous!r} ending at {position}"
-            )
+            raise _fail(f"tensor {name!r} bytes [{begin}, {end}] overlap tensor {previous!r} ending at {position}")
         if begin > position:
-            after = (
-                f"after tensor {previous!r}" if previous is not None else "at the start of the data region"
-            )
+            after = f"after tensor {previous!r}" if previous is not None else "at the start of the data region"
             raise _fail(f"gap of {begin - position} bytes {after}, before tensor {name!r} at {begin}")
         position, previous = end, name
     if position != data_size:
@@ -187,8 +168,4 @@ def validate_header(header: object, file_size: int, data_start: int) -> None:
 
 def tensor_table(header: dict) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Returns name -> (safetensors dtype, shape) for every tensor of a validated header."""
-    return {
-        name: (entry["dtype"], tuple(entry["shape"]))
-        for name, entry in header.items()
-        if name != METADATA_KEY
-    }
+    return {name: (entry["dtype"], tuple(entry["shape"])) for name, entry in header.items() if name != METADATA_KEY}

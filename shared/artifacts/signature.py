@@ -49,9 +49,7 @@ class TensorSpec:
             raise ArtifactError(f"tensor '{self.name}': shape must be a list of integers, got {self.shape!r}")
         shape = tuple(self.shape)
         if len(shape) > MAX_RANK:
-            raise ArtifactError(
-                f"tensor '{self.name}': shape has {len(shape)} dimensions, at most {MAX_RANK}"
-            )
+            raise ArtifactError(f"tensor '{self.name}': shape has {len(shape)} dimensions, at most {MAX_RANK}")
         for dim in shape:
             if not _is_int(dim) or (dim < 1 and dim != -1):
                 raise ArtifactError(
@@ -145,9 +143,7 @@ class Signature:
             items = data[side]
             if not isinstance(items, list):
                 raise ArtifactError(f"{where}.{side} must be a list, got {type(items).__name__}")
-            sides[side] = tuple(
-                TensorSpec.from_dict(item, f"{where}.{side}[{i}]") for i, item in enumerate(items)
-            )
+            sides[side] = tuple(TensorSpec.from_dict(item, f"{where}.{side}[{i}]") for i, item in enumerate(items))
         try:
             return cls(**sides)
         except ArtifactError as exc:

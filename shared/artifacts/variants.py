@@ -37,8 +37,7 @@ def variant_manifest(manifest: Manifest, variant: str) -> Manifest:
     if manifest.dtype != "float32" or manifest.quantization is not None:
         # Deriving from an already reduced artifact would compound rounding (e.g. bf16 -> fp16).
         raise ArtifactError(
-            "variants are derived from float32 artifacts; "
-            f"this one is {manifest.quantization or manifest.dtype}"
+            f"variants are derived from float32 artifacts; this one is {manifest.quantization or manifest.dtype}"
         )
     dtype, quantization = _TARGETS[variant]
     return dataclasses.replace(manifest, dtype=dtype, quantization=quantization)

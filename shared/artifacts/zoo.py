@@ -168,9 +168,7 @@ register_architecture(
         factory=lambda a: LSTMClassifier(
             a["vocab_size"], a["embed_dim"], a["hidden_size"], a["num_layers"], a["num_classes"]
         ),
-        signature_fn=lambda a: _classifier_signature(
-            TensorSpec("input_ids", "INT64", (-1, -1)), a["num_classes"]
-        ),
+        signature_fn=lambda a: _classifier_signature(TensorSpec("input_ids", "INT64", (-1, -1)), a["num_classes"]),
     )
 )
 

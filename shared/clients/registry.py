@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 from collections.abc import AsyncIterator, Callable
@@ -77,7 +78,7 @@ class RegistryClient:
         metadata = pb.UploadMetadata(
             model=model,
             manifest_json=manifest_json,
-            sha256=sha256_file(path),
+            sha256=await asyncio.to_thread(sha256_file, path),
             size_bytes=size,
             tags=tags or {},
             lineage=lineage,
@@ -87,7 +88,7 @@ class RegistryClient:
         async def messages() -> AsyncIterator[pb.UploadVersionRequest]:
             yield pb.UploadVersionRequest(metadata=metadata)
             with path.open("rb") as fh:
-                while chunk := fh.read(chunk_bytes):
+                while chunk := await asyncio.to_thread(fh.read, chunk_bytes):
                     yield pb.UploadVersionRequest(chunk=chunk)
                     if progress:
                         progress(len(chunk))
@@ -119,7 +120,7 @@ class RegistryClient:
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from None
         assert version is not None, "the registry always sends the version first"
-        digest = sha256_file(part)
+        digest = await asyncio.to_thread(sha256_file, part)
         if digest != version.sha256:
             part.unlink(missing_ok=True)
             raise InvalidArgument(f"downloaded bytes hash to {digest}, expected {version.sha256}; retry the download")

@@ -102,7 +102,10 @@ async def test_digest_and_size_mismatches(registry, registry_client, tmp_path) -
     data = path.read_bytes()
     bad_sha = hashlib.sha256(b"other").hexdigest()
     await expect_upload_error(
-        registry_client, upload_messages("m", data, manifest, declared_sha=bad_sha), grpc.StatusCode.INVALID_ARGUMENT, "sha256"
+        registry_client,
+        upload_messages("m", data, manifest, declared_sha=bad_sha),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "sha256",
     )
     await expect_upload_error(
         registry_client,
@@ -117,7 +120,10 @@ async def test_digest_and_size_mismatches(registry, registry_client, tmp_path) -
         "more than the declared",
     )
     await expect_upload_error(
-        registry_client, upload_messages("m", data, manifest, declared_sha="XYZ"), grpc.StatusCode.INVALID_ARGUMENT, "sha256"
+        registry_client,
+        upload_messages("m", data, manifest, declared_sha="XYZ"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "sha256",
     )
     assert blobs(registry) == []
     with pytest.raises(NotFound):
@@ -149,7 +155,11 @@ async def test_chunk_over_4_mib_is_invalid(registry_client, tmp_path) -> None:
     ("manifest", "match"),
     [
         ("{not json", "JSON"),
-        ('{"architecture": "resnet-9000", "arguments": {}, "signature": {"inputs": [], "outputs": []}, "format_version": 1}', "resnet-9000"),
+        (
+            '{"architecture": "resnet-9000", "arguments": {}, "format_version": 1,'
+            ' "signature": {"inputs": [], "outputs": []}}',
+            "resnet-9000",
+        ),
         ("[]", "manifest"),
     ],
 )
@@ -191,7 +201,10 @@ async def test_lying_safetensors_headers(registry, registry_client, tmp_path) ->
     # Weights of another architecture than the manifest names.
     other, _ = tiny_artifact(tmp_path, arguments={"in_features": 5, "hidden": [8], "out_features": 3}, name="o")
     await expect_upload_error(
-        registry_client, upload_messages("m", other.read_bytes(), manifest), grpc.StatusCode.INVALID_ARGUMENT, "artifact"
+        registry_client,
+        upload_messages("m", other.read_bytes(), manifest),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "artifact",
     )
     assert blobs(registry) == []
 
@@ -250,7 +263,9 @@ async def test_aliases_resolve_move_and_delete(registry_client, tmp_path) -> Non
     await registry_client.call("SetAlias", pb.SetAliasRequest(model="ranker", alias="staging", version=3))
 
     async def resolve(ref: str) -> int:
-        reply = await registry_client.call("GetVersion", pb.GetVersionRequest(ref=pb.VersionRef(model="ranker", version=ref)))
+        reply = await registry_client.call(
+            "GetVersion", pb.GetVersionRequest(ref=pb.VersionRef(model="ranker", version=ref))
+        )
         return reply.version.number
 
     assert [await resolve(r) for r in ("production", "staging", "", "latest", "2")] == [1, 3, 3, 3, 2]

@@ -18,7 +18,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from shared.clients.registry import RegistryClient
-from shared.errors import Unauthenticated
+from shared.errors import NotFound, Unauthenticated
 from shared.grpc.channel import make_channel
 from shared.grpc.server import start_server
 from shared.settings import CommonSettings
@@ -58,7 +58,7 @@ async def test_reflection_with_grpcurl(registry) -> None:
 @sqlite_only
 async def test_metrics_count_rpcs_by_method_and_code(registry, registry_client) -> None:
     await registry_client.call("CreateModel", pb.CreateModelRequest(name="counted"))
-    with pytest.raises(Exception):
+    with pytest.raises(NotFound):
         await registry_client.call("GetModel", pb.GetModelRequest(name="missing"))
     url = f"http://127.0.0.1:{registry.metrics_port}/metrics"
     body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
@@ -134,9 +134,22 @@ def _make_cert(directory: Path) -> tuple[Path, Path]:
     key, cert = directory / "server.key", directory / "server.crt"
     subprocess.run(
         [
-            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-            "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
-            "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
         ],
         check=True,
         capture_output=True,

@@ -81,9 +81,7 @@ def test_int8_decoder_lm_stays_close(tmp_path):
     _, model, path = _artifact(tmp_path, "decoder-lm", DECODER)
     derived = derive_variant(path, None, "int8", tmp_path / "lm-int8.safetensors")  # manifest from metadata
     loaded = load_artifact(tmp_path / "lm-int8.safetensors", derived)
-    x = torch.randint(
-        0, DECODER["vocab_size"], (4, DECODER["context"]), generator=torch.Generator().manual_seed(3)
-    )
+    x = torch.randint(0, DECODER["vocab_size"], (4, DECODER["context"]), generator=torch.Generator().manual_seed(3))
     assert _relative_error(_outputs(loaded, x, torch.float32), _outputs(model, x, torch.float32)) < 0.05
 
 
@@ -125,9 +123,7 @@ def test_saving_float_module_under_variant_manifest_matches_derived_file(tmp_pat
         target = variant_manifest(manifest, variant)
         save_artifact(model, target, tmp_path / "direct.safetensors")
         derive_variant(path, manifest, variant, tmp_path / "derived.safetensors")
-        assert (tmp_path / "direct.safetensors").read_bytes() == (
-            tmp_path / "derived.safetensors"
-        ).read_bytes()
+        assert (tmp_path / "direct.safetensors").read_bytes() == (tmp_path / "derived.safetensors").read_bytes()
 
 
 def test_variant_with_wrong_manifest_is_rejected(tmp_path):

@@ -8,8 +8,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from maas.common.v1 import common_pb2
 from maas.registry.v1 import registry_pb2 as pb
 
-from shared.artifacts import Manifest
 from services.registry.core.model import Alias, Event, Lineage, Model, UploadRequest, Version
+from shared.artifacts import Manifest
 
 
 def timestamp(value: datetime) -> Timestamp:

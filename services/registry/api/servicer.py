@@ -8,9 +8,9 @@ import grpc
 from maas.registry.v1 import registry_pb2 as pb
 from maas.registry.v1 import registry_pb2_grpc
 
-from shared.errors import InvalidArgument
 from services.registry.api import convert
 from services.registry.core.service import RegistryCore
+from shared.errors import InvalidArgument
 
 _UPDATABLE = {"description", "tags"}
 
@@ -19,20 +19,28 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     def __init__(self, core: RegistryCore) -> None:
         self._core = core
 
-    async def CreateModel(self, request: pb.CreateModelRequest, context: grpc.aio.ServicerContext) -> pb.CreateModelResponse:
+    async def CreateModel(
+        self, request: pb.CreateModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreateModelResponse:
         model = await self._core.create_model(request.name, request.description, dict(request.tags))
         return pb.CreateModelResponse(model=convert.model_to_pb(model))
 
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.GetModelResponse:
         return pb.GetModelResponse(model=convert.model_to_pb(await self._core.get_model(request.name)))
 
-    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
-        page = await self._core.list_models(request.page_size, request.page_token, request.name_prefix, dict(request.tags))
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        page = await self._core.list_models(
+            request.page_size, request.page_token, request.name_prefix, dict(request.tags)
+        )
         return pb.ListModelsResponse(
             models=[convert.model_to_pb(m) for m in page.items], next_page_token=page.next_page_token
         )
 
-    async def UpdateModel(self, request: pb.UpdateModelRequest, context: grpc.aio.ServicerContext) -> pb.UpdateModelResponse:
+    async def UpdateModel(
+        self, request: pb.UpdateModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UpdateModelResponse:
         mask = set(request.update_mask)
         if not mask:
             raise InvalidArgument.field("update_mask", "name at least one of: description, tags")
@@ -45,7 +53,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         )
         return pb.UpdateModelResponse(model=convert.model_to_pb(model))
 
-    async def DeleteModel(self, request: pb.DeleteModelRequest, context: grpc.aio.ServicerContext) -> pb.DeleteModelResponse:
+    async def DeleteModel(
+        self, request: pb.DeleteModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteModelResponse:
         await self._core.delete_model(request.name, request.force)
         return pb.DeleteModelResponse()
 
@@ -65,11 +75,15 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         version = await self._core.upload_version(convert.upload_from_pb(first.metadata), chunks())
         return pb.UploadVersionResponse(version=convert.version_to_pb(version))
 
-    async def GetVersion(self, request: pb.GetVersionRequest, context: grpc.aio.ServicerContext) -> pb.GetVersionResponse:
+    async def GetVersion(
+        self, request: pb.GetVersionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetVersionResponse:
         version = await self._core.get_version(request.ref.model, request.ref.version)
         return pb.GetVersionResponse(version=convert.version_to_pb(version))
 
-    async def ListVersions(self, request: pb.ListVersionsRequest, context: grpc.aio.ServicerContext) -> pb.ListVersionsResponse:
+    async def ListVersions(
+        self, request: pb.ListVersionsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListVersionsResponse:
         page = await self._core.list_versions(request.model, request.page_size, request.page_token)
         return pb.ListVersionsResponse(
             versions=[convert.version_to_pb(v) for v in page.items], next_page_token=page.next_page_token
@@ -87,19 +101,27 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             yield pb.DownloadVersionResponse(offset=offset, chunk=chunk)
             offset += len(chunk)
 
-    async def DeriveVersion(self, request: pb.DeriveVersionRequest, context: grpc.aio.ServicerContext) -> pb.DeriveVersionResponse:
-        version = await self._core.derive_version(request.ref.model, request.ref.version, request.variant, dict(request.tags))
+    async def DeriveVersion(
+        self, request: pb.DeriveVersionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeriveVersionResponse:
+        version = await self._core.derive_version(
+            request.ref.model, request.ref.version, request.variant, dict(request.tags)
+        )
         return pb.DeriveVersionResponse(version=convert.version_to_pb(version))
 
     async def SetAlias(self, request: pb.SetAliasRequest, context: grpc.aio.ServicerContext) -> pb.SetAliasResponse:
         alias = await self._core.set_alias(request.model, request.alias, request.version, request.create_only)
         return pb.SetAliasResponse(alias=convert.alias_to_pb(alias))
 
-    async def DeleteAlias(self, request: pb.DeleteAliasRequest, context: grpc.aio.ServicerContext) -> pb.DeleteAliasResponse:
+    async def DeleteAlias(
+        self, request: pb.DeleteAliasRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteAliasResponse:
         await self._core.delete_alias(request.model, request.alias)
         return pb.DeleteAliasResponse()
 
-    async def ListAliases(self, request: pb.ListAliasesRequest, context: grpc.aio.ServicerContext) -> pb.ListAliasesResponse:
+    async def ListAliases(
+        self, request: pb.ListAliasesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListAliasesResponse:
         aliases = await self._core.list_aliases(request.model)
         return pb.ListAliasesResponse(aliases=[convert.alias_to_pb(a) for a in aliases])
 

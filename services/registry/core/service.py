@@ -13,10 +13,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from shared import names
-from shared.artifacts import ArtifactError, Manifest, derive_variant
-from shared.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from shared.paging import encode_token, parse_page
 from services.registry.core.events import ChangeSignal
 from services.registry.core.ingest import HeaderCollector, check_artifact
 from services.registry.core.model import (
@@ -30,6 +26,10 @@ from services.registry.core.model import (
     Version,
 )
 from services.registry.core.ports import ArtifactStore, Repository
+from shared import names
+from shared.artifacts import ArtifactError, Manifest, derive_variant
+from shared.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from shared.paging import encode_token, parse_page
 
 T = TypeVar("T")
 MAX_CHUNK_BYTES = 4 * 1024 * 1024
@@ -124,7 +124,9 @@ class RegistryCore:
             size = 0
             async for chunk in chunks:
                 if len(chunk) > MAX_CHUNK_BYTES:
-                    raise InvalidArgument.field("chunk", f"chunks are at most {MAX_CHUNK_BYTES} bytes, got {len(chunk)}")
+                    raise InvalidArgument.field(
+                        "chunk", f"chunks are at most {MAX_CHUNK_BYTES} bytes, got {len(chunk)}"
+                    )
                 size += len(chunk)
                 if size > request.size_bytes:
                     raise InvalidArgument.field(
@@ -198,7 +200,9 @@ class RegistryCore:
         versions = await self._run(self._repo.list_versions, model, page.after, page.size + 1)
         return self._page(versions, page.size, lambda v: v.number, {"model": model})
 
-    async def download(self, model: str, ref: str, offset: int, chunk_size: int) -> tuple[Version, AsyncIterator[bytes]]:
+    async def download(
+        self, model: str, ref: str, offset: int, chunk_size: int
+    ) -> tuple[Version, AsyncIterator[bytes]]:
         """The version and an iterator over its bytes from ``offset``."""
         if offset < 0:
             raise InvalidArgument.field("offset", "must not be negative")
@@ -324,4 +328,3 @@ async def _file_chunks(path: Path, size: int) -> AsyncIterator[bytes]:
     with path.open("rb") as fh:
         while chunk := await asyncio.to_thread(fh.read, size):
             yield chunk
-

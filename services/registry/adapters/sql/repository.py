@@ -8,9 +8,9 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from services.registry.adapters.sql.tables import aliases, events, model_tags, models, versions
 from services.registry.core.model import Alias, Event, EventType, Lineage, Model, NewVersion, Version
+from shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 
 
 def _now() -> datetime:
@@ -52,8 +52,12 @@ class SqlRepository:
 
     @staticmethod
     def _to_model(conn: sa.Connection, row: sa.Row[Any]) -> Model:
-        tags = dict(conn.execute(sa.select(model_tags.c.key, model_tags.c.value).where(model_tags.c.model_id == row.id)).all())
-        alias_map = dict(conn.execute(sa.select(aliases.c.name, aliases.c.version).where(aliases.c.model_id == row.id)).all())
+        tags = dict(
+            conn.execute(sa.select(model_tags.c.key, model_tags.c.value).where(model_tags.c.model_id == row.id)).all()
+        )
+        alias_map = dict(
+            conn.execute(sa.select(aliases.c.name, aliases.c.version).where(aliases.c.model_id == row.id)).all()
+        )
         return Model(
             name=row.name,
             description=row.description,
@@ -122,7 +126,9 @@ class SqlRepository:
             query = query.where(models.c.name > after)
         for key, value in tags.items():
             query = query.where(
-                sa.exists().where(model_tags.c.model_id == models.c.id, model_tags.c.key == key, model_tags.c.value == value)
+                sa.exists().where(
+                    model_tags.c.model_id == models.c.id, model_tags.c.key == key, model_tags.c.value == value
+                )
             )
         with self._read() as conn:
             return [self._to_model(conn, row) for row in conn.execute(query).all()]
@@ -294,7 +300,9 @@ class SqlRepository:
 
     def digest_in_use(self, sha256: str) -> bool:
         with self._read() as conn:
-            return conn.execute(sa.select(versions.c.id).where(versions.c.sha256 == sha256).limit(1)).first() is not None
+            return (
+                conn.execute(sa.select(versions.c.id).where(versions.c.sha256 == sha256).limit(1)).first() is not None
+            )
 
     def all_digests(self) -> set[str]:
         with self._read() as conn:
