@@ -8,7 +8,7 @@ PROTOS := $(shell find protos -name '*.proto')
 # Pytest arguments, e.g. `make test PYTEST_ARGS="-k registry -x"`.
 PYTEST_ARGS ?=
 
-.PHONY: help setup proto lint fmt test test-fast run bench postgres clean
+.PHONY: help setup proto lint fmt test test-fast run bench postgres lock clean
 
 help: ## Show this help.
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -19,10 +19,10 @@ $(BIN)/python:
 
 # torch first, exactly 2.13.0 (a CPU wheel on this machine's disk); then the code generator; then the
 # project in editable mode, whose package list includes the generated code.
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q torch==2.13.0 grpcio-tools==1.81.1
+$(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0 grpcio-tools
 	$(MAKE) --no-print-directory proto
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
 setup: $(VENV)/.installed ## Create .venv and install everything (quick when already there).
@@ -59,6 +59,10 @@ run: setup proto ## Start the mesh on the embedded defaults and push a zoo model
 
 bench: setup proto ## Run the benchmarks; figures go to benchmarks/results/ and the terminal.
 	$(BIN)/python -m benchmarks.registry_transfer
+
+lock: setup ## Rewrite constraints.txt from what .venv holds (after changing pyproject.toml).
+	{ echo '# Exact versions `make setup` installs (pip -c): one tested set. Regenerate with `make lock`.'; \
+	  $(BIN)/pip freeze --exclude-editable | grep -v '^maas' | sed 's/^torch==2.13.0+cpu/torch==2.13.0/'; } > constraints.txt
 
 clean: ## Remove the virtualenv, generated code and local data.
 	rm -rf $(VENV) gen .maas .pytest_cache .ruff_cache

@@ -9,8 +9,8 @@ from typing import Any
 import grpc
 from google.protobuf import descriptor_pb2
 from google.protobuf.descriptor import ServiceDescriptor
-from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
+from shared.grpc.tracing import TracingClientInterceptor
 from shared.settings import CommonSettings
 
 _IDEMPOTENT = (
@@ -109,7 +109,7 @@ def make_channel(
         ("grpc.service_config", json.dumps(retry_service_config(services))),
         *options,
     ]
-    interceptors: list[Any] = list(aio_client_interceptors())
+    interceptors: list[Any] = [TracingClientInterceptor()]
     if settings.tls_enabled or settings.tls_ca_file is not None:
         root = settings.tls_ca_file.read_bytes() if settings.tls_ca_file else None
         key = settings.tls_key_file.read_bytes() if settings.tls_key_file else None

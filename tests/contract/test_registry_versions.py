@@ -9,7 +9,6 @@ import grpc
 import pytest
 import torch
 from maas.registry.v1 import registry_pb2 as pb
-from maas.registry.v1 import registry_pb2_grpc
 
 from shared.artifacts import load_artifact
 from shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
@@ -236,16 +235,13 @@ async def test_cancelled_upload_leaves_nothing(registry, registry_client, tmp_pa
                 sent.set()
                 await asyncio.sleep(30)
 
-    # A plain channel: client interceptors defer the call, and this test is about what the server does
-    # when a client really hangs up mid-stream.
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{registry.port}")
-    call = registry_pb2_grpc.RegistryServiceStub(channel).UploadVersion(slow())
+    # Through the project's channel (with its tracing interceptor): cancelling must reach the server.
+    call = registry_client.stub.UploadVersion(slow())
     await asyncio.wait_for(sent.wait(), 10)
     await asyncio.sleep(0.3)
     call.cancel()
     with pytest.raises(asyncio.CancelledError):
         await call
-    await channel.close()
     for _ in range(50):
         if not blobs(registry):
             break
