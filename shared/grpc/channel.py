@@ -20,32 +20,28 @@ _IDEMPOTENT = (
 
 
 def retry_service_config(services: Iterable[ServiceDescriptor], max_attempts: int = 4) -> dict[str, Any]:
-    """A gRPC service config that retries UNAVAILABLE for the methods the protos mark idempotent.
+    """A gRPC service config that retries UNAVAILABLE where the protos say a method is idempotent.
 
     The protos state idempotency (``option idempotency_level``), so retries follow the contract instead of
     a hand-kept list. Client-streaming methods are never retried: their requests are not replayable.
+    (Deadlines are not set here: a service-config timeout caps even a longer deadline a caller asks for.)
     """
-    names = []
-    for service in services:
-        for method in service.methods:
-            level = method.GetOptions().idempotency_level
-            if level in _IDEMPOTENT and not method.client_streaming:
-                names.append({"service": service.full_name, "method": method.name})
-    config: dict[str, Any] = {"methodConfig": []}
-    if names:
-        config["methodConfig"].append(
-            {
-                "name": names,
-                "retryPolicy": {
-                    "maxAttempts": max_attempts,
-                    "initialBackoff": "0.05s",
-                    "maxBackoff": "1s",
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
-                },
-            }
-        )
-    return config
+    names = [
+        {"service": service.full_name, "method": method.name}
+        for service in services
+        for method in service.methods
+        if method.GetOptions().idempotency_level in _IDEMPOTENT and not method.client_streaming
+    ]
+    if not names:
+        return {"methodConfig": []}
+    policy = {
+        "maxAttempts": max_attempts,
+        "initialBackoff": "0.05s",
+        "maxBackoff": "1s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE"],
+    }
+    return {"methodConfig": [{"name": names, "retryPolicy": policy}]}
 
 
 class _BearerToken(grpc.AuthMetadataPlugin):
@@ -56,34 +52,38 @@ class _BearerToken(grpc.AuthMetadataPlugin):
         callback((("authorization", f"Bearer {self._token}"),), None)
 
 
-class _TokenInterceptor(
+class _CallDefaults(
     grpc.aio.UnaryUnaryClientInterceptor,
     grpc.aio.UnaryStreamClientInterceptor,
     grpc.aio.StreamUnaryClientInterceptor,
     grpc.aio.StreamStreamClientInterceptor,
 ):
-    """Adds the bearer token on plaintext channels, where call credentials are not allowed."""
+    """A default deadline for unary calls that set none, and the bearer token on plaintext channels
+    (where call credentials are not allowed). Streaming calls keep no default deadline: a download or a
+    watch may rightly last long."""
 
-    def __init__(self, token: str) -> None:
-        self._metadata = ("authorization", f"Bearer {token}")
+    def __init__(self, unary_timeout_s: float, token: str | None) -> None:
+        self._timeout = unary_timeout_s
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
 
-    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        metadata = grpc.aio.Metadata(*(details.metadata or ()), self._metadata)
+    def _details(self, details: grpc.aio.ClientCallDetails, unary: bool) -> grpc.aio.ClientCallDetails:
+        timeout = details.timeout if details.timeout is not None or not unary else self._timeout
+        metadata = grpc.aio.Metadata(*(details.metadata or ()), *self._metadata)
         return grpc.aio.ClientCallDetails(
-            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+            details.method, timeout, metadata, details.credentials, details.wait_for_ready
         )
 
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(self._details(details), request)
+        return await continuation(self._details(details, True), request)
 
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(self._details(details), request)
+        return await continuation(self._details(details, False), request)
 
     async def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
-        return await continuation(self._details(details), request_iterator)
+        return await continuation(self._details(details, False), request_iterator)
 
     async def intercept_stream_stream(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
-        return await continuation(self._details(details), request_iterator)
+        return await continuation(self._details(details, False), request_iterator)
 
 
 def make_channel(
@@ -109,8 +109,13 @@ def make_channel(
         ("grpc.service_config", json.dumps(retry_service_config(services))),
         *options,
     ]
-    interceptors: list[Any] = [TracingClientInterceptor()]
-    if settings.tls_enabled or settings.tls_ca_file is not None:
+    secure = settings.tls_enabled or settings.tls_ca_file is not None
+    # On TLS channels the token travels as call credentials instead.
+    interceptors: list[Any] = [
+        TracingClientInterceptor(),
+        _CallDefaults(settings.rpc_timeout_s, None if secure else token),
+    ]
+    if secure:
         root = settings.tls_ca_file.read_bytes() if settings.tls_ca_file else None
         key = settings.tls_key_file.read_bytes() if settings.tls_key_file else None
         chain = settings.tls_cert_file.read_bytes() if settings.tls_cert_file else None
@@ -120,6 +125,4 @@ def make_channel(
                 credentials, grpc.metadata_call_credentials(_BearerToken(token))
             )
         return grpc.aio.secure_channel(target, credentials, options=channel_options, interceptors=interceptors)
-    if token:
-        interceptors.append(_TokenInterceptor(token))
     return grpc.aio.insecure_channel(target, options=channel_options, interceptors=interceptors)

@@ -29,7 +29,9 @@ def _start(details: grpc.aio.ClientCallDetails) -> tuple[Span, grpc.aio.ClientCa
     carrier: dict[str, str] = {}
     propagate.inject(carrier, context=trace.set_span_in_context(span))
     metadata = grpc.aio.Metadata(*(details.metadata or ()), *carrier.items())
-    new = grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials, details.wait_for_ready)
+    new = grpc.aio.ClientCallDetails(
+        details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+    )
     return span, new
 
 

@@ -112,6 +112,25 @@ async def test_unexpected_exception_is_generic_internal_without_details() -> Non
         await server.stop(0.2)
 
 
+async def test_channels_give_unary_calls_a_default_deadline() -> None:
+    async def slow(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        await asyncio.sleep(5)
+        return b""
+
+    handler = grpc.method_handlers_generic_handler("test.Slow", {"Wait": grpc.unary_unary_rpc_method_handler(slow)})
+    server = await start_server(CommonSettings(), "127.0.0.1:0", [lambda s: s.add_generic_rpc_handlers((handler,))], [])
+    channel = make_channel(f"127.0.0.1:{server.port}", CommonSettings(rpc_timeout_s=0.3))
+    try:
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await channel.unary_unary("/test.Slow/Wait")(b"")
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert asyncio.get_running_loop().time() - started < 2
+    finally:
+        await channel.close()
+        await server.stop(0)
+
+
 @sqlite_only
 async def test_one_trace_follows_a_request_across_the_hop(registry) -> None:
     provider = configure_tracing("tests")

@@ -75,9 +75,14 @@ async def test_graceful_stop_and_restart_keep_everything(tmp_path: Path) -> None
     try:
         async with grpc.aio.insecure_channel(registry.address) as channel:
             stub = registry_pb2_grpc.RegistryServiceStub(channel)
-            version = (await stub.GetVersion(pb.GetVersionRequest(ref=pb.VersionRef(model="durable", version="production")))).version
+            version = (
+                await stub.GetVersion(pb.GetVersionRequest(ref=pb.VersionRef(model="durable", version="production")))
+            ).version
             assert version.number == 1 and version.size_bytes == len(data)
-            chunks = [m.chunk async for m in stub.DownloadVersion(pb.DownloadVersionRequest(ref=pb.VersionRef(model="durable")))]
+            chunks = [
+                m.chunk
+                async for m in stub.DownloadVersion(pb.DownloadVersionRequest(ref=pb.VersionRef(model="durable")))
+            ]
             assert b"".join(chunks) == data
     finally:
         registry.stop()

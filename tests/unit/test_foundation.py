@@ -11,13 +11,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 from maas.registry.v1 import registry_pb2
 
+from services.registry.core.ingest import MAX_HEADER_BYTES, HeaderCollector
+from services.registry.settings import RegistrySettings
 from shared import errors, names
 from shared.grpc.channel import retry_service_config
 from shared.grpc.status import from_rpc_error, to_status
 from shared.paging import encode_token, parse_page
 from shared.settings import settings_table
-from services.registry.core.ingest import MAX_HEADER_BYTES, HeaderCollector
-from services.registry.settings import RegistrySettings
 
 
 @pytest.mark.parametrize("good", ["a", "digits", "m-1.2_x", "9lives", "a" * 63])
@@ -114,7 +114,7 @@ def test_status_mapping_round_trips(error: errors.MaasError) -> None:
 def test_retries_follow_the_protos_idempotency_levels() -> None:
     service = registry_pb2.DESCRIPTOR.services_by_name["RegistryService"]
     config = retry_service_config([service])
-    retried = {entry["method"] for entry in config["methodConfig"][0]["name"]}
+    retried = {n["method"] for e in config["methodConfig"] for n in e["name"]}
     assert {"GetModel", "ListModels", "GetVersion", "DownloadVersion", "SetAlias", "UpdateModel"} <= retried
     assert not retried & {"CreateModel", "DeleteModel", "UploadVersion", "DeriveVersion", "DeleteAlias"}
     assert config["methodConfig"][0]["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]

@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from shared.settings import settings_table
 from services.registry.settings import RegistrySettings
+from shared.settings import settings_table
 
 
 def test_readme_documents_every_setting() -> None:
