@@ -12,6 +12,7 @@ from services.registry.adapters.local_store import LocalArtifactStore
 from services.registry.adapters.sql.engine import create_engine, migrate
 from services.registry.adapters.sql.repository import SqlRepository
 from services.registry.api.servicer import RegistryServicer
+from services.registry.core.ports import ArtifactStore
 from services.registry.core.service import RegistryCore
 from services.registry.settings import RegistrySettings
 from shared.grpc.server import ServiceServer, start_server
@@ -34,6 +35,16 @@ class RunningRegistry:
         return self.server.port
 
 
+def _artifact_store(settings: RegistrySettings) -> ArtifactStore:
+    if settings.registry_artifact_url:
+        from services.registry.adapters.s3_store import S3ArtifactStore
+
+        return S3ArtifactStore(
+            settings.registry_artifact_url, settings.artifact_dir() / "spool", settings.registry_s3_endpoint_url
+        )
+    return LocalArtifactStore(settings.artifact_dir())
+
+
 async def start(settings: RegistrySettings) -> RunningRegistry:
     """Start the registry with ``settings``; also what tests call (with port 0 addresses)."""
     configure_tracing("registry", settings.otel_exporter, settings.otel_endpoint)
@@ -42,7 +53,7 @@ async def start(settings: RegistrySettings) -> RunningRegistry:
         (settings.home / "registry").mkdir(parents=True, exist_ok=True)
     engine = create_engine(database_url)
     await asyncio.to_thread(migrate, engine)
-    store = LocalArtifactStore(settings.artifact_dir())
+    store = _artifact_store(settings)
     core = RegistryCore(
         SqlRepository(engine),
         store,

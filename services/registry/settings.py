@@ -23,6 +23,14 @@ class RegistrySettings(CommonSettings):
     registry_artifact_dir: Path | None = Field(
         None, description="Directory of the local artifact store; default: MAAS_HOME/registry/artifacts."
     )
+    registry_artifact_url: str | None = Field(
+        None,
+        description="s3://bucket/prefix to keep artifacts in S3-compatible storage (credentials from the AWS "
+        "environment); default: the local directory store.",
+    )
+    registry_s3_endpoint_url: str | None = Field(
+        None, description="Endpoint of an S3-compatible service (MinIO, Ceph, ...); default: AWS."
+    )
     registry_max_artifact_bytes: int = Field(
         16 * 1024 * MiB, gt=0, description="Largest artifact an upload may declare (bytes)."
     )
