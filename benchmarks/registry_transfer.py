@@ -77,8 +77,18 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time the process (all its threads) has used so far."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class RssSampler:
-    """Samples a process's VmRSS from a thread every ``interval`` seconds while in the ``with`` block."""
+    """Samples a process's VmRSS from a thread every ``interval`` seconds while in the ``with`` block.
+
+    Also takes the process's CPU time over the block, which tells a CPU-bound server from a waiting one.
+    """
 
     def __init__(self, pid: int, interval: float = RSS_INTERVAL_S) -> None:
         self.pid = pid
@@ -86,6 +96,7 @@ class RssSampler:
         self.baseline = 0.0
         self.peak = 0.0
         self.samples = 0
+        self.cpu = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"rss-{pid}", daemon=True)
 
@@ -100,6 +111,7 @@ class RssSampler:
 
     def __enter__(self) -> RssSampler:
         self.baseline = self.peak = rss_mib(self.pid)
+        self.cpu = -cpu_seconds(self.pid)
         self._thread.start()
         return self
 
@@ -107,6 +119,8 @@ class RssSampler:
         self._stop.set()
         self._thread.join()
         self._sample()
+        with contextlib.suppress(OSError):
+            self.cpu += cpu_seconds(self.pid)
 
     @property
     def growth(self) -> float:
@@ -122,6 +136,7 @@ class Run:
     hash_seconds: float = 0.0  # client-side sha256: before an upload, verification after a download
     rss_baseline_mib: float | None = None
     rss_peak_mib: float | None = None
+    server_cpu_seconds: float | None = None
 
     @property
     def rss_growth_mib(self) -> float | None:
@@ -159,6 +174,7 @@ class Transfer:
             "mb_per_s_including_client_hash": round(
                 self.size_bytes / (self.best.seconds + self.best.hash_seconds) / MB, 1
             ),
+            "server_cpu_seconds": self.best.server_cpu_seconds,
             "server_rss_baseline_mib": _round(worst.rss_baseline_mib),
             "server_rss_peak_growth_mib": _round(worst.rss_growth_mib),
             "runs": [
@@ -322,19 +338,13 @@ def timed_client_hash() -> Iterator[list[float]]:
         client_module.sha256_file = original
 
 
-@contextlib.contextmanager
-def maybe_sampler(pid: int | None) -> Iterator[RssSampler | None]:
-    if pid is None:
-        yield None
-        return
-    with RssSampler(pid) as sampler:
-        yield sampler
+def settle() -> None:
+    """Writes back dirty pages before a transfer, so that none pays for the previous one's writeback."""
+    os.sync()
 
 
-def _run(seconds: float, hash_seconds: float, sampler: RssSampler | None) -> Run:
-    if sampler is None:
-        return Run(seconds, hash_seconds)
-    return Run(seconds, hash_seconds, sampler.baseline, sampler.peak)
+def _run(seconds: float, hash_seconds: float, sampler: RssSampler) -> Run:
+    return Run(seconds, hash_seconds, sampler.baseline, sampler.peak, round(sampler.cpu, 2))
 
 
 async def registry_upload(client: Any, artifact: Path, manifest_json: str, pid: int) -> Run:
@@ -496,16 +506,20 @@ async def benchmark(size_mib: int, runs: int, workdir: Path) -> dict[str, Any]:
         idle = {"registry_rss_mib": round(rss_mib(registry.pid), 1), "bare_rss_mib": round(rss_mib(bare.pid), 1)}
         # Uploads first (the downloads need a version); registry and bare alternate so noise hits both.
         for i in range(runs):
+            settle()
             run = await bare_upload(bare_channel, artifact, bare.pid)
             results["bare_upload"].runs.append(run)
             _report("bare upload", i, size, run)
+            settle()
             run = await registry_upload(client, artifact, manifest_json, registry.pid)
             results["registry_upload"].runs.append(run)
             _report("registry upload", i, size, run)
         for i in range(runs):
+            settle()
             run = await bare_download(bare_channel, size, download_dest, bare.pid)
             results["bare_download"].runs.append(run)
             _report("bare download", i, size, run)
+            settle()
             run = await registry_download(client, "1", download_dest, size, registry.pid)
             results["registry_download"].runs.append(run)
             _report("registry download", i, size, run)
@@ -557,7 +571,7 @@ async def benchmark(size_mib: int, runs: int, workdir: Path) -> dict[str, Any]:
 
 def _report(name: str, index: int, size: int, run: Run) -> None:
     extra = f", client sha256 {run.hash_seconds:.2f}s" if run.hash_seconds else ""
-    rss = f", server RSS +{run.rss_growth_mib:.1f} MiB" if run.rss_growth_mib is not None else ""
+    rss = f", server RSS +{run.rss_growth_mib:.1f} MiB, server CPU {run.server_cpu_seconds:.2f}s"
     print(f"  {name} #{index + 1}: {run.seconds:.2f}s = {size / run.seconds / MB:.0f} MB/s{extra}{rss}", flush=True)
 
 

@@ -238,8 +238,7 @@ class RegistryCore:
             )
         with tempfile.TemporaryDirectory(prefix="maas-derive-") as tmp:
             dest = Path(tmp) / "variant.safetensors"
-            with self._store.local_copy(parent.sha256) as source:
-                derived = await self._run(derive_variant, source, manifest, variant, dest)
+            derived = await self._run(self._derive_file, parent.sha256, manifest, variant, dest)
             size = dest.stat().st_size
             digest = await self._run(_sha256_file, dest)
             request = UploadRequest(
@@ -259,6 +258,11 @@ class RegistryCore:
                 ),
             )
             return await self.upload_version(request, _file_chunks(dest, MAX_CHUNK_BYTES))
+
+    def _derive_file(self, digest: str, manifest: Manifest, variant: str, dest: Path) -> Manifest:
+        # One thread for fetch and conversion: a remote store's local copy is a download.
+        with self._store.local_copy(digest) as source:
+            return derive_variant(source, manifest, variant, dest)
 
     # Aliases ------------------------------------------------------------------------------------------
 
