@@ -34,9 +34,10 @@ gen/.stamp: $(PROTOS) | $(BIN)/python
 
 proto: gen/.stamp ## Generate Python code from protos/ into gen/ (build output, never edited).
 
-lint: setup proto ## Ruff (style) and import-linter (architecture contracts).
+lint: setup proto ## Ruff (style), mypy (types) and import-linter (architecture contracts).
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(BIN)/lint-imports
 
 fmt: setup ## Format and autofix.

@@ -65,8 +65,8 @@ def read_header(fp_or_path: str | os.PathLike[str] | IO[bytes], file_size: int |
         ArtifactError: If the file is truncated or the header is malformed or lying.
     """
     if isinstance(fp_or_path, (str, os.PathLike)):
-        with open(fp_or_path, "rb") as fp:
-            return read_header(fp, os.fstat(fp.fileno()).st_size if file_size is None else file_size)
+        with open(fp_or_path, "rb") as opened:
+            return read_header(opened, os.fstat(opened.fileno()).st_size if file_size is None else file_size)
     fp = fp_or_path
     if file_size is None:
         try:

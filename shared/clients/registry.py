@@ -7,6 +7,7 @@ import hashlib
 import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 from maas.registry.v1 import registry_pb2 as pb
@@ -54,7 +55,7 @@ class RegistryClient:
     async def close(self) -> None:
         await self.channel.close()
 
-    async def call(self, method: str, request: object, timeout: float | None = None) -> object:
+    async def call(self, method: str, request: object, timeout: float | None = None) -> Any:
         """Call a unary method by name; failures raise the matching ``shared.errors`` exception."""
         try:
             return await getattr(self.stub, method)(request, timeout=timeout or self.timeout_s)

@@ -17,6 +17,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from services.registry.core.ports import ArtifactWriter
+
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -75,7 +77,8 @@ class LocalArtifactStore:
     def writer(self) -> LocalWriter:
         return LocalWriter(self._tmp / f"{uuid.uuid4().hex}.part")
 
-    def commit(self, writer: LocalWriter) -> bool:  # type: ignore[override]
+    def commit(self, writer: ArtifactWriter) -> bool:
+        assert isinstance(writer, LocalWriter), "writers come from this store"
         digest = writer.hexdigest()
         writer.finish()
         final = self._path(digest)

@@ -22,6 +22,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from services.registry.adapters.local_store import LocalWriter
+from services.registry.core.ports import ArtifactWriter
 
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
@@ -49,7 +50,8 @@ class S3ArtifactStore:
     def writer(self) -> LocalWriter:
         return LocalWriter(self._spool / f"{uuid.uuid4().hex}.part")
 
-    def commit(self, writer: LocalWriter) -> bool:  # type: ignore[override]
+    def commit(self, writer: ArtifactWriter) -> bool:
+        assert isinstance(writer, LocalWriter), "writers come from this store"
         digest = writer.hexdigest()
         writer.finish()
         try:

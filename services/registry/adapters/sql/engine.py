@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 from alembic import command
@@ -17,7 +18,7 @@ def create_engine(url: str) -> sa.Engine:
         engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
         @sa.event.listens_for(engine, "connect")
-        def _on_connect(dbapi_connection, _record):  # type: ignore[no-untyped-def]
+        def _on_connect(dbapi_connection: Any, _record: Any) -> None:
             # Let SQLAlchemy, not pysqlite, issue BEGIN, so that it can be BEGIN IMMEDIATE below.
             dbapi_connection.isolation_level = None
             cursor = dbapi_connection.cursor()
@@ -28,7 +29,7 @@ def create_engine(url: str) -> sa.Engine:
             cursor.close()
 
         @sa.event.listens_for(engine, "begin")
-        def _on_begin(connection):  # type: ignore[no-untyped-def]
+        def _on_begin(connection: sa.Connection) -> None:
             # Take the write lock up front: a deferred transaction that later writes can fail with
             # "database is locked" instead of waiting its turn.
             readonly = connection.get_execution_options().get("maas_readonly", False)

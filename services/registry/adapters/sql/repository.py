@@ -97,9 +97,10 @@ class SqlRepository:
         now = _now()
         try:
             with conn.begin_nested():
-                model_id = conn.execute(
+                result = conn.execute(
                     models.insert().values(name=name, description=description, created_at=now, updated_at=now)
-                ).inserted_primary_key[0]
+                )
+                model_id = result.inserted_primary_key[0]  # type: ignore[index]
         except sa.exc.IntegrityError as exc:
             raise AlreadyExists(f"model {name!r} already exists", reason="MODEL_EXISTS") from exc
         self._set_tags(conn, model_id, tags)
@@ -216,12 +217,12 @@ class SqlRepository:
                 if number <= 0:
                     raise InvalidArgument.field("version", "version numbers start at 1")
                 return number
-            number = conn.execute(
+            aliased: int | None = conn.execute(
                 sa.select(aliases.c.version).where(aliases.c.model_id == row.id, aliases.c.name == ref)
             ).scalar()
-            if number is None:
+            if aliased is None:
                 raise NotFound(f"model {model!r} has no alias {ref!r}", reason="ALIAS_NOT_FOUND")
-            return int(number)
+            return int(aliased)
 
     def list_versions(self, model: str, after: int | None, limit: int) -> list[Version]:
         with self._read() as conn:
