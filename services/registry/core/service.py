@@ -25,7 +25,8 @@ from services.registry.core.model import (
     UploadRequest,
     Version,
 )
-from services.registry.core.ports import ArtifactStore, Repository
+from services.registry.core.pipeline import BackgroundWriter
+from services.registry.core.ports import ArtifactStore, ArtifactWriter, Repository
 from shared import names
 from shared.artifacts import ArtifactError, Manifest, derive_variant
 from shared.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
@@ -118,6 +119,7 @@ class RegistryCore:
         if not request.create_model:
             await self.get_model(request.model)
         writer = await self._run(self._store.writer)
+        background = BackgroundWriter(writer.write)
         committed = False
         try:
             head = HeaderCollector()
@@ -133,7 +135,8 @@ class RegistryCore:
                         "size_bytes", f"received more than the declared {request.size_bytes} bytes"
                     )
                 head.feed(chunk)
-                await self._run(writer.write, chunk)
+                await background.put(chunk)
+            await background.close()
             if size != request.size_bytes:
                 raise InvalidArgument.field(
                     "size_bytes", f"declared {request.size_bytes} bytes but the stream carried {size}"
@@ -157,7 +160,11 @@ class RegistryCore:
             return version
         finally:
             if not committed:
-                await asyncio.shield(self._run(writer.abort))
+                await _durable(self._discard(background, writer))
+
+    async def _discard(self, background: BackgroundWriter, writer: ArtifactWriter) -> None:
+        await background.abort()
+        await self._run(writer.abort)
 
     def _check_upload(self, request: UploadRequest) -> Manifest:
         names.check_name(request.model, "model")
