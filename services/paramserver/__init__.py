@@ -1,0 +1,1 @@
+"""The parameter server: sharded model parameters, server-side optimizers and worker consistency."""
