@@ -9,8 +9,8 @@ import structlog
 from maas.registry.v1 import registry_pb2, registry_pb2_grpc
 
 from services.registry.adapters.local_store import LocalArtifactStore
-from services.registry.adapters.sql.engine import create_engine, migrate
 from services.registry.adapters.sql.repository import SqlRepository
+from services.registry.adapters.sql.tables import MIGRATIONS
 from services.registry.api.servicer import RegistryServicer
 from services.registry.core.ports import ArtifactStore
 from services.registry.core.service import RegistryCore
@@ -18,6 +18,7 @@ from services.registry.settings import RegistrySettings
 from shared.grpc.server import ServiceServer, start_server
 from shared.logging import configure_logging
 from shared.metrics import RpcMetrics, serve_metrics
+from shared.sql import create_engine, migrate
 from shared.tracing import configure_tracing
 
 SERVICE_NAME = registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name
@@ -52,7 +53,7 @@ async def start(settings: RegistrySettings) -> RunningRegistry:
     if database_url.startswith("sqlite:///"):
         (settings.home / "registry").mkdir(parents=True, exist_ok=True)
     engine = create_engine(database_url)
-    await asyncio.to_thread(migrate, engine)
+    await asyncio.to_thread(migrate, engine, MIGRATIONS)
     store = _artifact_store(settings)
     core = RegistryCore(
         SqlRepository(engine),

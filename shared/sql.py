@@ -1,4 +1,4 @@
-"""Engine creation and migrations for SQLite (WAL) and PostgreSQL through one code path."""
+"""SQL engines and Alembic migrations for SQLite (WAL) and PostgreSQL through one code path, for every service."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
-
-MIGRATIONS = Path(__file__).parent / "migrations"
 
 
 def create_engine(url: str) -> sa.Engine:
@@ -39,10 +37,13 @@ def create_engine(url: str) -> sa.Engine:
     return sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
 
 
-def migrate(engine: sa.Engine) -> None:
-    """Bring the schema to the newest migration (an empty database included)."""
+def migrate(engine: sa.Engine, migrations: Path) -> None:
+    """Bring the schema to the newest migration in ``migrations`` (an empty database included).
+
+    The migrations' env.py takes the connection from ``config.attributes["connection"]``.
+    """
     config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("script_location", str(migrations))
     with engine.begin() as connection:
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
