@@ -1,0 +1,3 @@
+from services.paramserver.main import main
+
+main()

@@ -1,0 +1,1 @@
+"""The parameter server's gRPC surface: a thin servicer and the proto <-> domain conversions."""

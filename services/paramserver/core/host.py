@@ -1,0 +1,544 @@
+"""What one parameter-server process serves: at most one training job's shard, from init to checkpoints.
+
+:class:`ShardHost` is the core behind the gRPC servicer: it validates a job's configuration, builds
+(or restores) the shard's :class:`ShardState`, decodes pushed gradients, answers pulls once the
+consistency mode allows, and writes checkpoints to ``<checkpoint_dir>/<job_id>/shard-<i>.safetensors``.
+
+Everything runs on one asyncio event loop (as :class:`ShardState` requires); only building the
+initial model and disk I/O go to threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+import torch
+
+from services.paramserver.core.consistency import MODES, ConsistencyGate
+from services.paramserver.core.optim import Optimizer, make_optimizer
+from services.paramserver.core.shard import ShardState, should_checkpoint
+from shared.artifacts import ArtifactError, Manifest, build_model
+from shared.compression import CODECS, Encoded, EncodingError, decode
+from shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unavailable
+from shared.names import check_name
+from shared.sharding import ShardPlan, plan_shards
+
+__all__ = [
+    "DEFAULT_MAX_PIECE_ELEMENTS",
+    "MAX_WIRE_BYTES_PER_ELEMENT",
+    "CheckpointResult",
+    "InitResult",
+    "PullResult",
+    "PushResult",
+    "ShardConfig",
+    "ShardHost",
+    "ShardStatus",
+    "checkpoint_path",
+    "optimizer_arguments",
+    "param_shapes",
+    "schedule_arguments",
+]
+
+log = structlog.get_logger("maas.paramserver")
+
+#: Pieces are at most this many elements when the config says 0 (4 MB of float32).
+DEFAULT_MAX_PIECE_ELEMENTS = 1_000_000
+
+#: The most bytes any codec puts on the wire per element: top-k at ratio 1 sends an int32 index and a
+#: float32 value (int8 with one-element buckets sends 5). Bounds what a push may declare.
+MAX_WIRE_BYTES_PER_ELEMENT = 8
+_WIRE_SLACK_BYTES = 64
+
+# Hyperparameters travel as doubles; these are booleans (0 or 1) for make_optimizer.
+_BOOL_HPARAMS = ("nesterov", "amsgrad", "decoupled_weight_decay")
+# Adam's betas travel as two doubles; a missing one takes torch's default.
+_DEFAULT_BETAS = (0.9, 0.999)
+# Schedule arguments that are step counts (integers) for make_schedule.
+_INT_SCHEDULE_ARGS = ("step_size", "total_steps", "warmup_steps")
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    """One shard's view of a training job (the ``ShardConfig`` message, with parsed model arguments).
+
+    Hyperparameters and schedule arguments are flat numbers as on the wire: ``beta1``/``beta2`` make
+    Adam's ``betas``; ``nesterov``, ``amsgrad`` and ``decoupled_weight_decay`` are 0 or 1. An empty
+    ``schedule`` is a constant rate; ``warmup`` warms up to a constant rate.
+    """
+
+    job_id: str
+    shard_index: int
+    num_shards: int
+    num_workers: int
+    consistency: str
+    architecture: str
+    arguments: Mapping[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    optimizer: str = "sgd"
+    hyperparameters: Mapping[str, float] = field(default_factory=dict)
+    schedule: str = ""
+    schedule_arguments: Mapping[str, float] = field(default_factory=dict)
+    staleness: int = 0
+    checkpoint_dir: str = ""
+    checkpoint_interval: int = 0
+    max_piece_elements: int = 0
+
+
+@dataclass(frozen=True)
+class InitResult:
+    restored: bool
+    step: int
+    incarnation: str
+    keys: list[str]
+    plan_fingerprint: str
+
+
+@dataclass(frozen=True)
+class PushResult:
+    bytes_received: int
+    duplicate: bool
+
+
+@dataclass(frozen=True)
+class PullResult:
+    incarnation: str
+    step: int
+    #: Piece key -> (version, flat float32 copy) for every piece whose version the caller lacks.
+    tensors: dict[str, tuple[int, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class CheckpointResult:
+    step: int
+    path: str
+
+
+@dataclass(frozen=True)
+class ShardStatus:
+    job_id: str
+    shard_index: int
+    step: int
+    worker_clocks: dict[int, int]
+    parameters: int
+    bytes_received: int
+    last_checkpoint_step: int
+    incarnation: str
+    last_checkpoint_error: str | None = None
+
+
+def _describe(value: str) -> str:
+    return repr(value if len(value) <= 64 else value[:61] + "...")
+
+
+def _int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InvalidArgument.field(name, f"must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _integral(value: float) -> int | float:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def optimizer_arguments(hyperparameters: Mapping[str, float]) -> dict[str, Any]:
+    """Wire hyperparameters (flat doubles) as :func:`make_optimizer` keyword arguments.
+
+    Raises:
+        InvalidArgument: If a boolean hyperparameter is not 0 or 1.
+    """
+    kwargs: dict[str, Any] = {}
+    for name, value in hyperparameters.items():
+        if name in _BOOL_HPARAMS:
+            if value not in (0, 1):
+                raise InvalidArgument.field(
+                    f"config.optimizer.hyperparameters[{name}]", f"must be 0 or 1, got {value!r}"
+                )
+            kwargs[name] = bool(value)
+        elif name not in ("beta1", "beta2"):
+            kwargs[name] = value
+    if "beta1" in hyperparameters or "beta2" in hyperparameters:
+        kwargs["betas"] = (
+            hyperparameters.get("beta1", _DEFAULT_BETAS[0]),
+            hyperparameters.get("beta2", _DEFAULT_BETAS[1]),
+        )
+    return kwargs
+
+
+def schedule_arguments(kind: str, arguments: Mapping[str, float]) -> dict[str, Any] | None:
+    """A :func:`make_schedule` config for the wire's schedule name and flat arguments (None: constant)."""
+    if not kind:
+        if arguments:
+            raise InvalidArgument.field("config.optimizer.schedule_arguments", "given without a schedule")
+        return None
+    if "kind" in arguments:
+        raise InvalidArgument.field("config.optimizer.schedule_arguments", "'kind' is the schedule field")
+    params: dict[str, Any] = {
+        name: _integral(value) if name in _INT_SCHEDULE_ARGS else value for name, value in arguments.items()
+    }
+    return {**params, "kind": kind}
+
+
+def build_optimizer(config: ShardConfig) -> Optimizer:
+    """The config's optimizer, validated.
+
+    Raises:
+        InvalidArgument: On an unknown optimizer, schedule or hyperparameter, or a value out of range.
+    """
+    schedule = schedule_arguments(config.schedule, config.schedule_arguments)
+    return make_optimizer(config.optimizer, schedule=schedule, **optimizer_arguments(config.hyperparameters))
+
+
+def param_shapes(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of the floating-point tensors of a state dict: what the parameter server holds."""
+    return {name: tuple(t.shape) for name, t in state.items() if t.is_floating_point()}
+
+
+def checkpoint_path(root: Path, config: ShardConfig) -> Path:
+    """Where the shard's checkpoint lives: ``<checkpoint_dir>/<job_id>/shard-<index>.safetensors``.
+
+    A relative (or empty) ``checkpoint_dir`` resolves inside ``root`` and may not leave it; an absolute
+    one (shared storage) must be normalised. The job id is a validated name, so it adds one plain
+    path component.
+
+    Raises:
+        InvalidArgument: On a bad job id or a checkpoint_dir that escapes ``root`` or is not normalised.
+    """
+    check_name(config.job_id, "config.job_id")
+    raw = config.checkpoint_dir
+    if "\x00" in raw:
+        raise InvalidArgument.field("config.checkpoint_dir", "must not contain NUL characters")
+    path = Path(raw)
+    if ".." in path.parts:
+        raise InvalidArgument.field("config.checkpoint_dir", f"{_describe(raw)} must not contain '..'")
+    if path.is_absolute():
+        base = path
+    else:
+        top = root.resolve()
+        base = (top / path).resolve()
+        if not base.is_relative_to(top):
+            raise InvalidArgument.field(
+                "config.checkpoint_dir", f"{_describe(raw)} resolves outside the checkpoint root {top}"
+            )
+    return base / config.job_id / f"shard-{config.shard_index}.safetensors"
+
+
+def _validate(config: ShardConfig) -> tuple[Optimizer, Manifest]:
+    check_name(config.job_id, "config.job_id")
+    num_shards = _int("config.num_shards", config.num_shards, 1)
+    index = _int("config.shard_index", config.shard_index, 0)
+    if index >= num_shards:
+        raise InvalidArgument.field("config.shard_index", f"must be in [0, {num_shards}), got {index}")
+    _int("config.num_workers", config.num_workers, 1)
+    if config.consistency not in MODES:
+        raise InvalidArgument.field(
+            "config.consistency", f"unknown consistency {config.consistency!r}; expected one of {list(MODES)}"
+        )
+    staleness = _int("config.staleness", config.staleness, 0)
+    if config.consistency != "ssp" and staleness:
+        raise InvalidArgument.field(
+            "config.staleness", f"only applies to ssp, got {staleness} for {config.consistency}"
+        )
+    _int("config.checkpoint_interval", config.checkpoint_interval, 0)
+    _int("config.max_piece_elements", config.max_piece_elements, 0)
+    if isinstance(config.seed, bool) or not isinstance(config.seed, int) or not -(2**63) <= config.seed < 2**63:
+        raise InvalidArgument.field("config.model.seed", f"must be a 64-bit integer, got {config.seed!r}")
+    if not config.architecture:
+        raise InvalidArgument.field("config.model.architecture", "must name a zoo architecture")
+    if not isinstance(config.arguments, Mapping):
+        raise InvalidArgument.field("config.model.arguments_json", "must be a JSON object")
+    try:
+        manifest = Manifest.for_model(config.architecture, dict(config.arguments))
+    except ArtifactError as exc:
+        raise InvalidArgument.field("config.model", str(exc)) from None
+    try:
+        optimizer = build_optimizer(config)
+    except InvalidArgument as exc:
+        # Name the config field: make_optimizer's messages name only the hyperparameter.
+        raise InvalidArgument(f"config.optimizer: {exc.message}", violations=exc.violations) from None
+    return optimizer, manifest
+
+
+def _plan(shapes: Mapping[str, tuple[int, ...]], config: ShardConfig) -> ShardPlan:
+    return plan_shards(shapes, config.num_shards, config.max_piece_elements or DEFAULT_MAX_PIECE_ELEMENTS)
+
+
+def _initial_params(manifest: Manifest, seed: int) -> dict[str, torch.Tensor]:
+    # The same values every worker gets from torch.manual_seed(seed); build_model(manifest); forking the
+    # RNG keeps this process's global generator where it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            model = build_model(manifest)
+        except ArtifactError as exc:
+            raise InvalidArgument.field("config.model", str(exc)) from None
+    return {name: t for name, t in model.state_dict().items() if t.is_floating_point()}
+
+
+@dataclass
+class _Job:
+    config: ShardConfig
+    state: ShardState
+    plan: ShardPlan
+    path: Path
+    restored: bool
+    numels: dict[str, int]
+    last_checkpoint_step: int = 0
+    checkpoint_due: int = 0
+    last_checkpoint_error: str | None = None
+    bytes_received: int = 0
+    checkpoint_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def result(self) -> InitResult:
+        return InitResult(
+            restored=self.restored,
+            step=self.state.step,
+            incarnation=self.state.incarnation,
+            keys=self.state.keys,
+            plan_fingerprint=self.plan.fingerprint(),
+        )
+
+
+def _load(config: ShardConfig, optimizer: Optimizer, manifest: Manifest, path: Path) -> _Job:
+    """Builds or restores the shard (blocking: runs on a thread)."""
+    if path.is_file():
+        shapes = param_shapes(build_model(manifest, "meta").state_dict())
+        plan = _plan(shapes, config)
+        state = ShardState.restore(path)
+        _check_restored(state, plan, config, optimizer, path)
+        restored, step = True, state.step
+    else:
+        params = _initial_params(manifest, config.seed)
+        plan = _plan(param_shapes(params), config)
+        gate = ConsistencyGate(config.consistency, config.num_workers, config.staleness)
+        state = ShardState.from_plan(plan, config.shard_index, params, optimizer, gate)
+        restored, step = False, 0
+    numels = {p.key: p.numel for p in plan.for_shard(config.shard_index)}
+    return _Job(config, state, plan, path, restored, numels, last_checkpoint_step=step, checkpoint_due=step)
+
+
+def _check_restored(state: ShardState, plan: ShardPlan, config: ShardConfig, optimizer: Optimizer, path: Path) -> None:
+    expected = {p.key: p.numel for p in plan.for_shard(config.shard_index)}
+    values = state.values()
+    if {k: v.numel() for k, v in values.items()} != expected:
+        raise FailedPrecondition(
+            f"checkpoint {path} holds other pieces than shard {config.shard_index} of {config.num_shards} of "
+            f"this model: was it written for another model, shard count or max_piece_elements?"
+        )
+    gate = state.gate
+    if (gate.mode, gate.num_workers, gate.staleness) != (config.consistency, config.num_workers, config.staleness):
+        raise FailedPrecondition(
+            f"checkpoint {path} was written for {gate.mode} with {gate.num_workers} workers and staleness "
+            f"{gate.staleness}, the config asks for {config.consistency} with {config.num_workers} and "
+            f"{config.staleness}"
+        )
+    if optimizer.name != state.optimizer.name:
+        raise FailedPrecondition(
+            f"checkpoint {path} holds {state.optimizer.name} state, the config asks for {optimizer.name}"
+        )
+    # The config's hyperparameters and schedule govern from here on (e.g. a lowered rate on resume);
+    # the optimizer state carries over.
+    optimizer.import_state(state.optimizer.export_state())
+    state.optimizer = optimizer
+
+
+class ShardHost:
+    """Holds at most one job's shard and serves it.
+
+    Args:
+        checkpoint_root: Directory that relative ``checkpoint_dir`` values resolve inside.
+        pull_timeout_s: How long a pull waits for slower workers when the caller sets no wait.
+    """
+
+    def __init__(self, checkpoint_root: str | os.PathLike[str], *, pull_timeout_s: float = 300.0) -> None:
+        if not pull_timeout_s > 0:
+            raise InvalidArgument.field("pull_timeout_s", f"must be > 0, got {pull_timeout_s!r}")
+        self.checkpoint_root = Path(checkpoint_root)
+        self.pull_timeout_s = pull_timeout_s
+        self._job: _Job | None = None
+        self._init_lock = asyncio.Lock()
+
+    @property
+    def job_id(self) -> str | None:
+        return None if self._job is None else self._job.config.job_id
+
+    def _require(self, job_id: str) -> _Job:
+        job = self._job
+        if job is None or job.config.job_id != job_id:
+            raise FailedPrecondition(f"shard not initialised for job {_describe(job_id)}")
+        return job
+
+    def check_job(self, job_id: str) -> None:
+        """Raises FailedPrecondition unless this shard holds ``job_id``."""
+        self._require(job_id)
+
+    def push_limits(self, job_id: str) -> dict[str, int]:
+        """Piece key -> the most payload bytes a push may declare for it (any codec)."""
+        job = self._require(job_id)
+        return {key: numel * MAX_WIRE_BYTES_PER_ELEMENT + _WIRE_SLACK_BYTES for key, numel in job.numels.items()}
+
+    async def init(self, config: ShardConfig) -> InitResult:
+        """Takes ``config``'s job: restores its checkpoint if there is one, else builds the seeded model.
+
+        Idempotent: the same config again reports the state the shard has.
+
+        Raises:
+            InvalidArgument: On an invalid config.
+            FailedPrecondition: If the shard holds another job, or this job with another config, or the
+                checkpoint does not fit the config.
+        """
+        check_name(config.job_id, "config.job_id")
+        async with self._init_lock:
+            job = self._job
+            if job is not None:
+                if job.config.job_id != config.job_id:
+                    raise FailedPrecondition(
+                        f"shard already holds job {_describe(job.config.job_id)}; start another shard for job "
+                        f"{_describe(config.job_id)}"
+                    )
+                if job.config != config:
+                    changed = [
+                        f.name
+                        for f in dataclasses.fields(ShardConfig)
+                        if getattr(job.config, f.name) != getattr(config, f.name)
+                    ]
+                    raise FailedPrecondition(
+                        f"shard already holds job {_describe(config.job_id)} with another configuration "
+                        f"(differs in {', '.join(changed)})"
+                    )
+                return job.result()
+            optimizer, manifest = _validate(config)
+            path = checkpoint_path(self.checkpoint_root, config)
+            self._job = await asyncio.to_thread(_load, config, optimizer, manifest, path)
+            return self._job.result()
+
+    async def push(self, job_id: str, worker: int, step: int, encoded: Mapping[str, Encoded]) -> PushResult:
+        """Decodes and applies one worker's gradients for ``step``; a retried step is a duplicate.
+
+        Raises:
+            FailedPrecondition: If the shard does not hold the job, the worker was removed, or (BSP) it
+                pushes ahead of the step being collected.
+            InvalidArgument: On a bad worker or step, an unknown key, or a malformed, wrong-sized or
+                non-finite gradient. Nothing is applied then.
+        """
+        job = self._require(job_id)
+        job.state.gate.check_worker(worker)
+        grads: dict[str, torch.Tensor] = {}
+        received = 0
+        for key, tensor in encoded.items():
+            numel = job.numels.get(key)
+            if numel is None:
+                raise InvalidArgument.field(key, f"is not a piece of shard {job.config.shard_index}")
+            if tensor.codec not in CODECS:
+                raise InvalidArgument.field(key, f"unknown codec {tensor.codec!r}; known codecs: {', '.join(CODECS)}")
+            try:
+                grads[key] = decode(tensor, expected_shape=(numel,))
+            except EncodingError as exc:
+                raise InvalidArgument.field(key, str(exc)) from None
+            received += tensor.nbytes
+        job.bytes_received += received
+        try:
+            await job.state.apply(worker, step, grads)
+        except AlreadyExists:
+            return PushResult(bytes_received=received, duplicate=True)
+        await self._periodic_checkpoint(job)
+        return PushResult(bytes_received=received, duplicate=False)
+
+    async def pull(
+        self,
+        job_id: str,
+        worker: int,
+        step: int,
+        versions: Mapping[str, int],
+        incarnation: str = "",
+        timeout: float | None = None,
+    ) -> PullResult:
+        """Waits until ``worker`` may read for ``step``, then returns the pieces whose version it lacks.
+
+        Args:
+            versions: Piece key -> version the worker holds.
+            incarnation: The incarnation those versions came from; another one (or none) gets everything.
+            timeout: Seconds to wait for slower workers; None or 0 waits the host's default.
+
+        Raises:
+            FailedPrecondition: If the shard does not hold the job, or the worker is removed or asks for a
+                step beyond its next.
+            InvalidArgument: On a bad worker, step, timeout or a key not on this shard.
+            DeadlineExceeded: If slower workers do not catch up in time (the message names them).
+        """
+        job = self._require(job_id)
+        unknown = sorted(set(versions) - set(job.numels))
+        if unknown:
+            raise InvalidArgument.field("versions", f"keys not on shard {job.config.shard_index}: {unknown[:5]}")
+        if timeout is not None and (not math.isfinite(timeout) or timeout < 0):
+            raise InvalidArgument.field("wait_timeout_s", f"must be a finite number >= 0, got {timeout!r}")
+        await job.state.gate.wait_to_read(worker, step, timeout or self.pull_timeout_s)
+        tensors = job.state.changed_since(versions, incarnation)
+        return PullResult(incarnation=job.state.incarnation, step=job.state.step, tensors=tensors)
+
+    async def replace_worker(self, job_id: str, worker: int) -> int:
+        """(Re)admits ``worker``; returns the step it should compute next."""
+        return self._require(job_id).state.replace_worker(worker)
+
+    async def checkpoint(self, job_id: str) -> CheckpointResult:
+        """Writes the shard's checkpoint now.
+
+        Raises:
+            Unavailable: If the file cannot be written (the message says why; retry later).
+        """
+        job = self._require(job_id)
+        step = await self._write_checkpoint(job)
+        return CheckpointResult(step=step, path=str(job.path))
+
+    async def status(self, job_id: str) -> ShardStatus:
+        job = self._require(job_id)
+        return ShardStatus(
+            job_id=job.config.job_id,
+            shard_index=job.config.shard_index,
+            step=job.state.step,
+            worker_clocks=job.state.gate.clocks(),
+            parameters=sum(job.numels.values()),
+            bytes_received=job.bytes_received,
+            last_checkpoint_step=job.last_checkpoint_step,
+            incarnation=job.state.incarnation,
+            last_checkpoint_error=job.last_checkpoint_error,
+        )
+
+    async def close(self) -> None:
+        """Waits for a checkpoint being written to finish."""
+        if self._job is not None:
+            async with self._job.checkpoint_lock:
+                pass
+
+    async def _periodic_checkpoint(self, job: _Job) -> None:
+        step = job.state.step
+        if step <= job.checkpoint_due or not should_checkpoint(step, job.config.checkpoint_interval):
+            return
+        job.checkpoint_due = step
+        try:
+            await self._write_checkpoint(job)
+        except Unavailable as exc:
+            # The push itself was applied; the next interval tries again and status reports the error.
+            log.warning("checkpoint_failed", job_id=job.config.job_id, step=step, error=exc.message)
+
+    async def _write_checkpoint(self, job: _Job) -> int:
+        # One writer at a time, so an older snapshot never lands after a newer one.
+        async with job.checkpoint_lock:
+            try:
+                await asyncio.to_thread(job.path.parent.mkdir, parents=True, exist_ok=True)
+                # checkpoint_async snapshots before its first await: this is the step it saves.
+                step = job.state.step
+                await job.state.checkpoint_async(job.path)
+            except OSError as exc:
+                job.last_checkpoint_error = f"{type(exc).__name__}: {exc.strerror or exc}"
+                raise Unavailable(f"could not write checkpoint {job.path}: {exc.strerror or exc}") from None
+            job.last_checkpoint_step = step
+            job.last_checkpoint_error = None
+            return step

@@ -1,0 +1,97 @@
+"""The parameter server's composition root: settings, logging, tracing, metrics, shard host, server.
+
+``python -m services.paramserver`` serves one shard; the scheduler runs the same :func:`start` inside a
+Ray actor and hands the bound port to the job's workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from maas.paramserver.v1 import paramserver_pb2, paramserver_pb2_grpc
+
+from services.paramserver.api.servicer import ParamServerServicer
+from services.paramserver.core.host import ShardHost
+from services.paramserver.settings import ParamServerSettings
+from shared.grpc.server import ServiceServer, start_server
+from shared.logging import configure_logging
+from shared.metrics import RpcMetrics, serve_metrics
+from shared.tracing import configure_tracing
+
+SERVICE_NAME = paramserver_pb2.DESCRIPTOR.services_by_name["ParameterServer"].full_name
+log = structlog.get_logger("maas.paramserver")
+
+
+@dataclass
+class RunningShard:
+    server: ServiceServer
+    host: ShardHost
+    metrics_port: int
+
+    grace_s: float = 10.0
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain in-flight RPCs for ``grace`` seconds (default: the settings'), then close."""
+        await self.server.stop(self.grace_s if grace is None else grace)
+
+
+async def start(settings: ParamServerSettings) -> RunningShard:
+    """Start one shard server with ``settings``; also what tests and the scheduler's actors call."""
+    configure_tracing("paramserver", settings.otel_exporter, settings.otel_endpoint)
+    host = ShardHost(settings.checkpoint_root(), pull_timeout_s=settings.paramserver_pull_timeout_s)
+    metrics = RpcMetrics.create()
+    metrics_host, _, metrics_port = settings.paramserver_metrics_address.rpartition(":")
+    metrics_server, bound_metrics_port = serve_metrics(metrics.registry, metrics_host, int(metrics_port))
+    servicer = ParamServerServicer(host)
+    try:
+        server = await start_server(
+            settings,
+            settings.paramserver_address,
+            [lambda s: paramserver_pb2_grpc.add_ParameterServerServicer_to_server(servicer, s)],
+            [SERVICE_NAME],
+            metrics=metrics,
+        )
+    except BaseException:
+        metrics_server.shutdown()  # type: ignore[attr-defined]
+        raise
+
+    async def close() -> None:
+        await host.close()
+        # shutdown() waits out the HTTP server's poll interval: not on the event loop.
+        await asyncio.to_thread(metrics_server.shutdown)  # type: ignore[attr-defined]
+
+    server.on_close.append(close)
+    return RunningShard(server=server, host=host, metrics_port=bound_metrics_port, grace_s=settings.shutdown_grace_s)
+
+
+async def hosted(options: dict[str, Any]) -> RunningShard:
+    """The entry point a scheduler's service-host actor calls (``services.paramserver.main:hosted``).
+
+    ``options`` holds settings fields (e.g. ``{"home": ..., "paramserver_checkpoint_root": ...}``; the
+    rest come from ``MAAS_*`` variables); ``bind_host="node"`` listens on every interface so workers
+    on other nodes can reach the shard.
+    """
+    fields = {name: value for name, value in options.items() if name in ParamServerSettings.model_fields}
+    if options.get("bind_host") == "node" and "paramserver_address" not in fields:
+        fields["paramserver_address"] = "0.0.0.0:0"
+    settings = ParamServerSettings(**fields)
+    return await start(settings)
+
+
+async def serve(settings: ParamServerSettings) -> None:
+    running = await start(settings)
+    log.info("paramserver_ready", port=running.port, metrics_port=running.metrics_port)
+    await running.server.wait_for_signal(settings.shutdown_grace_s)
+
+
+def main() -> None:
+    settings = ParamServerSettings()
+    configure_logging("paramserver", settings.log_level, settings.log_format)
+    asyncio.run(serve(settings))
