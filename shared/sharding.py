@@ -252,3 +252,17 @@ def plan_shards(
         for name, index, start, stop in cuts
     ]
     return ShardPlan(num_shards=num_shards, shapes=shapes, pieces=pieces)
+
+
+#: Pieces of at most this many float32 elements (4 MB) fit one 4 MiB message each way.
+DEFAULT_MAX_PIECE_ELEMENTS = 1_000_000
+
+
+def param_shapes(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of the floating-point tensors of a state dict: what the parameter server holds."""
+    return {name: tuple(t.shape) for name, t in state.items() if t.is_floating_point()}
+
+
+def plan_for_state(state: Mapping[str, torch.Tensor], num_shards: int, max_piece_elements: int = 0) -> ShardPlan:
+    """The plan every worker and shard of a job computes from the model's state dict."""
+    return plan_shards(param_shapes(state), num_shards, max_piece_elements or DEFAULT_MAX_PIECE_ELEMENTS)

@@ -20,7 +20,6 @@ import grpc
 import torch
 from maas.paramserver.v1 import paramserver_pb2 as pb
 from maas.paramserver.v1 import paramserver_pb2_grpc
-from torch import nn
 
 from shared.artifacts import ArtifactError, Manifest, build_model
 from shared.compression import CODECS, Encoded, EncodingError, decode
@@ -28,10 +27,9 @@ from shared.errors import Internal, InvalidArgument
 from shared.grpc.channel import make_channel
 from shared.grpc.status import from_rpc_error
 from shared.settings import CommonSettings, MiB
-from shared.sharding import ShardPlan, plan_shards
+from shared.sharding import ShardPlan, plan_for_state
 
 __all__ = [
-    "DEFAULT_MAX_PIECE_ELEMENTS",
     "MAX_BLOB_BYTES",
     "SERVICE",
     "ParamServerClient",
@@ -40,7 +38,6 @@ __all__ = [
     "TensorAssembler",
     "frame_tensor",
     "frame_tensors",
-    "model_shapes",
     "plan_for_job",
 ]
 
@@ -50,7 +47,6 @@ SERVICE = pb.DESCRIPTOR.services_by_name["ParameterServer"]
 MAX_BLOB_BYTES = 4 * MiB
 
 #: What a ShardConfig's max_piece_elements of 0 means (must match the shard's default).
-DEFAULT_MAX_PIECE_ELEMENTS = 1_000_000
 
 
 def frame_tensor(
@@ -194,11 +190,6 @@ class TensorAssembler:
         return tensors, versions
 
 
-def model_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of the model's floating-point state: what the parameter server holds."""
-    return {name: tuple(t.shape) for name, t in model.state_dict().items() if t.is_floating_point()}
-
-
 def plan_for_job(config: pb.ShardConfig) -> ShardPlan:
     """The plan every shard of the job computes (compare :meth:`ShardPlan.fingerprint` with InitShard's).
 
@@ -211,7 +202,7 @@ def plan_for_job(config: pb.ShardConfig) -> ShardPlan:
         model = build_model(manifest, "meta")
     except (ValueError, ArtifactError) as exc:
         raise InvalidArgument.field("config.model", str(exc)) from None
-    return plan_shards(model_shapes(model), config.num_shards, config.max_piece_elements or DEFAULT_MAX_PIECE_ELEMENTS)
+    return plan_for_state(model.state_dict(), config.num_shards, config.max_piece_elements)
 
 
 @dataclass(frozen=True)

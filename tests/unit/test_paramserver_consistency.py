@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from services.paramserver.core.consistency import Aggregator, ConsistencyGate
-from services.paramserver.core.optim import make_optimizer
 from services.paramserver.core.shard import ShardState
 from shared.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, InvalidArgument
+from shared.optim.optimizers import make_optimizer
 
 KEYS = ("w#0", "b#0")
 

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from services.paramserver.core.consistency import ConsistencyGate
-from services.paramserver.core.optim import Optimizer, OptimizerState, make_optimizer, optimizer_from_config
-from services.paramserver.core.schedules import Constant, Cosine, StepDecay, Warmup, make_schedule
 from services.paramserver.core.shard import ShardState
 from shared.errors import InvalidArgument
+from shared.optim.optimizers import Optimizer, OptimizerState, make_optimizer, optimizer_from_config
+from shared.optim.schedules import Constant, Cosine, StepDecay, Warmup, make_schedule
 from shared.sharding import plan_shards
 
 STEPS = 20

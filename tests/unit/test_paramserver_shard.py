@@ -11,9 +11,9 @@ import torch
 
 from services.paramserver.core import checkpoint as checkpoint_module
 from services.paramserver.core.consistency import ConsistencyGate
-from services.paramserver.core.optim import make_optimizer
 from services.paramserver.core.shard import ShardState, should_checkpoint
 from shared.errors import InvalidArgument, NotFound
+from shared.optim.optimizers import make_optimizer
 from shared.sharding import plan_shards
 
 

@@ -23,16 +23,15 @@ import structlog
 import torch
 
 from services.paramserver.core.consistency import MODES, ConsistencyGate
-from services.paramserver.core.optim import Optimizer, make_optimizer
 from services.paramserver.core.shard import ShardState, should_checkpoint
 from shared.artifacts import ArtifactError, Manifest, build_model
 from shared.compression import CODECS, Encoded, EncodingError, decode
 from shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unavailable
 from shared.names import check_name
-from shared.sharding import ShardPlan, plan_shards
+from shared.optim.optimizers import Optimizer, make_optimizer
+from shared.sharding import ShardPlan, plan_for_state
 
 __all__ = [
-    "DEFAULT_MAX_PIECE_ELEMENTS",
     "MAX_WIRE_BYTES_PER_ELEMENT",
     "CheckpointResult",
     "InitResult",
@@ -43,14 +42,12 @@ __all__ = [
     "ShardStatus",
     "checkpoint_path",
     "optimizer_arguments",
-    "param_shapes",
     "schedule_arguments",
 ]
 
 log = structlog.get_logger("maas.paramserver")
 
 #: Pieces are at most this many elements when the config says 0 (4 MB of float32).
-DEFAULT_MAX_PIECE_ELEMENTS = 1_000_000
 
 #: The most bytes any codec puts on the wire per element: top-k at ratio 1 sends an int32 index and a
 #: float32 value (int8 with one-element buckets sends 5). Bounds what a push may declare.
@@ -196,11 +193,6 @@ def build_optimizer(config: ShardConfig) -> Optimizer:
     return make_optimizer(config.optimizer, schedule=schedule, **optimizer_arguments(config.hyperparameters))
 
 
-def param_shapes(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of the floating-point tensors of a state dict: what the parameter server holds."""
-    return {name: tuple(t.shape) for name, t in state.items() if t.is_floating_point()}
-
-
 def checkpoint_path(root: Path, config: ShardConfig) -> Path:
     """Where the shard's checkpoint lives: ``<checkpoint_dir>/<job_id>/shard-<index>.safetensors``.
 
@@ -266,10 +258,6 @@ def _validate(config: ShardConfig) -> tuple[Optimizer, Manifest]:
     return optimizer, manifest
 
 
-def _plan(shapes: Mapping[str, tuple[int, ...]], config: ShardConfig) -> ShardPlan:
-    return plan_shards(shapes, config.num_shards, config.max_piece_elements or DEFAULT_MAX_PIECE_ELEMENTS)
-
-
 def _initial_params(manifest: Manifest, seed: int) -> dict[str, torch.Tensor]:
     # The same values every worker gets from torch.manual_seed(seed); build_model(manifest); forking the
     # RNG keeps this process's global generator where it was.
@@ -309,14 +297,13 @@ class _Job:
 def _load(config: ShardConfig, optimizer: Optimizer, manifest: Manifest, path: Path) -> _Job:
     """Builds or restores the shard (blocking: runs on a thread)."""
     if path.is_file():
-        shapes = param_shapes(build_model(manifest, "meta").state_dict())
-        plan = _plan(shapes, config)
+        plan = plan_for_state(build_model(manifest, "meta").state_dict(), config.num_shards, config.max_piece_elements)
         state = ShardState.restore(path)
         _check_restored(state, plan, config, optimizer, path)
         restored, step = True, state.step
     else:
         params = _initial_params(manifest, config.seed)
-        plan = _plan(param_shapes(params), config)
+        plan = plan_for_state(params, config.num_shards, config.max_piece_elements)
         gate = ConsistencyGate(config.consistency, config.num_workers, config.staleness)
         state = ShardState.from_plan(plan, config.shard_index, params, optimizer, gate)
         restored, step = False, 0

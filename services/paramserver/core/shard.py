@@ -25,8 +25,8 @@ import torch
 
 from services.paramserver.core.checkpoint import read_checkpoint, should_checkpoint, write_checkpoint
 from services.paramserver.core.consistency import AggregatedStep, Aggregator, ConsistencyGate
-from services.paramserver.core.optim import Optimizer, OptimizerState, optimizer_from_config
 from shared.errors import AlreadyExists, InvalidArgument
+from shared.optim.optimizers import Optimizer, OptimizerState, optimizer_from_config
 from shared.sharding import ShardPlan
 
 __all__ = ["ShardState", "should_checkpoint"]
@@ -230,7 +230,7 @@ class ShardState:
         tensors.update({_OPTIM + name: t for name, t in state.tensors.items()})
         document = {
             "step": self.step,
-            "versions": self._versions,
+            "versions": dict(self._versions),
             "optimizer": self.optimizer.config(),
             "optimizer_steps": state.steps,
             "consistency": {

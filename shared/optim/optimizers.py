@@ -16,8 +16,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from services.paramserver.core.schedules import Constant, Schedule, schedule_from_config
 from shared.errors import InvalidArgument
+from shared.optim.schedules import Constant, Schedule, schedule_from_config
 
 __all__ = ["SGD", "Adam", "Optimizer", "OptimizerState", "make_optimizer", "optimizer_from_config"]
 

@@ -1,0 +1,43 @@
+"""The one Ray actor class the scheduler creates: it hosts a service's gRPC server inside the actor.
+
+The service is named by an entry point string (``"services.paramserver.main:hosted"``), the way ``maas up``
+names a module to run: the scheduler never imports another service, it only knows where each one starts.
+The entry point is ``async def hosted(options: dict) -> Hosted`` (an object with ``port`` and ``async
+stop()``). Health has its own concurrency group so that a busy service cannot starve the scheduler's
+liveness checks.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any
+
+import ray
+
+
+# Ray's stubs lack the concurrency_groups overload that its runtime accepts.
+@ray.remote(concurrency_groups={"health": 1})  # type: ignore[call-overload]
+class ServiceHost:
+    """Starts one service in this actor's process and reports where it listens."""
+
+    def __init__(self) -> None:
+        self._hosted: Any = None
+
+    async def start(self, entrypoint: str, options: dict[str, Any], env: dict[str, str]) -> str:
+        """Start the service; returns ``host:port`` reachable from other nodes."""
+        os.environ.update(env)
+        module_name, _, function = entrypoint.partition(":")
+        factory = getattr(importlib.import_module(module_name), function)
+        self._hosted = await factory(options)
+        host = ray.util.get_node_ip_address() if options.get("bind_host") == "node" else "127.0.0.1"
+        return f"{host}:{self._hosted.port}"
+
+    async def stop(self) -> None:
+        if self._hosted is not None:
+            await self._hosted.stop()
+            self._hosted = None
+
+    @ray.method(concurrency_group="health")
+    async def ping(self) -> bool:
+        return self._hosted is not None
