@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, arrays
 
 from shared.compression import CODECS, DTYPES, LEVELS, MAX_NUMEL, Encoded, EncodingError, decode, get_codec
-from shared.compression.topk import topk_count
+from shared.compression.topk import index_type, topk_count
 from shared.compression.wire import tensor_from_bytes, tensor_to_bytes
 
 
@@ -133,8 +133,9 @@ def test_int8_is_unbiased() -> None:
 
 
 def _sent(encoded: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
-    p, k = encoded.payload, len(encoded.payload["indices"]) // 4
-    return tensor_from_bytes(p["indices"], "int32", (k,)).long(), tensor_from_bytes(p["values"], "float32", (k,))
+    dtype, width = index_type(math.prod(encoded.shape))
+    p, k = encoded.payload, len(encoded.payload["indices"]) // width
+    return tensor_from_bytes(p["indices"], dtype, (k,)).long(), tensor_from_bytes(p["values"], "float32", (k,))
 
 
 def test_topk_sends_exactly_k_largest_entries_and_is_50x_smaller() -> None:
@@ -147,6 +148,13 @@ def test_topk_sends_exactly_k_largest_entries_and_is_50x_smaller() -> None:
     assert torch.equal(values, grad.view(-1)[indices])
     out = decode(encoded)
     assert int(out.count_nonzero()) == 1000 and torch.equal(out.view(-1)[indices], values)
+
+
+def test_topk_uses_narrow_indices_for_small_tensors() -> None:
+    small, large = _encode("topk", _randn(100, 300)), _encode("topk", _randn(200, 200))
+    assert len(small.payload["indices"]) == 2 * 300 and small.nbytes == 6 * 300
+    assert len(large.payload["indices"]) == 4 * 400 and large.nbytes == 8 * 400
+    assert int(decode(small).count_nonzero()) == 300
 
 
 def test_topk_error_feedback_carries_the_residual() -> None:
@@ -238,12 +246,12 @@ _INVALID = [
     (_with_payload("int8", scales=_raw(torch.tensor([float("inf")]))), "non-finite"),
     (_with_payload("int8", scales=_raw(torch.tensor([-1.0]))), "negative"),
     (_with_payload("int8", q=_raw(torch.full((32,), -128, dtype=torch.int8))), "outside"),
-    (_with_payload("topk", indices=bytes(30)), "multiple of 4"),
+    (_with_payload("topk", indices=bytes(31)), "multiple of 2"),
     (_with_payload("topk", values=bytes(28)), r"'values'.*expected 32"),
-    (_with_payload("topk", indices=_raw(torch.arange(33, dtype=torch.int32)), values=bytes(132)), "33 entries"),
-    (_with_payload("topk", indices=_raw(torch.arange(25, 33, dtype=torch.int32))), "out of range"),
-    (_with_payload("topk", indices=_raw(torch.arange(-1, 7, dtype=torch.int32))), "out of range"),
-    (_with_payload("topk", indices=_raw(torch.zeros(8, dtype=torch.int32))), "duplicate"),
+    (_with_payload("topk", indices=_raw(torch.arange(33, dtype=torch.int16)), values=bytes(132)), "33 entries"),
+    (_with_payload("topk", indices=_raw(torch.arange(25, 33, dtype=torch.int16))), "out of range"),
+    (_with_payload("topk", indices=_raw(torch.arange(-1, 7, dtype=torch.int16))), "out of range"),
+    (_with_payload("topk", indices=_raw(torch.zeros(8, dtype=torch.int16))), "duplicate"),
     (_with_payload("topk", values=_raw(torch.full((8,), float("nan")))), "non-finite"),
     ({"codec": "none"}, "expected an Encoded"),
 ]
