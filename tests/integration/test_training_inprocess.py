@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 from maas.paramserver.v1 import paramserver_pb2 as pb
 
-from shared.clients.paramserver import ParamServerClient
-from shared.datasets import DatasetSpec, validate
 from services.paramserver.main import start
 from services.paramserver.settings import ParamServerSettings
 from services.training.adapters.shards import GrpcShard
 from services.training.core.loop import StepReport
 from services.training.core.worker import WorkerSpec, run_worker
+from shared.clients.paramserver import ParamServerClient
+from shared.datasets import DatasetSpec, validate
 
 pytestmark = pytest.mark.slow
 WORKERS, SHARDS, BATCH, EPOCHS = 2, 2, 32, 40

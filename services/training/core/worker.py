@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from services.training.core.loop import Batches, LoopConfig, Progress, evaluate, final_parameters, run_loop
+from services.training.core.ports import ShardClient
 from shared.artifacts import Manifest, build_model
 from shared.datasets import DatasetSpec, load
 from shared.sharding import plan_for_state
-from services.training.core.loop import Batches, LoopConfig, Progress, evaluate, final_parameters, run_loop
-from services.training.core.ports import ShardClient
 
 
 @dataclass(frozen=True)
