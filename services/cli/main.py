@@ -9,10 +9,12 @@ import typer
 from services.cli.common import console
 from services.cli.models import models_app
 from services.cli.settings import CliSettings
+from services.cli.train import train_app
 from shared.logging import configure_logging
 
 app = typer.Typer(help="maas: train, register, deploy and serve models.", no_args_is_help=True)
 app.add_typer(models_app, name="models", help="Models and versions in the registry.")
+app.add_typer(train_app, name="train", help="Training jobs in the scheduler.")
 
 
 @app.command()

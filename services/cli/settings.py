@@ -11,3 +11,4 @@ class CliSettings(CommonSettings):
     """The same ``MAAS_*`` variables the services read, so one environment drives both."""
 
     registry_address: str = Field("127.0.0.1:7001", description="host:port of the registry.")
+    scheduler_address: str = Field("127.0.0.1:7002", description="host:port of the scheduler.")

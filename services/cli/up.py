@@ -69,7 +69,10 @@ def stop_children(children: list[Child], grace_s: float) -> None:
 async def run_up(settings: CliSettings, quickstart: bool, console: Console) -> None:
     from services.cli.quickstart import run_quickstart
 
-    children = [start_child("registry", "services.registry", settings.registry_address)]
+    children = [
+        start_child("registry", "services.registry", settings.registry_address),
+        start_child("scheduler", "services.scheduler", settings.scheduler_address),
+    ]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -81,8 +84,9 @@ async def run_up(settings: CliSettings, quickstart: bool, console: Console) -> N
         if quickstart:
             await run_quickstart(settings, console)
         console.print(
-            f"\nregistry: {settings.registry_address}   (try: grpcurl -plaintext {settings.registry_address} "
-            "maas.registry.v1.RegistryService/ListModels)\nCtrl-C stops the mesh."
+            f"\nregistry:  {settings.registry_address}   (try: grpcurl -plaintext {settings.registry_address} "
+            "maas.registry.v1.RegistryService/ListModels)"
+            f"\nscheduler: {settings.scheduler_address}   (try: maas train list)\nCtrl-C stops the mesh."
         )
         while not stop.is_set():
             for child in children:

@@ -23,6 +23,7 @@ class ServiceHost:
 
     def __init__(self) -> None:
         self._hosted: Any = None
+        self._address: str | None = None
 
     async def start(self, entrypoint: str, options: dict[str, Any], env: dict[str, str]) -> str:
         """Start the service; returns ``host:port`` reachable from other nodes."""
@@ -31,7 +32,12 @@ class ServiceHost:
         factory = getattr(importlib.import_module(module_name), function)
         self._hosted = await factory(options)
         host = ray.util.get_node_ip_address() if options.get("bind_host") == "node" else "127.0.0.1"
-        return f"{host}:{self._hosted.port}"
+        self._address = f"{host}:{self._hosted.port}"
+        return self._address
+
+    async def address(self) -> str | None:
+        """Where the hosted service listens (None before start): how a restarted scheduler re-attaches."""
+        return self._address
 
     async def stop(self) -> None:
         if self._hosted is not None:

@@ -1,0 +1,211 @@
+"""``maas train``: submit, status, watch, cancel, list training jobs."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+from maas.scheduler.v1 import scheduler_pb2 as pb
+from maas.scheduler.v1 import scheduler_pb2_grpc
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from services.cli.common import console, out, run_async
+from services.cli.settings import CliSettings
+from shared.errors import InvalidArgument
+from shared.grpc.channel import make_channel
+from shared.grpc.status import from_rpc_error
+
+train_app = typer.Typer(no_args_is_help=True)
+TERMINAL = {pb.SUCCEEDED, pb.FAILED, pb.CANCELLED}
+SERVICE = pb.DESCRIPTOR.services_by_name["SchedulerService"]
+
+
+class Scheduler:
+    """The scheduler's stub with domain errors."""
+
+    def __init__(self) -> None:
+        settings = CliSettings()
+        self.channel = make_channel(settings.scheduler_address, settings, [SERVICE])
+        self.stub = scheduler_pb2_grpc.SchedulerServiceStub(self.channel)
+
+    async def call(self, method: str, request: object) -> object:
+        import grpc
+
+        try:
+            return await getattr(self.stub, method)(request)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+def _floats(values: list[str], option: str) -> dict[str, float]:
+    result = {}
+    for value in values:
+        key, sep, number = value.partition("=")
+        try:
+            result[key] = float(number)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise InvalidArgument(f"{option} takes KEY=NUMBER, got {value!r}")
+    return result
+
+
+@train_app.command()
+@run_async
+async def submit(
+    target_model: str = typer.Argument(..., help="Registry model that receives the trained version."),
+    architecture: str = typer.Option("cnn", help="Zoo architecture."),
+    arg: list[str] = typer.Option([], help="Architecture argument KEY=JSON_VALUE."),
+    dataset: str = typer.Option("digits", help="digits, synthetic-classification, synthetic-sequences, text, file."),
+    dataset_option: list[str] = typer.Option([], help="Dataset option KEY=VALUE (e.g. path=data.npz)."),
+    optimizer: str = typer.Option("sgd", help="sgd, adam or adamw."),
+    lr: float = typer.Option(0.05, help="Learning rate."),
+    momentum: float = typer.Option(0.9, help="SGD momentum."),
+    batch_size: int = typer.Option(32),
+    epochs: int = typer.Option(40),
+    workers: int = typer.Option(2),
+    shards: int = typer.Option(2),
+    consistency: str = typer.Option("bsp", help="bsp, asp or ssp."),
+    staleness: int = typer.Option(0, help="SSP staleness bound."),
+    codec: str = typer.Option("none", help="none, fp16, bf16, int8, topk."),
+    codec_option: list[str] = typer.Option([], help="Codec option KEY=NUMBER (e.g. ratio=0.01)."),
+    checkpoint_interval: int = typer.Option(50),
+    priority: int = typer.Option(0),
+    tenant: str = typer.Option("default"),
+    watch_job: bool = typer.Option(True, "--watch/--no-watch", help="Follow the job until it ends."),
+) -> None:
+    """Submit a training job (validated now: bad input is refused before anything runs)."""
+    hyperparameters = {"lr": lr}
+    if optimizer == "sgd":
+        hyperparameters["momentum"] = momentum
+    spec = pb.TrainingJobSpec(
+        architecture=architecture,
+        arguments_json=json.dumps({k: json.loads(v) for k, v in (a.split("=", 1) for a in arg)}),
+        dataset=pb.DatasetSpec(name=dataset, options=dict(o.split("=", 1) for o in dataset_option)),
+        optimizer={"name": optimizer, "hyperparameters": hyperparameters},
+        batch_size=batch_size,
+        epochs=epochs,
+        workers=workers,
+        shards=shards,
+        consistency=consistency,
+        staleness=staleness,
+        codec=codec,
+        codec_options=_floats(codec_option, "--codec-option"),
+        checkpoint_interval=checkpoint_interval,
+        priority=priority,
+        tenant=tenant,
+        target_model=target_model,
+    )
+    scheduler = Scheduler()
+    try:
+        reply = await scheduler.call("SubmitTrainingJob", pb.SubmitTrainingJobRequest(spec=spec))
+        job = reply.job  # type: ignore[attr-defined]
+        out.print(f"{job.id} {pb.JobState.Name(job.state)} ({job.total_steps} steps)")
+        if watch_job:
+            await _watch(scheduler, job.id)
+    finally:
+        await scheduler.close()
+
+
+async def _watch(scheduler: Scheduler, job_id: str) -> pb.Job:
+    import grpc
+
+    job = None
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"))
+    with Progress(*columns, TimeElapsedColumn(), console=console, transient=False) as progress:
+        task = progress.add_task(job_id, total=None, info="")
+        try:
+            async for event in scheduler.stub.WatchJob(pb.WatchJobRequest(id=job_id)):
+                if event.HasField("job"):
+                    job = event.job
+                    progress.update(
+                        task,
+                        total=job.total_steps or None,
+                        completed=job.step,
+                        description=f"{job_id} {pb.JobState.Name(job.state)}",
+                    )
+                    if job.state in TERMINAL:
+                        break
+                else:
+                    m = event.metrics
+                    progress.update(
+                        task,
+                        completed=max(m.step + 1, progress.tasks[0].completed),
+                        info=f"loss {m.loss:.4f}  {m.samples_per_s:,.0f} samples/s  {m.bytes_sent:,} B/step",
+                    )
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+    if job is not None:
+        _print_job(job)
+    return job  # type: ignore[return-value]
+
+
+def _print_job(job: pb.Job) -> None:
+    metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(job.metrics.items()))
+    line = f"{job.id} {pb.JobState.Name(job.state)} step {job.step}/{job.total_steps} {metrics}"
+    if job.model_version:
+        line += f" -> {job.spec.target_model}@{job.model_version}"
+    if job.message:
+        line += f" ({job.message})"
+    out.print(line, highlight=False)
+
+
+@train_app.command()
+@run_async
+async def status(job_id: str) -> None:
+    """Show a job."""
+    scheduler = Scheduler()
+    try:
+        reply = await scheduler.call("GetJob", pb.GetJobRequest(id=job_id))
+        _print_job(reply.job)  # type: ignore[attr-defined]
+    finally:
+        await scheduler.close()
+
+
+@train_app.command()
+@run_async
+async def watch(job_id: str) -> None:
+    """Follow a job with a live progress bar (loss, samples/s, bytes per step)."""
+    scheduler = Scheduler()
+    try:
+        await _watch(scheduler, job_id)
+    finally:
+        await scheduler.close()
+
+
+@train_app.command()
+@run_async
+async def cancel(job_id: str) -> None:
+    """Cancel a job."""
+    scheduler = Scheduler()
+    try:
+        reply = await scheduler.call("CancelJob", pb.CancelJobRequest(id=job_id))
+        _print_job(reply.job)  # type: ignore[attr-defined]
+    finally:
+        await scheduler.close()
+
+
+@train_app.command("list")
+@run_async
+async def list_jobs(state: list[str] = typer.Option([], help="Only these states (e.g. RUNNING).")) -> None:
+    """List jobs."""
+    scheduler = Scheduler()
+    try:
+        states = [pb.JobState.Value(s.upper()) for s in state]
+        table = Table("id", "state", "step", "model", "message")
+        token = ""
+        while True:
+            reply = await scheduler.call("ListJobs", pb.ListJobsRequest(states=states, page_token=token))
+            for job in reply.jobs:  # type: ignore[attr-defined]
+                model = f"{job.spec.target_model}@{job.model_version}" if job.model_version else job.spec.target_model
+                table.add_row(job.id, pb.JobState.Name(job.state), f"{job.step}/{job.total_steps}", model, job.message)
+            token = reply.next_page_token  # type: ignore[attr-defined]
+            if not token:
+                break
+        out.print(table)
+    finally:
+        await scheduler.close()

@@ -1,0 +1,144 @@
+"""One job's gang on Ray: its placement group and the actors hosting its shards and workers.
+
+All Ray calls for a job live here (STYLE.md: one wrapper per actor type). Shards and workers are
+``ServiceHost`` actors named ``<job>-shard-<i>-<attempt>`` / ``<job>-worker-<rank>-<attempt>`` in the
+``maas`` namespace, so a restarted scheduler can find them again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from services.scheduler.adapters.service_host import ServiceHost
+from services.scheduler.core.model import Job, ResourceRequest
+
+NAMESPACE = "maas"
+SHARD_ENTRYPOINT = "services.paramserver.main:hosted"
+WORKER_ENTRYPOINT = "services.training.main:hosted"
+
+
+@dataclass
+class Member:
+    """One actor of the gang and where its service listens."""
+
+    role: str  # "shard" or "worker"
+    index: int
+    attempt: int
+    actor: Any
+    address: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.role}-{self.index}-{self.attempt}"
+
+
+def _bundle(resources: ResourceRequest) -> dict[str, float]:
+    bundle = {"CPU": resources.cpus or 1.0}
+    if resources.gpus:
+        bundle["GPU"] = resources.gpus
+    return bundle
+
+
+@dataclass
+class Gang:
+    job: Job
+    detached: bool
+    group: PlacementGroup | None = None
+    shards: list[Member] = field(default_factory=list)
+    workers: list[Member] = field(default_factory=list)
+
+    @property
+    def _bundles(self) -> list[dict[str, float]]:
+        spec = self.job.spec
+        return [_bundle(spec.shard_resources)] * spec.shards + [_bundle(spec.worker_resources)] * spec.workers
+
+    async def place(self, timeout_s: float) -> bool:
+        """Reserve every bundle at once (a gang: all or nothing); False if Ray cannot within the timeout."""
+        self.group = placement_group(self._bundles, strategy="PACK", name=f"maas-{self.job.id}")
+        try:
+            await asyncio.wait_for(self.group.ready(), timeout_s)
+            return True
+        except TimeoutError:
+            remove_placement_group(self.group)
+            self.group = None
+            return False
+
+    def _create(self, role: str, index: int, attempt: int) -> Member:
+        assert self.group is not None
+        spec = self.job.spec
+        resources = spec.shard_resources if role == "shard" else spec.worker_resources
+        bundle = index if role == "shard" else spec.shards + index
+        actor = ServiceHost.options(  # type: ignore[attr-defined]
+            name=f"{self.job.id}-{role}-{index}-{attempt}",
+            namespace=NAMESPACE,
+            lifetime="detached" if self.detached else None,
+            max_restarts=0,
+            num_cpus=resources.cpus or 1.0,
+            num_gpus=resources.gpus or 0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=self.group, placement_group_bundle_index=bundle
+            ),
+        ).remote()
+        return Member(role, index, attempt, actor)
+
+    async def start(self, role: str, index: int, attempt: int, options: dict[str, Any]) -> Member:
+        member = self._create(role, index, attempt)
+        entrypoint = SHARD_ENTRYPOINT if role == "shard" else WORKER_ENTRYPOINT
+        member.address = await member.actor.start.remote(entrypoint, options, {})
+        members = self.shards if role == "shard" else self.workers
+        while len(members) <= index:
+            members.append(member)
+        members[index] = member
+        return member
+
+    @staticmethod
+    async def alive(member: Member, timeout_s: float = 5.0) -> bool:
+        try:
+            return bool(await asyncio.wait_for(member.actor.ping.remote(), timeout_s))
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, TimeoutError):
+            return False
+
+    @staticmethod
+    def kill(member: Member) -> None:
+        with contextlib.suppress(Exception):  # already gone is fine
+            ray.kill(member.actor, no_restart=True)
+
+    def teardown(self) -> None:
+        for member in [*self.workers, *self.shards]:
+            self.kill(member)
+        if self.group is not None:
+            with contextlib.suppress(Exception):
+                remove_placement_group(self.group)
+            self.group = None
+
+    @classmethod
+    async def find(cls, job: Job, detached: bool) -> Gang | None:
+        """The gang a previous scheduler process left running, if all of it is still alive."""
+        pattern = re.compile(rf"^{re.escape(job.id)}-(shard|worker)-(\d+)-(\d+)$")
+        latest: dict[tuple[str, int], int] = {}
+        for name in ray.util.list_named_actors():
+            if match := pattern.match(name):
+                key = (match[1], int(match[2]))
+                latest[key] = max(latest.get(key, -1), int(match[3]))
+        spec = job.spec
+        if len(latest) != spec.shards + spec.workers:
+            return None
+        gang = cls(job, detached)
+        for (role, index), attempt in sorted(latest.items()):
+            actor = ray.get_actor(f"{job.id}-{role}-{index}-{attempt}", namespace=NAMESPACE)
+            member = Member(role, index, attempt, actor)
+            if not await cls.alive(member):
+                return None
+            member.address = await member.actor.address.remote() or ""
+            (gang.shards if role == "shard" else gang.workers).append(member)
+        with contextlib.suppress(Exception):
+            gang.group = ray.util.get_placement_group(f"maas-{job.id}")
+        return gang

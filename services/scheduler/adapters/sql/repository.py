@@ -1,0 +1,174 @@
+"""The scheduler's JobRepository on SQLAlchemy Core: SQLite and PostgreSQL through the same statements."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from services.scheduler.adapters.sql.tables import jobs
+from services.scheduler.core.model import (
+    ACTIVE_STATES,
+    LIVE_STATES,
+    Job,
+    JobChanges,
+    JobState,
+    TrainingJobSpec,
+)
+from shared.errors import NotFound
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _utc(value: datetime) -> datetime:
+    # SQLite hands back naive datetimes; everything stored is UTC.
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _metrics_out(metrics: dict[str, float]) -> dict[str, float | str]:
+    # JSON has no NaN or infinity (PostgreSQL refuses them): those are stored as their names.
+    return {name: value if math.isfinite(value) else str(value) for name, value in metrics.items()}
+
+
+def _metrics_in(stored: dict[str, float | str]) -> dict[str, float]:
+    return {name: float(value) for name, value in stored.items()}
+
+
+def _to_job(row: sa.Row[Any]) -> Job:
+    return Job(
+        id=row.id,
+        spec=TrainingJobSpec.from_dict(row.spec),
+        state=JobState(row.state),
+        message=row.message,
+        step=row.step,
+        total_steps=row.total_steps,
+        metrics=_metrics_in(row.metrics),
+        model_version=row.model_version,
+        dataset_fingerprint=row.dataset_fingerprint,
+        failures=row.failures,
+        revision=row.revision,
+        create_time=_utc(row.created_at),
+        update_time=_utc(row.updated_at),
+    )
+
+
+class SqlJobRepository:
+    """Implements ``core.ports.JobRepository``; each method is one transaction."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self._engine = engine
+
+    def _read(self) -> sa.Connection:
+        # Marked so that SQLite starts a plain deferred transaction, not a write-locking one.
+        return self._engine.connect().execution_options(maas_readonly=True)
+
+    @staticmethod
+    def _row(conn: sa.Connection, job_id: str, *, lock: bool = False) -> sa.Row[Any]:
+        query = sa.select(jobs).where(jobs.c.id == job_id)
+        if lock:
+            query = query.with_for_update()
+        row = conn.execute(query).first()
+        if row is None:
+            raise NotFound(f"job {job_id!r} not found", reason="JOB_NOT_FOUND")
+        return row
+
+    def insert(self, job: Job) -> Job:
+        with self._engine.begin() as conn:
+            conn.execute(
+                jobs.insert().values(
+                    id=job.id,
+                    tenant=job.spec.tenant,
+                    state=job.state.value,
+                    priority=job.spec.priority,
+                    spec=job.spec.to_dict(),
+                    message=job.message,
+                    step=job.step,
+                    total_steps=job.total_steps,
+                    metrics=_metrics_out(job.metrics),
+                    model_version=job.model_version,
+                    dataset_fingerprint=job.dataset_fingerprint,
+                    failures=job.failures,
+                    revision=job.revision,
+                    created_at=job.create_time,
+                    updated_at=job.update_time,
+                )
+            )
+            return _to_job(self._row(conn, job.id))
+
+    def get(self, job_id: str) -> Job:
+        with self._read() as conn:
+            return _to_job(self._row(conn, job_id))
+
+    def list_jobs(self, states: frozenset[JobState], tenant: str, after: str | None, limit: int) -> list[Job]:
+        query = sa.select(jobs).order_by(jobs.c.seq.desc()).limit(limit)
+        if states:
+            query = query.where(jobs.c.state.in_(sorted(s.value for s in states)))
+        if tenant:
+            query = query.where(jobs.c.tenant == tenant)
+        if after is not None:
+            # A token's job always exists (jobs are never deleted); an unknown one yields nothing.
+            query = query.where(jobs.c.seq < sa.select(jobs.c.seq).where(jobs.c.id == after).scalar_subquery())
+        with self._read() as conn:
+            return [_to_job(row) for row in conn.execute(query).all()]
+
+    def update(self, job_id: str, changes: JobChanges, only_from: frozenset[JobState] | None = None) -> Job | None:
+        with self._engine.begin() as conn:
+            row = self._row(conn, job_id, lock=True)
+            if only_from is not None and JobState(row.state) not in only_from:
+                return None
+            values: dict[str, Any] = {"revision": row.revision + 1, "updated_at": _now()}
+            if changes.state is not None:
+                values["state"] = changes.state.value
+            if changes.message is not None:
+                values["message"] = changes.message
+            if changes.step is not None:
+                values["step"] = changes.step
+            if changes.metrics is not None:
+                values["metrics"] = _metrics_out(changes.metrics)
+            if changes.model_version is not None:
+                values["model_version"] = changes.model_version
+            conn.execute(jobs.update().where(jobs.c.seq == row.seq).values(**values))
+            return _to_job(self._row(conn, job_id))
+
+    def add_failure(self, job_id: str, reason: str) -> Job:
+        with self._engine.begin() as conn:
+            row = self._row(conn, job_id, lock=True)
+            if JobState(row.state) in LIVE_STATES:
+                conn.execute(
+                    jobs.update()
+                    .where(jobs.c.seq == row.seq)
+                    .values(failures=row.failures + 1, message=reason, revision=row.revision + 1, updated_at=_now())
+                )
+            return _to_job(self._row(conn, job_id))
+
+    def in_states(self, states: frozenset[JobState]) -> list[Job]:
+        query = sa.select(jobs).where(jobs.c.state.in_(sorted(s.value for s in states))).order_by(jobs.c.seq)
+        with self._read() as conn:
+            return [_to_job(row) for row in conn.execute(query).all()]
+
+    def active_counts(self) -> dict[str, int]:
+        query = (
+            sa.select(jobs.c.tenant, sa.func.count())
+            .where(jobs.c.state.in_(sorted(s.value for s in ACTIVE_STATES)))
+            .group_by(jobs.c.tenant)
+        )
+        with self._read() as conn:
+            return {tenant: int(count) for tenant, count in conn.execute(query).all()}
+
+    def next_queued(self, exclude_tenants: frozenset[str], exclude_ids: frozenset[str], limit: int) -> list[Job]:
+        query = (
+            sa.select(jobs)
+            .where(jobs.c.state == JobState.QUEUED.value)
+            .order_by(jobs.c.priority.desc(), jobs.c.seq)
+            .limit(limit)
+        )
+        if exclude_tenants:
+            query = query.where(jobs.c.tenant.not_in(sorted(exclude_tenants)))
+        if exclude_ids:
+            query = query.where(jobs.c.id.not_in(sorted(exclude_ids)))
+        with self._read() as conn:
+            return [_to_job(row) for row in conn.execute(query).all()]

@@ -1,0 +1,47 @@
+"""The scheduler's SQL schema (SQLAlchemy Core). Alembic migrations create it; tests check they agree."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import sqlalchemy as sa
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+#: Alembic's version table for these migrations (not the default ``alembic_version``, which the registry uses).
+VERSION_TABLE = "alembic_version_scheduler"
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+jobs = sa.Table(
+    "jobs",
+    metadata,
+    # Submission order: ties of create time cannot reorder the queue or a listing.
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("id", sa.String(63), nullable=False, unique=True),
+    sa.Column("tenant", sa.String(63), nullable=False),
+    sa.Column("state", sa.String(15), nullable=False),
+    sa.Column("priority", sa.Integer, nullable=False),
+    # The normalised TrainingJobSpec (TrainingJobSpec.to_dict()).
+    sa.Column("spec", sa.JSON, nullable=False),
+    sa.Column("message", sa.Text, nullable=False, server_default=""),
+    sa.Column("step", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("total_steps", sa.BigInteger, nullable=False, server_default="0"),
+    # Name -> number; non-finite numbers are stored as the strings "nan", "inf", "-inf".
+    sa.Column("metrics", sa.JSON, nullable=False),
+    sa.Column("model_version", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("dataset_fingerprint", sa.String(64), nullable=False, server_default=""),
+    sa.Column("failures", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("revision", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    # Admission scans QUEUED jobs by priority then seq; listings filter by state and tenant.
+    sa.Index("ix_jobs_state_priority_seq", "state", "priority", "seq"),
+    sa.Index("ix_jobs_tenant_state", "tenant", "state"),
+)

@@ -1,0 +1,1 @@
+"""The scheduler's gRPC surface: a thin servicer and the proto <-> domain conversions."""

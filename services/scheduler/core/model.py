@@ -1,0 +1,259 @@
+"""Domain types of the scheduler: training jobs, their specs, states and step metrics.
+
+A :class:`TrainingJobSpec` mirrors the ``TrainingJobSpec`` message. The one the service stores (and hands to
+the runner) is the *normalised* spec: defaults filled in (see :mod:`services.scheduler.core.validation`), so a
+runner never needs to know what 0 or "" meant on the wire. Its helpers (:meth:`TrainingJobSpec.arguments`,
+:meth:`TrainingJobSpec.codec_kwargs`, :meth:`OptimizerSpec.make`) convert exactly as submit-time validation
+did, so what was validated is what runs.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+
+from shared.datasets import DatasetSpec
+from shared.errors import InvalidArgument
+from shared.optim import Optimizer, make_optimizer
+
+T = TypeVar("T")
+
+#: Hyperparameters that travel as doubles but are booleans (0 or 1) for :func:`shared.optim.make_optimizer`.
+BOOL_HYPERPARAMETERS = ("nesterov", "amsgrad", "decoupled_weight_decay")
+#: Adam's betas travel as two doubles; a missing one takes torch's default.
+DEFAULT_BETAS = (0.9, 0.999)
+#: Schedule arguments that are step counts (integers).
+INT_SCHEDULE_ARGUMENTS = ("step_size", "total_steps", "warmup_steps")
+#: Codec options that are integers (options travel as doubles).
+INT_CODEC_OPTIONS = ("bucket_size",)
+
+
+class JobState(enum.StrEnum):
+    """A job's life: QUEUED -> PLACING -> RUNNING -> SUCCEEDED | FAILED | CANCELLED.
+
+    A runner may send a job back from PLACING/RUNNING to QUEUED (requeued, e.g. placement timed out) or
+    from RUNNING to PLACING (re-placing after a failure). Terminal states never change again.
+    """
+
+    QUEUED = "QUEUED"
+    PLACING = "PLACING"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+    @property
+    def active(self) -> bool:
+        """Placed or running: holds one of the scheduler's running slots."""
+        return self in ACTIVE_STATES
+
+
+TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+ACTIVE_STATES = frozenset({JobState.PLACING, JobState.RUNNING})
+LIVE_STATES = frozenset({JobState.QUEUED, *ACTIVE_STATES})
+
+
+@dataclass(frozen=True)
+class ResourceRequest:
+    """Resources of one worker or shard: logical CPUs and GPUs (fractions allowed), memory (0: unset)."""
+
+    cpus: float = 0.0
+    gpus: float = 0.0
+    memory_bytes: int = 0
+
+
+def _integral(value: float) -> int | float:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """The parameter servers' optimizer, as on the wire (flat doubles).
+
+    ``beta1``/``beta2`` make Adam's ``betas``; ``nesterov``, ``amsgrad`` and ``decoupled_weight_decay`` are
+    0 or 1; an empty ``schedule`` is a constant rate.
+    """
+
+    name: str = "sgd"
+    hyperparameters: dict[str, float] = field(default_factory=dict)
+    schedule: str = ""
+    schedule_arguments: dict[str, float] = field(default_factory=dict)
+
+    def kwargs(self) -> dict[str, Any]:
+        """The hyperparameters as :func:`shared.optim.make_optimizer` keyword arguments.
+
+        Raises:
+            InvalidArgument: If a boolean hyperparameter is not 0 or 1 (field ``hyperparameters.<name>``).
+        """
+        kwargs: dict[str, Any] = {}
+        for name, value in self.hyperparameters.items():
+            if name in BOOL_HYPERPARAMETERS:
+                if value not in (0, 1):
+                    raise InvalidArgument.field(f"hyperparameters.{name}", f"must be 0 or 1, got {value!r}")
+                kwargs[name] = bool(value)
+            elif name not in ("beta1", "beta2"):
+                kwargs[name] = value
+        if "beta1" in self.hyperparameters or "beta2" in self.hyperparameters:
+            kwargs["betas"] = (
+                self.hyperparameters.get("beta1", DEFAULT_BETAS[0]),
+                self.hyperparameters.get("beta2", DEFAULT_BETAS[1]),
+            )
+        return kwargs
+
+    def schedule_config(self) -> dict[str, Any] | None:
+        """A :func:`shared.optim.make_schedule` config (None: a constant rate).
+
+        Raises:
+            InvalidArgument: On arguments without a schedule (field ``schedule_arguments``).
+        """
+        if not self.schedule:
+            if self.schedule_arguments:
+                raise InvalidArgument.field("schedule_arguments", "given without a schedule")
+            return None
+        if "kind" in self.schedule_arguments:
+            raise InvalidArgument.field("schedule_arguments", "'kind' is the schedule field")
+        params: dict[str, Any] = {
+            name: _integral(value) if name in INT_SCHEDULE_ARGUMENTS else value
+            for name, value in self.schedule_arguments.items()
+        }
+        return {**params, "kind": self.schedule}
+
+    def make(self) -> Optimizer:
+        """The validated optimizer (raises InvalidArgument as :func:`shared.optim.make_optimizer`)."""
+        return make_optimizer(self.name, schedule=self.schedule_config(), **self.kwargs())
+
+
+@dataclass(frozen=True)
+class TrainingJobSpec:
+    """What to train, on what, how, and where the result goes (the ``TrainingJobSpec`` message).
+
+    ``dataset`` is :class:`shared.datasets.DatasetSpec` itself (its split ``seed`` is 0: the wire has none),
+    so a runner passes it straight to :func:`shared.datasets.load`.
+    """
+
+    architecture: str
+    arguments_json: str = "{}"
+    dataset: DatasetSpec = field(default_factory=lambda: DatasetSpec(name=""))
+    optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
+    batch_size: int = 0
+    epochs: int = 0
+    workers: int = 0
+    shards: int = 0
+    consistency: str = "bsp"
+    staleness: int = 0
+    codec: str = "none"
+    codec_options: dict[str, float] = field(default_factory=dict)
+    checkpoint_interval: int = 0
+    priority: int = 0
+    tenant: str = "default"
+    target_model: str = ""
+    worker_resources: ResourceRequest = field(default_factory=ResourceRequest)
+    shard_resources: ResourceRequest = field(default_factory=ResourceRequest)
+    seed: int = 0
+    max_failures: int = 0
+
+    def arguments(self) -> dict[str, Any]:
+        """The architecture's arguments parsed from ``arguments_json`` ("" is ``{}``).
+
+        Raises:
+            InvalidArgument: If it is not a JSON object (field ``arguments_json``).
+        """
+        if not self.arguments_json.strip():
+            return {}
+        try:
+            arguments = json.loads(self.arguments_json)
+        except json.JSONDecodeError as exc:
+            raise InvalidArgument.field("arguments_json", f"is not valid JSON: {exc}") from None
+        if not isinstance(arguments, dict):
+            raise InvalidArgument.field("arguments_json", "must be a JSON object")
+        return arguments
+
+    def codec_kwargs(self) -> dict[str, Any]:
+        """``codec_options`` as :func:`shared.compression.get_codec` keyword arguments (integral ints)."""
+        return {
+            name: _integral(value) if name in INT_CODEC_OPTIONS else value for name, value in self.codec_options.items()
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (what the job store keeps); :meth:`from_dict` reverses it."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainingJobSpec:
+        values = dict(data)
+        values["dataset"] = DatasetSpec(**values["dataset"])
+        values["optimizer"] = OptimizerSpec(**values["optimizer"])
+        values["worker_resources"] = ResourceRequest(**values["worker_resources"])
+        values["shard_resources"] = ResourceRequest(**values["shard_resources"])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class StepMetrics:
+    """One worker's report after finishing step ``step`` (0-based) of its share."""
+
+    worker: int
+    step: int
+    loss: float
+    samples_per_s: float = 0.0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+
+@dataclass(frozen=True)
+class Job:
+    """A training job as stored.
+
+    Attributes:
+        id: ``job-<16 hex>``.
+        spec: The normalised spec.
+        state: Where it is in its life.
+        message: Why it is in its state (failure reason, why it was requeued, ...).
+        step: Steps completed by the furthest worker (every worker runs ``total_steps``).
+        total_steps: ``epochs * steps_per_epoch`` (see ``core.validation.steps_per_epoch``).
+        metrics: Latest job metrics (``loss``, ``samples_per_s``, ``bytes_per_step``), at the end the
+            runner's final ones (accuracy and loss on held-out data).
+        model_version: The registry version holding the result (0 until SUCCEEDED).
+        dataset_fingerprint: Content fingerprint of the dataset, from submit-time validation.
+        failures: Worker or shard failures counted so far.
+        revision: Incremented by every stored change; orders snapshots of one job.
+    """
+
+    id: str
+    spec: TrainingJobSpec
+    state: JobState
+    create_time: datetime
+    update_time: datetime
+    message: str = ""
+    step: int = 0
+    total_steps: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    model_version: int = 0
+    dataset_fingerprint: str = ""
+    failures: int = 0
+    revision: int = 0
+
+
+@dataclass(frozen=True)
+class JobChanges:
+    """A partial update of a stored job: None leaves a field as it is."""
+
+    state: JobState | None = None
+    message: str | None = None
+    step: int | None = None
+    metrics: dict[str, float] | None = None
+    model_version: int | None = None
+
+
+@dataclass(frozen=True)
+class Page(Generic[T]):
+    items: list[T]
+    next_page_token: str = ""

@@ -1,0 +1,114 @@
+"""The interfaces the scheduler's core depends on, and the one it offers runners.
+
+:class:`JobRepository` implementations are synchronous; the core runs them in threads. :class:`JobRunner`
+is what actually places and runs a job (on Ray, in production); it talks back through the
+:class:`JobReporter` the core hands it, which :class:`~services.scheduler.core.service.JobService` implements.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from services.scheduler.core.model import Job, JobChanges, JobState, StepMetrics
+
+
+class JobRepository(Protocol):
+    """Job storage. Every method is one transaction."""
+
+    def insert(self, job: Job) -> Job: ...
+    def get(self, job_id: str) -> Job:
+        """The job; NotFound if there is none."""
+        ...
+
+    def list_jobs(self, states: frozenset[JobState], tenant: str, after: str | None, limit: int) -> list[Job]:
+        """Jobs newest first (by submission order), after the job ``after``, in ``states`` (empty: any) and of
+        ``tenant`` (empty: any)."""
+        ...
+
+    def update(self, job_id: str, changes: JobChanges, only_from: frozenset[JobState] | None = None) -> Job | None:
+        """Apply ``changes`` (and bump the revision) if the job's state is in ``only_from`` (None: any state).
+
+        Returns the updated job, or None when its state was not in ``only_from`` (nothing changed).
+        Raises NotFound if there is no such job.
+        """
+        ...
+
+    def add_failure(self, job_id: str, reason: str) -> Job:
+        """Count one worker or shard failure (``failures + 1``, message ``reason``) whatever the state."""
+        ...
+
+    def in_states(self, states: frozenset[JobState]) -> list[Job]:
+        """Every job in ``states``, oldest first."""
+        ...
+
+    def active_counts(self) -> dict[str, int]:
+        """Tenant -> how many of its jobs are PLACING or RUNNING (tenants with none are left out)."""
+        ...
+
+    def next_queued(self, exclude_tenants: frozenset[str], exclude_ids: frozenset[str], limit: int) -> list[Job]:
+        """QUEUED jobs in admission order (priority descending, then submission order), skipping the
+        tenants and ids given."""
+        ...
+
+
+class JobReporter(Protocol):
+    """How a runner tells the scheduler what its job is doing. Every method is safe to call at any time:
+    reports about a job that already ended (or is being cancelled) are ignored."""
+
+    async def placing(self, job_id: str) -> None:
+        """Workers and shards are being placed (again, after a failure: RUNNING -> PLACING is fine)."""
+        ...
+
+    async def running(self, job_id: str) -> None:
+        """Every worker and shard is up; training runs."""
+        ...
+
+    async def progress(self, job_id: str, metrics: StepMetrics) -> None:
+        """One worker finished a step. Cheap: stored at most once a second per job, dropped for slow watchers."""
+        ...
+
+    async def succeeded(self, job_id: str, model_version: int, metrics: dict[str, float]) -> None:
+        """The trained model is registry version ``model_version``; ``metrics`` are the final ones."""
+        ...
+
+    async def failed(self, job_id: str, reason: str) -> None:
+        """The job cannot finish; ``reason`` is shown to the user."""
+        ...
+
+    async def requeued(self, job_id: str, reason: str) -> None:
+        """Back to the queue (e.g. placement timed out): frees the job's running slot; admitted again later."""
+        ...
+
+    async def failure(self, job_id: str, reason: str) -> int:
+        """Count one worker or shard failure; returns the job's count so far. The runner compares it with
+        ``job.spec.max_failures`` (already defaulted) and calls :meth:`failed` when it is exceeded."""
+        ...
+
+
+class JobRunner(Protocol):
+    """Places and runs jobs (the Ray runner in production). The service creates it lazily, on the first job
+    it admits or resumes, through a ``Callable[[], JobRunner]`` factory: keep construction cheap and connect
+    (start Ray) on first use. A runner may also have ``async def close(self) -> None``, which the service
+    awaits when it closes.
+    """
+
+    async def run(self, job: Job, reporter: JobReporter) -> None:
+        """Run ``job`` (PLACING, stored already) to its end, reporting through ``reporter``.
+
+        Returns once the job has ended: after reporting succeeded, failed or requeued, or after
+        :meth:`cancel` for it. Returning without reporting an outcome fails the job, and so does raising
+        (the exception text becomes the job's message). Cancellation (``asyncio.CancelledError``) means
+        the scheduler is shutting down: the job stays PLACING/RUNNING in the store and is handed to
+        :meth:`resume` at the next start, so leave what can be re-attached to.
+        """
+        ...
+
+    async def cancel(self, job_id: str) -> None:
+        """Stop the job (a no-op for a job this runner does not know). Its run() should return soon;
+        whatever it reports afterwards is ignored. Raising leaves the job as it was."""
+        ...
+
+    async def resume(self, job: Job, reporter: JobReporter) -> None:
+        """Like :meth:`run`, for a job found PLACING or RUNNING at start-up (a previous scheduler process
+        placed it): re-attach to it, or restart it from its checkpoints. The runner decides."""
+        ...

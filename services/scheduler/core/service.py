@@ -1,0 +1,469 @@
+"""The scheduler's training-job use cases: submit, get, list, cancel, watch, and admission.
+
+:class:`JobService` owns the job store (through a :class:`~services.scheduler.core.ports.JobRepository`) and
+decides when a job runs; a :class:`~services.scheduler.core.ports.JobRunner` places and runs it and reports
+back through the service, which is its :class:`~services.scheduler.core.ports.JobReporter`.
+
+Admission: one loop task takes QUEUED jobs by priority (descending), then submission order, while fewer than
+``max_running_jobs`` jobs are PLACING or RUNNING and the job's tenant has fewer than ``tenant_max_running``
+(0: no limit); a tenant at its limit does not hold back other tenants' jobs. An admitted job is stored as
+PLACING, then ``runner.run(job, service)`` runs as a task. ``max_running_jobs`` 0 pauses admission, and the
+runner (created lazily by its factory, on the first job admitted or resumed) is then never created.
+
+State changes are stored with a condition on the current state, so terminal states are final whatever
+order reports arrive in. Step metrics are kept in memory, published to watchers at once and stored at most
+once a second per job (and with every state change).
+
+Watchers get the job, then every stored change of it (a bounded, per-watcher queue in this process); step
+metrics are dropped for a watcher that has more than ``watch_queue_size`` of them pending, state changes
+never are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import secrets
+import time
+from collections import Counter, deque
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import structlog
+
+from services.scheduler.core.model import (
+    ACTIVE_STATES,
+    LIVE_STATES,
+    Job,
+    JobChanges,
+    JobState,
+    Page,
+    StepMetrics,
+    TrainingJobSpec,
+)
+from services.scheduler.core.ports import JobReporter, JobRepository, JobRunner
+from services.scheduler.core.validation import validate_spec
+from shared import names
+from shared.errors import FailedPrecondition, Unavailable
+from shared.paging import encode_token, parse_page
+
+T = TypeVar("T")
+log = structlog.get_logger("maas.scheduler")
+
+RunnerFactory = Callable[[], JobRunner]
+RunFunction = Callable[[Job, JobReporter], Awaitable[None]]
+WatchEvent = Job | StepMetrics
+
+_QUEUED = frozenset({JobState.QUEUED})
+_CANCEL_ATTEMPTS = 5
+
+
+def new_job_id() -> str:
+    return f"job-{secrets.token_hex(8)}"
+
+
+async def _durable(awaitable: Awaitable[T]) -> T:
+    """Await a step that must finish once started, even if the caller is cancelled meanwhile."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task
+        raise
+
+
+class _Watcher:
+    """One watcher's pending events: step metrics bounded (extra ones dropped), job snapshots never dropped."""
+
+    def __init__(self, max_metrics: int) -> None:
+        self._items: deque[WatchEvent | None] = deque()
+        self._metrics = 0
+        self._max_metrics = max_metrics
+        self._ready = asyncio.Event()
+        self.dropped = 0
+
+    def put(self, item: WatchEvent | None) -> None:
+        if isinstance(item, StepMetrics):
+            if self._metrics >= self._max_metrics:
+                self.dropped += 1
+                return
+            self._metrics += 1
+        self._items.append(item)
+        self._ready.set()
+
+    async def get(self) -> WatchEvent | None:
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        item = self._items.popleft()
+        if isinstance(item, StepMetrics):
+            self._metrics -= 1
+        return item
+
+
+@dataclass
+class _Progress:
+    """A running job's latest step metrics, per worker, and when they were last stored."""
+
+    step: int = 0
+    workers: dict[int, StepMetrics] = field(default_factory=dict)
+    last_write: float = -math.inf
+    flush: asyncio.Task[None] | None = None
+
+    def metrics(self) -> dict[str, float]:
+        """Job metrics from each worker's latest step: mean loss, summed throughput and traffic per step."""
+        latest = list(self.workers.values())
+        if not latest:
+            return {}
+        return {
+            "loss": sum(m.loss for m in latest) / len(latest),
+            "samples_per_s": sum(m.samples_per_s for m in latest),
+            "bytes_per_step": float(sum(m.bytes_sent + m.bytes_received for m in latest)),
+        }
+
+
+class JobService:
+    """Training jobs: the use cases the API calls, the admission loop, and the runner's reporter."""
+
+    def __init__(
+        self,
+        repository: JobRepository,
+        runner_factory: RunnerFactory,
+        *,
+        data_root: Path,
+        max_running_jobs: int = 1,
+        tenant_max_running: int = 0,
+        default_max_failures: int = 3,
+        progress_interval_s: float = 1.0,
+        watch_queue_size: int = 256,
+        admission_poll_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._repo = repository
+        self._runner_factory = runner_factory
+        self._runner: JobRunner | None = None
+        self._data_root = data_root
+        self._max_running = max_running_jobs
+        self._tenant_max = tenant_max_running
+        self._default_max_failures = default_max_failures
+        self._progress_interval = progress_interval_s
+        self._watch_queue_size = watch_queue_size
+        self._admission_poll_s = admission_poll_s
+        self._clock = clock
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._closing = False
+        # Job id -> the task running (or resuming) it; a job with a task is never admitted again meanwhile.
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        # Jobs whose runner coroutine has been entered (before that, cancelling the task is enough).
+        self._started: set[str] = set()
+        # Jobs being cancelled: the runner's reports about them are ignored.
+        self._cancelling: Counter[str] = Counter()
+        self._progress: dict[str, _Progress] = {}
+        self._watchers: dict[str, set[_Watcher]] = {}
+
+    # Plumbing -----------------------------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.to_thread(fn, *args)
+
+    async def _mutate(self, fn: Callable[..., T], *args: Any) -> T:
+        return await _durable(self._run(fn, *args))
+
+    def _get_runner(self) -> JobRunner:
+        if self._runner is None:
+            log.info("runner_starting")
+            self._runner = self._runner_factory()
+        return self._runner
+
+    @property
+    def runner_started(self) -> bool:
+        """Whether the runner factory has been called."""
+        return self._runner is not None
+
+    def _publish(self, job_id: str, event: WatchEvent | None) -> None:
+        for watcher in self._watchers.get(job_id, ()):
+            watcher.put(event)
+
+    def _is_cancelling(self, job_id: str) -> bool:
+        return self._cancelling[job_id] > 0
+
+    # Lifecycle ----------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Hand jobs a previous process left PLACING or RUNNING to ``runner.resume``; start admitting."""
+        active = await self._run(self._repo.in_states, ACTIVE_STATES)
+        if active:
+            runner = self._get_runner()
+            for job in active:
+                log.info("job_resuming", job_id=job.id, state=job.state.value)
+                self._launch(job, runner.resume)
+        self._loop_task = asyncio.create_task(self._admission_loop(), name="scheduler-admission")
+
+    async def close(self) -> None:
+        """Stop admitting, cancel the runner tasks (their jobs stay PLACING/RUNNING, for ``resume`` at the
+        next start), close the runner if it has ``close()``, and end every watch with UNAVAILABLE."""
+        self._closing = True
+        tasks: list[asyncio.Task[None]] = [*self._tasks.values()]
+        tasks += [p.flush for p in self._progress.values() if p.flush is not None]
+        if self._loop_task is not None:
+            tasks.append(self._loop_task)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        close = getattr(self._runner, "close", None)
+        if close is not None:
+            await close()
+        for job_id in list(self._watchers):
+            self._publish(job_id, None)
+
+    # Use cases ----------------------------------------------------------------------------------------
+
+    async def submit(self, spec: TrainingJobSpec) -> Job:
+        """Validate ``spec`` (InvalidArgument naming the field otherwise) and queue the job."""
+        validated = await self._run(
+            lambda: validate_spec(spec, data_root=self._data_root, default_max_failures=self._default_max_failures)
+        )
+        now = datetime.now(UTC)
+        job = Job(
+            id=new_job_id(),
+            spec=validated.spec,
+            state=JobState.QUEUED,
+            create_time=now,
+            update_time=now,
+            total_steps=validated.total_steps,
+            dataset_fingerprint=validated.dataset.fingerprint,
+        )
+        stored = await self._mutate(self._repo.insert, job)
+        log.info("job_submitted", job_id=stored.id, tenant=stored.spec.tenant, priority=stored.spec.priority)
+        self._wake.set()
+        return stored
+
+    async def get(self, job_id: str) -> Job:
+        return await self._run(self._repo.get, names.check_name(job_id, "id"))
+
+    async def list_jobs(
+        self, page_size: int, page_token: str, states: Iterable[JobState] = (), tenant: str = ""
+    ) -> Page[Job]:
+        """Jobs newest first (by submission), optionally only in ``states`` and of ``tenant``."""
+        if tenant:
+            names.check_name(tenant, "tenant")
+        wanted = frozenset(states)
+        query = {"states": sorted(s.value for s in wanted), "tenant": tenant}
+        page = parse_page(page_size, page_token, query)
+        jobs = await self._run(self._repo.list_jobs, wanted, tenant, page.after, page.size + 1)
+        if len(jobs) <= page.size:
+            return Page(items=jobs)
+        kept = jobs[: page.size]
+        return Page(items=kept, next_page_token=encode_token(kept[-1].id, query))
+
+    async def cancel(self, job_id: str) -> Job:
+        """QUEUED: cancelled at once. PLACING/RUNNING: ``runner.cancel`` first, then CANCELLED. An ended
+        job is FailedPrecondition."""
+        names.check_name(job_id, "id")
+        for _ in range(_CANCEL_ATTEMPTS):
+            job = await self.get(job_id)
+            if job.state.terminal:
+                raise FailedPrecondition(f"job {job_id} has already ended ({job.state.value})", reason="JOB_ENDED")
+            if job.state is JobState.QUEUED:
+                cancelled = await self._transition(job_id, JobState.CANCELLED, _QUEUED, "cancelled", from_runner=False)
+            else:
+                cancelled = await self._cancel_active(job_id)
+            if cancelled is not None:
+                return cancelled
+            # The job moved meanwhile (admitted, or ended): look again.
+        raise Unavailable(f"job {job_id} kept changing state; try again", reason="JOB_BUSY", retry_after_s=1.0)
+
+    async def _cancel_active(self, job_id: str) -> Job | None:
+        self._cancelling[job_id] += 1
+        try:
+            task = self._tasks.get(job_id)
+            if task is not None and job_id not in self._started:
+                task.cancel()  # the runner has not seen the job yet
+            else:
+                await self._get_runner().cancel(job_id)
+            return await self._transition(job_id, JobState.CANCELLED, LIVE_STATES, "cancelled", from_runner=False)
+        finally:
+            self._cancelling[job_id] -= 1
+            if self._cancelling[job_id] <= 0:
+                del self._cancelling[job_id]
+
+    async def watch(self, job_id: str) -> AsyncGenerator[WatchEvent, None]:
+        """The job now, then each stored change of it and its step metrics, until it ends."""
+        names.check_name(job_id, "id")
+        watcher = _Watcher(self._watch_queue_size)
+        watchers = self._watchers.setdefault(job_id, set())
+        watchers.add(watcher)
+        try:
+            job = await self.get(job_id)
+            yield job
+            revision = job.revision
+            while not job.state.terminal:
+                event = await watcher.get()
+                if event is None:
+                    raise Unavailable("the scheduler is shutting down", reason="SHUTTING_DOWN")
+                if isinstance(event, Job):
+                    if event.revision <= revision:
+                        continue  # older than what this watcher has seen
+                    job, revision = event, event.revision
+                yield event
+        finally:
+            watchers.discard(watcher)
+            if not watchers and self._watchers.get(job_id) is watchers:
+                del self._watchers[job_id]
+
+    # Admission ----------------------------------------------------------------------------------------
+
+    async def _admission_loop(self) -> None:
+        while not self._closing:
+            self._wake.clear()
+            try:
+                await self._admit()
+            except Exception:
+                log.exception("admission_failed")
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._admission_poll_s)
+            except TimeoutError:
+                pass
+
+    async def _admit(self) -> None:
+        if self._max_running <= 0:
+            return
+        counts = await self._run(self._repo.active_counts)
+        while not self._closing and sum(counts.values()) < self._max_running:
+            full = frozenset(t for t, n in counts.items() if self._tenant_max and n >= self._tenant_max)
+            candidates = await self._run(self._repo.next_queued, full, frozenset(self._tasks), 1)
+            if not candidates:
+                return
+            runner = self._get_runner()
+            placing = JobChanges(state=JobState.PLACING, message="placing workers and shards")
+            job = await self._mutate(self._repo.update, candidates[0].id, placing, _QUEUED)
+            if job is None:
+                continue  # cancelled meanwhile
+            log.info("job_admitted", job_id=job.id, tenant=job.spec.tenant, priority=job.spec.priority)
+            self._publish(job.id, job)
+            counts[job.spec.tenant] = counts.get(job.spec.tenant, 0) + 1
+            self._launch(job, runner.run)
+
+    def _launch(self, job: Job, fn: RunFunction) -> None:
+        self._progress.setdefault(job.id, _Progress(step=job.step))
+        task = asyncio.create_task(self._drive(job, fn), name=f"scheduler-{job.id}")
+        self._tasks[job.id] = task
+        task.add_done_callback(lambda done: self._task_done(job.id, done))
+
+    def _task_done(self, job_id: str, task: asyncio.Task[None]) -> None:
+        if self._tasks.get(job_id) is task:
+            del self._tasks[job_id]
+            self._started.discard(job_id)
+        self._wake.set()
+
+    async def _drive(self, job: Job, fn: RunFunction) -> None:
+        if self._is_cancelling(job.id):
+            return
+        self._started.add(job.id)
+        try:
+            await fn(job, self)
+        except Exception as exc:
+            log.exception("runner_failed", job_id=job.id)
+            reason = f"runner error: {exc}"
+        else:
+            reason = "the runner returned without reporting an outcome"
+        # A no-op when the runner reported an outcome (the job is no longer PLACING/RUNNING).
+        await self._transition(job.id, JobState.FAILED, ACTIVE_STATES, reason)
+
+    # Transitions --------------------------------------------------------------------------------------
+
+    async def _transition(
+        self,
+        job_id: str,
+        state: JobState,
+        only_from: frozenset[JobState],
+        message: str = "",
+        *,
+        from_runner: bool = True,
+        model_version: int | None = None,
+        final_metrics: dict[str, float] | None = None,
+        step: int | None = None,
+    ) -> Job | None:
+        """Store ``state`` if the job is in ``only_from``; publish it. None when nothing changed."""
+        if from_runner and self._is_cancelling(job_id):
+            return None
+        progress = self._progress.get(job_id)
+        metrics = progress.metrics() if progress is not None else None
+        if step is None and progress is not None:
+            step = progress.step
+        if final_metrics is not None:
+            metrics = {**(metrics or {}), **final_metrics}
+        changes = JobChanges(state=state, message=message, step=step, metrics=metrics, model_version=model_version)
+        job = await self._mutate(self._repo.update, job_id, changes, only_from)
+        if job is None:
+            return None
+        log.info("job_state", job_id=job_id, state=state.value, message=message)
+        if state.terminal:
+            ended = self._progress.pop(job_id, None)
+            if ended is not None and ended.flush is not None:
+                ended.flush.cancel()
+        self._publish(job_id, job)
+        if not state.active:
+            self._wake.set()  # a running slot is free
+        return job
+
+    # JobReporter --------------------------------------------------------------------------------------
+
+    async def placing(self, job_id: str) -> None:
+        await self._transition(job_id, JobState.PLACING, ACTIVE_STATES, "placing workers and shards")
+
+    async def running(self, job_id: str) -> None:
+        await self._transition(job_id, JobState.RUNNING, ACTIVE_STATES)
+
+    async def progress(self, job_id: str, metrics: StepMetrics) -> None:
+        progress = self._progress.get(job_id)
+        if progress is None or self._is_cancelling(job_id):
+            return  # not a job this process runs (any more)
+        progress.workers[metrics.worker] = metrics
+        progress.step = max(progress.step, metrics.step + 1)
+        self._publish(job_id, metrics)
+        now = self._clock()
+        due = progress.last_write + self._progress_interval
+        if now >= due:
+            progress.last_write = now
+            await self._store_progress(job_id, progress)
+        elif progress.flush is None:
+            progress.flush = asyncio.create_task(self._flush_later(job_id, progress, due - now))
+
+    async def _flush_later(self, job_id: str, progress: _Progress, delay: float) -> None:
+        await asyncio.sleep(delay)
+        progress.flush = None
+        progress.last_write = self._clock()
+        await self._store_progress(job_id, progress)
+
+    async def _store_progress(self, job_id: str, progress: _Progress) -> None:
+        changes = JobChanges(step=progress.step, metrics=progress.metrics())
+        await self._mutate(self._repo.update, job_id, changes, ACTIVE_STATES)
+
+    async def succeeded(self, job_id: str, model_version: int, metrics: dict[str, float]) -> None:
+        job = await self._run(self._repo.get, job_id)
+        await self._transition(
+            job_id,
+            JobState.SUCCEEDED,
+            ACTIVE_STATES,
+            model_version=model_version,
+            final_metrics=dict(metrics),
+            step=job.total_steps,
+        )
+
+    async def failed(self, job_id: str, reason: str) -> None:
+        await self._transition(job_id, JobState.FAILED, ACTIVE_STATES, reason)
+
+    async def requeued(self, job_id: str, reason: str) -> None:
+        await self._transition(job_id, JobState.QUEUED, ACTIVE_STATES, reason)
+
+    async def failure(self, job_id: str, reason: str) -> int:
+        job = await self._mutate(self._repo.add_failure, job_id, reason)
+        if not job.state.terminal:
+            log.warning("job_failure", job_id=job_id, failures=job.failures, reason=reason)
+            self._publish(job_id, job)
+        return job.failures

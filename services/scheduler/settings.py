@@ -1,0 +1,67 @@
+"""The scheduler's settings (environment variables ``MAAS_SCHEDULER_*``, ``MAAS_RAY_*`` plus the common ``MAAS_*``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from shared.settings import CommonSettings
+
+
+class SchedulerSettings(CommonSettings):
+    """Settings of the scheduler service."""
+
+    scheduler_address: str = Field("127.0.0.1:7002", description="host:port the scheduler's gRPC server binds.")
+    scheduler_metrics_address: str = Field(
+        "127.0.0.1:9003", description="host:port of the Prometheus metrics endpoint (port 0 picks one)."
+    )
+    scheduler_database_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL of the job store (sqlite:///... or postgresql+psycopg://...); default: SQLite "
+        "under MAAS_HOME/scheduler.",
+    )
+    scheduler_registry_address: str = Field(
+        "127.0.0.1:7001", description="host:port of the registry that receives trained models."
+    )
+    scheduler_data_root: Path | None = Field(
+        None,
+        description="Directory that dataset files (dataset 'file', option 'path') are relative to and must stay "
+        "inside; default: MAAS_HOME/data.",
+    )
+    scheduler_checkpoint_root: Path | None = Field(
+        None,
+        description="Directory of training checkpoints (shared storage on a cluster); default: MAAS_HOME/checkpoints.",
+    )
+    scheduler_max_running_jobs: int = Field(
+        1, ge=0, description="Jobs placed or running at once; 0 pauses admission (queued jobs wait)."
+    )
+    scheduler_tenant_max_running: int = Field(
+        0, ge=0, description="Jobs one tenant may have placed or running at once; 0: no per-tenant limit."
+    )
+    ray_address: str | None = Field(
+        None, description="Address of the Ray cluster to run jobs on (ray://host:10001 or auto); unset: a local Ray."
+    )
+    ray_num_cpus: int = Field(
+        8,
+        ge=1,
+        description="Logical CPUs declared for a local Ray (not used with ray_address); may exceed the cores: "
+        "a job's workers and shards are placed as one gang, which must fit.",
+    )
+    scheduler_placement_timeout_s: float = Field(
+        60.0, gt=0, description="How long a job's workers and shards may wait for resources before it is requeued."
+    )
+    scheduler_default_max_failures: int = Field(
+        3, ge=0, description="Worker or shard failures a job tolerates when its spec sets max_failures to 0."
+    )
+
+    def database_url(self) -> str:
+        if self.scheduler_database_url:
+            return self.scheduler_database_url
+        return f"sqlite:///{(self.home / 'scheduler' / 'scheduler.db').resolve()}"
+
+    def data_root(self) -> Path:
+        return self.scheduler_data_root or self.home / "data"
+
+    def checkpoint_root(self) -> Path:
+        return self.scheduler_checkpoint_root or self.home / "checkpoints"

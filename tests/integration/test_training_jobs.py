@@ -1,0 +1,154 @@
+"""Training jobs end to end on a real local Ray: scheduler -> placement group -> shard and worker actors
+-> registry version with lineage; and the faults: a killed worker, a killed shard, a restarted scheduler."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+import ray
+from maas.registry.v1 import registry_pb2 as rpb
+from maas.scheduler.v1 import scheduler_pb2 as pb
+from maas.scheduler.v1 import scheduler_pb2_grpc
+
+from services.scheduler.main import RunningScheduler, start
+from services.scheduler.settings import SchedulerSettings
+from shared.grpc.channel import make_channel
+from shared.settings import CommonSettings
+
+pytestmark = [pytest.mark.slow, pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)]
+TERMINAL = {pb.SUCCEEDED, pb.FAILED, pb.CANCELLED}
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[None]:
+    # Once per session (DEVELOPERS.md): more logical CPUs than the 2 cores, so a gang fits.
+    ray.init(num_cpus=8, include_dashboard=False, namespace="maas", log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+class Mesh:
+    def __init__(self, home: Path, registry_port: int) -> None:
+        self.settings = SchedulerSettings(
+            home=home,
+            scheduler_address="127.0.0.1:0",
+            scheduler_metrics_address="127.0.0.1:0",
+            scheduler_registry_address=f"127.0.0.1:{registry_port}",
+            scheduler_placement_timeout_s=60,
+            shutdown_grace_s=1,
+        )
+        self.scheduler: RunningScheduler | None = None
+        self.channel = None
+
+    async def start(self) -> None:
+        self.scheduler = await start(self.settings)
+        self.channel = make_channel(f"127.0.0.1:{self.scheduler.port}", CommonSettings())
+        self.stub = scheduler_pb2_grpc.SchedulerServiceStub(self.channel)
+
+    async def stop(self) -> None:
+        assert self.scheduler is not None and self.channel is not None
+        await self.channel.close()
+        await self.scheduler.server.stop(1)
+        self.scheduler = None
+
+    async def submit(self, **changes: object) -> pb.Job:
+        spec = pb.TrainingJobSpec(
+            architecture="cnn",
+            arguments_json=json.dumps({}),
+            dataset=pb.DatasetSpec(name="digits"),
+            optimizer={"name": "sgd", "hyperparameters": {"lr": 0.05, "momentum": 0.9}},
+            batch_size=32,
+            epochs=40,
+            workers=2,
+            shards=2,
+            consistency="bsp",
+            checkpoint_interval=50,
+            target_model="digits",
+            seed=7,
+            **changes,  # type: ignore[arg-type]
+        )
+        return (await self.stub.SubmitTrainingJob(pb.SubmitTrainingJobRequest(spec=spec))).job
+
+    async def wait(self, job_id: str, until: Callable[[pb.Job], bool], timeout_s: float = 240) -> pb.Job:
+        async def follow() -> pb.Job:
+            while True:
+                job = (await self.stub.GetJob(pb.GetJobRequest(id=job_id))).job
+                if until(job) or job.state in TERMINAL:
+                    return job
+                await asyncio.sleep(0.2)
+
+        return await asyncio.wait_for(follow(), timeout_s)
+
+
+@pytest.fixture
+async def mesh(ray_local, registry, tmp_path: Path) -> AsyncIterator[Mesh]:  # type: ignore[no-untyped-def]
+    mesh = Mesh(tmp_path / "scheduler", registry.port)
+    await mesh.start()
+    yield mesh
+    if mesh.scheduler is not None:
+        await mesh.stop()
+
+
+def actor(job_id: str, role: str, index: int) -> object:
+    return ray.get_actor(f"{job_id}-{role}-{index}-0", namespace="maas")
+
+
+async def test_job_trains_registers_and_streams_progress(mesh: Mesh, registry_client) -> None:  # type: ignore[no-untyped-def]
+    job = await mesh.submit()
+    assert job.state == pb.QUEUED and job.total_steps == 22 * 40
+    states, steps = [], 0
+    async for event in mesh.stub.WatchJob(pb.WatchJobRequest(id=job.id)):
+        if event.HasField("job"):
+            states.append(event.job.state)
+            if event.job.state in TERMINAL:
+                job = event.job
+                break
+        else:
+            steps += 1
+    assert job.state == pb.SUCCEEDED, job.message
+    assert pb.RUNNING in states and steps > 0
+    assert job.metrics["accuracy"] >= 0.97
+    version = (
+        await registry_client.call(
+            "GetVersion", rpb.GetVersionRequest(ref=rpb.VersionRef(model="digits", version=str(job.model_version)))
+        )
+    ).version
+    assert version.lineage.training_job_id == job.id
+    assert version.lineage.dataset_fingerprint == job.dataset_fingerprint != ""
+    assert version.lineage.metrics["accuracy"] == pytest.approx(job.metrics["accuracy"])
+    assert version.lineage.hyperparameters["consistency"] == "bsp"
+    assert version.architecture == "cnn"
+
+
+async def test_killed_worker_is_replaced_and_the_job_succeeds(mesh: Mesh) -> None:
+    job = await mesh.submit()
+    await mesh.wait(job.id, lambda j: j.step >= 100)
+    ray.kill(actor(job.id, "worker", 1), no_restart=True)
+    job = await mesh.wait(job.id, lambda j: False)
+    assert job.state == pb.SUCCEEDED, job.message
+    assert job.failures >= 1 and job.metrics["accuracy"] >= 0.95
+
+
+async def test_killed_shard_restores_from_its_checkpoint_and_the_job_succeeds(mesh: Mesh) -> None:
+    job = await mesh.submit()
+    await mesh.wait(job.id, lambda j: j.step >= 160)
+    ray.kill(actor(job.id, "shard", 0), no_restart=True)
+    job = await mesh.wait(job.id, lambda j: False)
+    assert job.state == pb.SUCCEEDED, job.message
+    assert job.failures >= 1 and job.metrics["accuracy"] >= 0.95
+
+
+async def test_restarted_scheduler_keeps_the_job_and_finishes_it(mesh: Mesh) -> None:
+    job = await mesh.submit()
+    await mesh.wait(job.id, lambda j: j.step >= 100)
+    await mesh.stop()
+    await mesh.start()
+    listed = await mesh.stub.GetJob(pb.GetJobRequest(id=job.id))
+    assert listed.job.state in (pb.PLACING, pb.RUNNING, pb.SUCCEEDED)
+    job = await mesh.wait(job.id, lambda j: False)
+    assert job.state == pb.SUCCEEDED, job.message
+    assert job.metrics["accuracy"] >= 0.95
