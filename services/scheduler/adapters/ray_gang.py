@@ -2,7 +2,9 @@
 
 All Ray calls for a job live here (STYLE.md: one wrapper per actor type). Shards and workers are
 ``ServiceHost`` actors named ``<job>-shard-<i>-<attempt>`` / ``<job>-worker-<rank>-<attempt>`` in the
-``maas`` namespace, so a restarted scheduler can find them again.
+``maas`` namespace, so a restarted scheduler can find them again. Actors and the placement group are
+detached: Ray would otherwise destroy them with the last handle (the scheduler's), and the scheduler removes
+them itself when the job ends.
 """
 
 from __future__ import annotations
@@ -50,7 +52,6 @@ def _bundle(resources: ResourceRequest) -> dict[str, float]:
 @dataclass
 class Gang:
     job: Job
-    detached: bool
     group: PlacementGroup | None = None
     shards: list[Member] = field(default_factory=list)
     workers: list[Member] = field(default_factory=list)
@@ -62,7 +63,11 @@ class Gang:
 
     async def place(self, timeout_s: float) -> bool:
         """Reserve every bundle at once (a gang: all or nothing); False if Ray cannot within the timeout."""
-        self.group = placement_group(self._bundles, strategy="PACK", name=f"maas-{self.job.id}")
+        name = f"maas-{self.job.id}"
+        with contextlib.suppress(ValueError):
+            # A group a previous scheduler process left, whose actors could not be re-attached to.
+            remove_placement_group(ray.util.get_placement_group(name))
+        self.group = placement_group(self._bundles, strategy="PACK", name=name, lifetime="detached")
         try:
             await asyncio.wait_for(self.group.ready(), timeout_s)
             return True
@@ -79,7 +84,7 @@ class Gang:
         actor = ServiceHost.options(  # type: ignore[attr-defined]
             name=f"{self.job.id}-{role}-{index}-{attempt}",
             namespace=NAMESPACE,
-            lifetime="detached" if self.detached else None,
+            lifetime="detached",
             max_restarts=0,
             num_cpus=resources.cpus or 1.0,
             num_gpus=resources.gpus or 0,
@@ -120,7 +125,7 @@ class Gang:
             self.group = None
 
     @classmethod
-    async def find(cls, job: Job, detached: bool) -> Gang | None:
+    async def find(cls, job: Job) -> Gang | None:
         """The gang a previous scheduler process left running, if all of it is still alive."""
         pattern = re.compile(rf"^{re.escape(job.id)}-(shard|worker)-(\d+)-(\d+)$")
         latest: dict[tuple[str, int], int] = {}
@@ -131,7 +136,7 @@ class Gang:
         spec = job.spec
         if len(latest) != spec.shards + spec.workers:
             return None
-        gang = cls(job, detached)
+        gang = cls(job)
         for (role, index), attempt in sorted(latest.items()):
             actor = ray.get_actor(f"{job.id}-{role}-{index}-{attempt}", namespace=NAMESPACE)
             member = Member(role, index, attempt, actor)

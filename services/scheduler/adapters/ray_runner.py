@@ -88,12 +88,11 @@ class RayJobRunner:
 
     async def _execute(self, job: Job, reporter: JobReporter, *, resume: bool) -> None:
         await asyncio.to_thread(self._connect)
-        detached = bool(self._settings.ray_address)
-        gang = await Gang.find(job, detached) if resume else None
+        gang = await Gang.find(job) if resume else None
         shutting_down = False
         try:
             if gang is None:
-                gang = Gang(job, detached)
+                gang = Gang(job)
                 self._gangs[job.id] = gang
                 await reporter.placing(job.id)
                 if not await gang.place(self._settings.scheduler_placement_timeout_s):
