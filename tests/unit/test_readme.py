@@ -2,11 +2,17 @@
 
 from pathlib import Path
 
+import pytest
+
+from services.paramserver.settings import ParamServerSettings
 from services.registry.settings import RegistrySettings
+from services.scheduler.settings import SchedulerSettings
+from services.training.settings import TrainingSettings
 from shared.settings import settings_table
 
 
-def test_readme_documents_every_setting() -> None:
+@pytest.mark.parametrize("settings", [RegistrySettings, SchedulerSettings, ParamServerSettings, TrainingSettings])
+def test_readme_documents_every_setting(settings: type) -> None:
     readme = (Path(__file__).parents[2] / "README.md").read_text()
-    missing = [name for name, _, _ in settings_table(RegistrySettings) if f"`{name}`" not in readme]
+    missing = [name for name, _, _ in settings_table(settings) if f"`{name}`" not in readme]
     assert missing == []

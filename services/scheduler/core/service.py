@@ -114,7 +114,8 @@ class _Progress:
     flush: asyncio.Task[None] | None = None
 
     def metrics(self) -> dict[str, float]:
-        """Job metrics from each worker's latest step: mean loss, summed throughput and traffic per step."""
+        """Job metrics from each worker's latest step: mean loss, summed throughput, traffic per step (pushes
+        and pulls), and the pushed (encoded gradient) bytes per step."""
         latest = list(self.workers.values())
         if not latest:
             return {}
@@ -122,6 +123,8 @@ class _Progress:
             "loss": sum(m.loss for m in latest) / len(latest),
             "samples_per_s": sum(m.samples_per_s for m in latest),
             "bytes_per_step": float(sum(m.bytes_sent + m.bytes_received for m in latest)),
+            # What the gradient codec put on the wire: the figure compression is judged by.
+            "push_bytes_per_step": float(sum(m.bytes_sent for m in latest)),
         }
 
 

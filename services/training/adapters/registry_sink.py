@@ -28,7 +28,7 @@ class RegistrySink:
         lineage.metrics.update(metrics)
         with tempfile.TemporaryDirectory(prefix="maas-train-") as tmp:
             path = Path(tmp) / "model.safetensors"
-            await asyncio.to_thread(save_artifact, model, manifest, path)
+            await asyncio.to_thread(save_artifact, model.to("cpu"), manifest, path)
             version = await self._client.upload_file(
                 self._model, path, manifest.to_json(), tags=self._tags, lineage=lineage, create_model=True
             )

@@ -84,8 +84,15 @@ class ShardedParameters:
                 param.copy_(joined[name].view_as(param))
 
 
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def compute_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
-    """Loss and gradients of a cross-entropy objective (classifiers and next-token models alike)."""
+    """Loss and gradients of a cross-entropy objective (classifiers and next-token models alike), on the
+    model's device (a GPU when the worker has one); the codecs move only what they send to the host."""
+    device = model_device(model)
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     model.train()
     model.zero_grad(set_to_none=True)
     logits = model(x)
@@ -187,11 +194,12 @@ async def final_parameters(
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> dict[str, float]:
     """Held-out accuracy and mean loss."""
     model.eval()
+    device = model_device(model)
     correct, total, loss_sum = 0, 0, 0.0
     with torch.inference_mode():
         for i in range(0, len(x), batch_size):
-            logits = model(x[i : i + batch_size])
-            target = y[i : i + batch_size]
+            logits = model(x[i : i + batch_size].to(device))
+            target = y[i : i + batch_size].to(device)
             flat = logits.reshape(-1, logits.shape[-1])
             loss_sum += float(nn.functional.cross_entropy(flat, target.reshape(-1), reduction="sum"))
             correct += int((flat.argmax(-1) == target.reshape(-1)).sum())

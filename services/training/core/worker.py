@@ -54,7 +54,12 @@ def _build(spec: WorkerSpec) -> tuple[Manifest, nn.Module]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         model = build_model(manifest)
-    return manifest, model
+    # Ray sets CUDA_VISIBLE_DEVICES to the GPUs it gave this actor: a worker that asked for none sees none.
+    return manifest, model.to(training_device())
+
+
+def training_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 async def run_worker(
