@@ -484,6 +484,7 @@ def _report(results: dict[str, Transfer], key: str, label: str, index: int, run:
 async def benchmark(
     model: dict[str, Any], shard_counts: list[int], runs: int, workdir: Path, shard_threads: int | None
 ) -> dict[str, Any]:
+    load_start = os.getloadavg()
     bare_count = max(shard_counts)
     bare: list[Server] = []
     bare_channels: list[grpc.aio.Channel] = []
@@ -517,6 +518,9 @@ async def benchmark(
             "python": platform.python_version(),
             "grpcio": grpc.__version__,
             "network": "loopback (127.0.0.1), plaintext",
+            # Other work on the machine skews every figure: the 1/5/15-minute load at the start and the end.
+            "load_average_start": [round(x, 2) for x in load_start],
+            "load_average_end": [round(x, 2) for x in os.getloadavg()],
         },
         "code": code_fingerprint(),
         "model": {"architecture": "mlp", "arguments": model, "parameters": params, "bytes": params * 4},
@@ -580,6 +584,10 @@ def print_table(result: dict[str, Any]) -> None:
         f"shard RSS after init (MiB): {', '.join(str(b['shard_rss_mib_after_init']) for b in result['blocks'])}; "
         f"{result['machine']['cpus']} CPUs shared by the client, the shards and the bare servers: more shards "
         f"cannot add CPU here"
+    )
+    print(
+        f"load average (1 min) at start {result['machine']['load_average_start'][0]}, "
+        f"at end {result['machine']['load_average_end'][0]} (other processes share the CPUs)"
     )
 
 

@@ -50,9 +50,10 @@ async def wait_serving(address: str, settings: CliSettings, child: Child, timeou
         await channel.close()
 
 
-def start_child(name: str, module: str, address: str) -> Child:
-    env = dict(os.environ)
-    return Child(name, address, subprocess.Popen([sys.executable, "-m", module], env=env))
+def start_child(name: str, module: str, address: str, env: dict[str, str] | None = None) -> Child:
+    # Ray forks helper processes after gRPC threads exist; gRPC's fork handlers only log noise there.
+    child_env = {"GRPC_ENABLE_FORK_SUPPORT": "false", "GRPC_VERBOSITY": "ERROR", **os.environ, **(env or {})}
+    return Child(name, address, subprocess.Popen([sys.executable, "-m", module], env=child_env))
 
 
 def stop_children(children: list[Child], grace_s: float) -> None:
@@ -71,7 +72,12 @@ async def run_up(settings: CliSettings, quickstart: bool, console: Console) -> N
 
     children = [
         start_child("registry", "services.registry", settings.registry_address),
-        start_child("scheduler", "services.scheduler", settings.scheduler_address),
+        start_child(
+            "scheduler",
+            "services.scheduler",
+            settings.scheduler_address,
+            {"MAAS_SCHEDULER_REGISTRY_ADDRESS": settings.registry_address},
+        ),
     ]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
