@@ -290,7 +290,7 @@ async def test_progress_is_stored_at_most_once_per_interval(make, repository, ru
     await eventually(lambda: repository.progress_writes == 2, timeout=2)
     stored = await service.get(job.id)
     assert stored.step == 50
-    assert stored.metrics == {"loss": 1.5, "samples_per_s": 20.0, "bytes_per_step": 0.0}
+    assert stored.metrics == {"loss": 1.5, "samples_per_s": 20.0, "bytes_per_step": 0.0, "push_bytes_per_step": 0.0}
     await asyncio.sleep(0.4)
     assert repository.progress_writes == 2  # nothing new: nothing written
 
