@@ -60,6 +60,8 @@ run: setup proto ## Start the mesh on the embedded defaults and push a zoo model
 
 bench: setup proto ## Run the benchmarks; figures go to benchmarks/results/ and the terminal.
 	$(BIN)/python -m benchmarks.registry_transfer
+	$(BIN)/python -m benchmarks.paramserver
+	$(BIN)/python -m benchmarks.training
 
 lock: setup ## Rewrite constraints.txt from what .venv holds (after changing pyproject.toml).
 	{ echo '# Exact versions `make setup` installs (pip -c): one tested set. Regenerate with `make lock`.'; \

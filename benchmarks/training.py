@@ -71,9 +71,8 @@ class Model:
 
 
 MODELS = {
-    "cnn": Model(
-        "digits CNN", "cnn", {}, "digits", hyperparameters={"lr": 0.05, "momentum": 0.9}
-    ),  # as the integration test
+    # The optimizer of tests/integration/test_training_inprocess.py.
+    "cnn": Model("digits CNN", "cnn", {}, "digits", hyperparameters={"lr": 0.05, "momentum": 0.9}),
     "transformer": Model(
         "transformer classifier",
         "transformer-classifier",
@@ -199,7 +198,7 @@ async def train(
     assert len(timed) == workers * steps, (len(timed), workers, steps)
     seconds = end - begin
     samples = workers * steps * BATCH
-    last = sorted((r for r in timed), key=lambda r: r.step)[-10 * workers :]
+    last = sorted(timed, key=lambda r: r.step)[-10 * workers :]
     figures = {
         "model": model.name,
         "architecture": model.architecture,
