@@ -16,9 +16,8 @@ from maas.paramserver.v1 import paramserver_pb2, paramserver_pb2_grpc
 from services.paramserver.api.servicer import ParamServerServicer
 from services.paramserver.core.host import ShardHost
 from services.paramserver.settings import ParamServerSettings
-from shared.grpc.server import ServiceServer, start_server
+from shared.grpc.server import ServiceServer, start_service
 from shared.logging import configure_logging
-from shared.metrics import RpcMetrics, serve_metrics
 from shared.tracing import configure_tracing
 
 SERVICE_NAME = paramserver_pb2.DESCRIPTOR.services_by_name["ParameterServer"].full_name
@@ -29,13 +28,16 @@ log = structlog.get_logger("maas.paramserver")
 class RunningShard:
     server: ServiceServer
     host: ShardHost
-    metrics_port: int
 
     grace_s: float = 10.0
 
     @property
     def port(self) -> int:
         return self.server.port
+
+    @property
+    def metrics_port(self) -> int:
+        return self.server.metrics_port
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain in-flight RPCs for ``grace`` seconds (default: the settings'), then close."""
@@ -46,29 +48,16 @@ async def start(settings: ParamServerSettings) -> RunningShard:
     """Start one shard server with ``settings``; also what tests and the scheduler's actors call."""
     configure_tracing("paramserver", settings.otel_exporter, settings.otel_endpoint)
     host = ShardHost(settings.checkpoint_root(), pull_timeout_s=settings.paramserver_pull_timeout_s)
-    metrics = RpcMetrics.create()
-    metrics_host, _, metrics_port = settings.paramserver_metrics_address.rpartition(":")
-    metrics_server, bound_metrics_port = serve_metrics(metrics.registry, metrics_host, int(metrics_port))
     servicer = ParamServerServicer(host)
-    try:
-        server = await start_server(
-            settings,
-            settings.paramserver_address,
-            [lambda s: paramserver_pb2_grpc.add_ParameterServerServicer_to_server(servicer, s)],
-            [SERVICE_NAME],
-            metrics=metrics,
-        )
-    except BaseException:
-        metrics_server.shutdown()  # type: ignore[attr-defined]
-        raise
-
-    async def close() -> None:
-        await host.close()
-        # shutdown() waits out the HTTP server's poll interval: not on the event loop.
-        await asyncio.to_thread(metrics_server.shutdown)  # type: ignore[attr-defined]
-
-    server.on_close.append(close)
-    return RunningShard(server=server, host=host, metrics_port=bound_metrics_port, grace_s=settings.shutdown_grace_s)
+    server = await start_service(
+        settings,
+        settings.paramserver_address,
+        settings.paramserver_metrics_address,
+        [lambda s: paramserver_pb2_grpc.add_ParameterServerServicer_to_server(servicer, s)],
+        [SERVICE_NAME],
+    )
+    server.on_close.append(host.close)
+    return RunningShard(server=server, host=host, grace_s=settings.shutdown_grace_s)
 
 
 async def hosted(options: dict[str, Any]) -> RunningShard:

@@ -15,9 +15,8 @@ from services.registry.api.servicer import RegistryServicer
 from services.registry.core.ports import ArtifactStore
 from services.registry.core.service import RegistryCore
 from services.registry.settings import RegistrySettings
-from shared.grpc.server import ServiceServer, start_server
+from shared.grpc.server import ServiceServer, start_service
 from shared.logging import configure_logging
-from shared.metrics import RpcMetrics, serve_metrics
 from shared.sql import create_engine, migrate
 from shared.tracing import configure_tracing
 
@@ -29,11 +28,14 @@ log = structlog.get_logger("maas.registry")
 class RunningRegistry:
     server: ServiceServer
     core: RegistryCore
-    metrics_port: int
 
     @property
     def port(self) -> int:
         return self.server.port
+
+    @property
+    def metrics_port(self) -> int:
+        return self.server.metrics_port
 
 
 def _artifact_store(settings: RegistrySettings) -> ArtifactStore:
@@ -65,24 +67,20 @@ async def start(settings: RegistrySettings) -> RunningRegistry:
     swept = await core.recover()
     if swept:
         log.warning("recovered_interrupted_uploads", removed=swept)
-    metrics = RpcMetrics.create()
-    host, _, port = settings.registry_metrics_address.rpartition(":")
-    metrics_server, metrics_port = serve_metrics(metrics.registry, host, int(port))
     servicer = RegistryServicer(core)
-    server = await start_server(
+    server = await start_service(
         settings,
         settings.registry_address,
+        settings.registry_metrics_address,
         [lambda s: registry_pb2_grpc.add_RegistryServiceServicer_to_server(servicer, s)],
         [SERVICE_NAME],
-        metrics=metrics,
     )
 
     async def close() -> None:
-        metrics_server.shutdown()  # type: ignore[attr-defined]
         await asyncio.to_thread(engine.dispose)
 
     server.on_close.append(close)
-    return RunningRegistry(server=server, core=core, metrics_port=metrics_port)
+    return RunningRegistry(server=server, core=core)
 
 
 async def serve(settings: RegistrySettings) -> None:

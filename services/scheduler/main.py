@@ -19,9 +19,8 @@ from services.scheduler.api.servicer import SchedulerServicer
 from services.scheduler.core.ports import JobRunner
 from services.scheduler.core.service import JobService
 from services.scheduler.settings import SchedulerSettings
-from shared.grpc.server import ServiceServer, start_server
+from shared.grpc.server import ServiceServer, start_service
 from shared.logging import configure_logging
-from shared.metrics import RpcMetrics, serve_metrics
 from shared.sql import create_engine, migrate
 from shared.tracing import configure_tracing
 
@@ -33,11 +32,14 @@ log = structlog.get_logger("maas.scheduler")
 class RunningScheduler:
     server: ServiceServer
     service: JobService
-    metrics_port: int
 
     @property
     def port(self) -> int:
         return self.server.port
+
+    @property
+    def metrics_port(self) -> int:
+        return self.server.metrics_port
 
 
 def ray_runner_factory(settings: SchedulerSettings) -> Callable[[], JobRunner]:
@@ -73,31 +75,26 @@ async def start(settings: SchedulerSettings, runner_factory: Callable[[], JobRun
         default_max_failures=settings.scheduler_default_max_failures,
     )
     await service.start()
-    metrics = RpcMetrics.create()
-    host, _, port = settings.scheduler_metrics_address.rpartition(":")
-    metrics_server, metrics_port = serve_metrics(metrics.registry, host, int(port))
     servicer = SchedulerServicer(service)
     try:
-        server = await start_server(
+        server = await start_service(
             settings,
             settings.scheduler_address,
+            settings.scheduler_metrics_address,
             [lambda s: scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(servicer, s)],
             [SERVICE_NAME],
-            metrics=metrics,
         )
     except BaseException:
         await service.close()
-        metrics_server.shutdown()  # type: ignore[attr-defined]
         await asyncio.to_thread(engine.dispose)
         raise
 
     async def close() -> None:
         await service.close()
-        metrics_server.shutdown()  # type: ignore[attr-defined]
         await asyncio.to_thread(engine.dispose)
 
     server.on_close.append(close)
-    return RunningScheduler(server=server, service=service, metrics_port=metrics_port)
+    return RunningScheduler(server=server, service=service)
 
 
 async def serve(settings: SchedulerSettings) -> None:

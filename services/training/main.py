@@ -23,9 +23,8 @@ from services.training.settings import TrainingSettings
 from shared.clients.paramserver import ParamServerClient
 from shared.clients.registry import RegistryClient
 from shared.datasets import DatasetSpec
-from shared.grpc.server import ServiceServer, start_server
+from shared.grpc.server import ServiceServer, start_service
 from shared.logging import configure_logging
-from shared.metrics import RpcMetrics, serve_metrics
 from shared.tracing import configure_tracing
 
 SERVICE_NAME = training_pb2.DESCRIPTOR.services_by_name["TrainingWorker"].full_name
@@ -88,16 +87,13 @@ async def hosted(options: dict[str, Any]) -> RunningWorker:
     lineage.ParseFromString(bytes.fromhex(options.get("lineage_hex", "")))
     sink = RegistrySink(registry, options["target_model"], lineage, dict(options.get("tags", {})))
     session = WorkerSession(spec, [GrpcShard(c) for c in shard_clients], sink, resume=bool(options.get("resume")))
-    metrics = RpcMetrics.create()
-    host, _, port = settings.training_metrics_address.rpartition(":")
-    serve_metrics(metrics.registry, host, int(port))
     servicer = TrainingWorkerServicer(session)
-    server = await start_server(
+    server = await start_service(
         settings,
         settings.training_address,
+        settings.training_metrics_address,
         [lambda s: training_pb2_grpc.add_TrainingWorkerServicer_to_server(servicer, s)],
         [SERVICE_NAME],
-        metrics=metrics,
     )
     session.start()
     await asyncio.sleep(0)

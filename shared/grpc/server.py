@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
 from shared.grpc.interceptors import RequestInterceptor, TokenAuthInterceptor
-from shared.metrics import RpcMetrics
+from shared.metrics import RpcMetrics, serve_metrics
 from shared.settings import CommonSettings
 
 log = structlog.get_logger("maas.server")
@@ -34,6 +34,8 @@ class ServiceServer:
     port: int
     service_names: Sequence[str]
     on_close: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # The Prometheus endpoint's bound port (0 when the server has none).
+    metrics_port: int = 0
 
     async def stop(self, grace: float) -> None:
         """Report NOT_SERVING first (load balancers stop routing), then drain, then close the core."""
@@ -114,3 +116,30 @@ async def start_server(
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving", address=address, port=port, services=list(service_names), tls=credentials is not None)
     return ServiceServer(server=server, health=health, port=port, service_names=service_names)
+
+
+async def start_service(
+    settings: CommonSettings,
+    address: str,
+    metrics_address: str,
+    registrations: Sequence[Registration],
+    service_names: Sequence[str],
+) -> ServiceServer:
+    """:func:`start_server` with the service's Prometheus endpoint (``host:port``, port 0 picks one),
+    which closes with the server: what every composition root needs."""
+    metrics = RpcMetrics.create()
+    host, _, port = metrics_address.rpartition(":")
+    metrics_server, metrics_port = serve_metrics(metrics.registry, host, int(port))
+    try:
+        server = await start_server(settings, address, registrations, service_names, metrics=metrics)
+    except BaseException:
+        metrics_server.shutdown()  # type: ignore[attr-defined]
+        raise
+
+    async def close_metrics() -> None:
+        # shutdown() waits out the HTTP server's poll interval: not on the event loop.
+        await asyncio.to_thread(metrics_server.shutdown)  # type: ignore[attr-defined]
+
+    server.on_close.append(close_metrics)
+    server.metrics_port = metrics_port
+    return server
