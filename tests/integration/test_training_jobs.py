@@ -19,7 +19,12 @@ from services.scheduler.settings import SchedulerSettings
 from shared.grpc.channel import make_channel
 from shared.settings import CommonSettings
 
-pytestmark = [pytest.mark.slow, pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)]
+# Real training on 2 cores: a job takes 40-60 s alone, several times that on a loaded machine.
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.timeout(1200),
+    pytest.mark.parametrize("database_url", ["sqlite"], indirect=True),
+]
 TERMINAL = {pb.SUCCEEDED, pb.FAILED, pb.CANCELLED}
 
 
@@ -73,7 +78,7 @@ class Mesh:
         spec = pb.TrainingJobSpec(**{**fields, **changes})  # type: ignore[arg-type]
         return (await self.stub.SubmitTrainingJob(pb.SubmitTrainingJobRequest(spec=spec))).job
 
-    async def wait(self, job_id: str, until: Callable[[pb.Job], bool], timeout_s: float = 240) -> pb.Job:
+    async def wait(self, job_id: str, until: Callable[[pb.Job], bool], timeout_s: float = 600) -> pb.Job:
         async def follow() -> pb.Job:
             while True:
                 job = (await self.stub.GetJob(pb.GetJobRequest(id=job_id))).job
@@ -105,8 +110,9 @@ async def test_jobs_train_register_and_compress(mesh: Mesh, registry_client) -> 
         "bsp": {},
         "topk": {"codec": "topk", "codec_options": {"ratio": 0.01}},
         "int8": {"codec": "int8"},
-        "asp": {"consistency": "asp"},
-        "ssp": {"consistency": "ssp", "staleness": 2},
+        # Convergence only (>= 0.95) for the asynchronous modes: fewer epochs suffice.
+        "asp": {"consistency": "asp", "epochs": 25},
+        "ssp": {"consistency": "ssp", "staleness": 2, "epochs": 25},
     }
     jobs = {name: await mesh.submit(**changes) for name, changes in variants.items()}
     assert jobs["bsp"].state == pb.QUEUED and jobs["bsp"].total_steps == 22 * 40
