@@ -38,7 +38,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import struct
 import sys
 import tempfile
@@ -50,7 +49,7 @@ from typing import Any
 
 import grpc
 
-from benchmarks.registry_transfer import Server, cpu_seconds, free_port, rss_mib, wait_ready
+from benchmarks.registry_transfer import BARE_SERVICE, Server, cpu_seconds, free_port, rss_mib, wait_ready
 
 MiB = 1024 * 1024
 GB = 1_000_000_000
@@ -78,7 +77,6 @@ CODE_PATH = (
     "shared/grpc/channel.py",
     "shared/grpc/interceptors.py",
 )
-BARE_SERVICE = "bench.BareParams"
 _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -155,42 +153,6 @@ class CpuMeter:
 
 
 # The bare baseline server (runs in its own process) -----------------------------------------------------------
-
-
-async def _serve_bare(address: str) -> None:
-    async def upload(request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
-        received = 0
-        async for chunk in request_iterator:
-            received += len(chunk)
-        return struct.pack("<Q", received)
-
-    async def download(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-        size, chunk_bytes = struct.unpack("<QQ", request)
-        block = os.urandom(chunk_bytes)
-        sent = 0
-        while sent < size:
-            n = min(chunk_bytes, size - sent)
-            yield block if n == chunk_bytes else block[:n]
-            sent += n
-
-    handler = grpc.method_handlers_generic_handler(
-        BARE_SERVICE,
-        {
-            "Upload": grpc.stream_unary_rpc_method_handler(upload),
-            "Download": grpc.unary_stream_rpc_method_handler(download),
-        },
-    )
-    server = grpc.aio.server(options=_CHANNEL_OPTIONS)
-    server.add_generic_rpc_handlers((handler,))
-    if server.add_insecure_port(address) == 0:
-        raise OSError(f"could not bind {address}")
-    await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.stop(1)
 
 
 def _shares(total: int, parts: int) -> list[int]:
@@ -493,7 +455,16 @@ async def benchmark(
         print(f"starting {bare_count} bare grpc.aio server(s) ...", flush=True)
         for index in range(bare_count):
             target = f"127.0.0.1:{free_port()}"
-            argv = [sys.executable, "-m", "benchmarks.paramserver", "--serve-bare", target]
+            # The registry benchmark's bare server: the same discard-upload and block-download methods.
+            argv = [
+                sys.executable,
+                "-m",
+                "benchmarks.registry_transfer",
+                "--serve-bare",
+                target,
+                "--spool",
+                str(workdir),
+            ]
             bare.append(Server(f"bare server {index}", argv, _server_env({}), workdir / f"bare-{index}.log"))
             bare_channels.append(grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS))
         for server, channel in zip(bare, bare_channels, strict=True):
@@ -610,11 +581,7 @@ def main(argv: list[str] | None = None) -> int:
         help="OMP_NUM_THREADS of the shard processes (default: unset, torch uses every core)",
     )
     parser.add_argument("--output", type=Path, help=f"JSON results (default {RESULTS}; --quick: {QUICK_RESULTS})")
-    parser.add_argument("--serve-bare", metavar="ADDRESS", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.serve_bare:
-        asyncio.run(_serve_bare(args.serve_bare))
-        return 0
     if args.runs < 1 or any(n < 1 for n in args.shards) or args.client_torch_threads < 1:
         parser.error("--runs, --shards and --client-torch-threads must be positive")
     if args.shard_torch_threads is not None and args.shard_torch_threads < 1:
