@@ -7,6 +7,8 @@ import asyncio
 import typer
 
 from services.cli.common import console
+from services.cli.deploy import deploy_app
+from services.cli.infer import generate, infer
 from services.cli.models import models_app
 from services.cli.settings import CliSettings
 from services.cli.train import train_app
@@ -15,13 +17,18 @@ from shared.logging import configure_logging
 app = typer.Typer(help="maas: train, register, deploy and serve models.", no_args_is_help=True)
 app.add_typer(models_app, name="models", help="Models and versions in the registry.")
 app.add_typer(train_app, name="train", help="Training jobs in the scheduler.")
+app.add_typer(deploy_app, name="deploy", help="Inference deployments (replicas behind the gateway).")
+app.command()(infer)
+app.command()(generate)
 
 
 @app.command()
 def up(
-    quickstart: bool = typer.Option(False, help="Also push a zoo model so the registry is not empty."),
+    quickstart: bool = typer.Option(
+        False, help="Also train the digits classifier (unless trained), deploy it and show predictions."
+    ),
 ) -> None:
-    """Start the mesh (the registry; later issues add the scheduler and gateway); Ctrl-C stops it."""
+    """Start the mesh (registry, scheduler with a local Ray, gateway); Ctrl-C stops it."""
     from services.cli.up import run_up
 
     settings = CliSettings()

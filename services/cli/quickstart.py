@@ -1,4 +1,4 @@
-"""What `make run` does once the mesh is up: train the digits classifier and register it."""
+"""What `make run` does once the mesh is up: train the digits classifier, register, deploy and query it."""
 
 from __future__ import annotations
 
@@ -28,8 +28,19 @@ def zoo_artifact(architecture: str, arguments: dict[str, object], dest: Path, se
 
 
 async def run_quickstart(settings: CliSettings, console: Console) -> None:
-    """Train the digits CNN with 2 workers and 2 shards (BSP) unless a trained version exists."""
-    from services.cli.train import Scheduler, _watch
+    """Train the digits CNN unless a trained version exists, deploy it, show predictions through the gateway."""
+    if await train_digits(settings, console):
+        await deploy_digits(settings, console)
+        await show_predictions(settings, console)
+
+
+async def train_digits(settings: CliSettings, console: Console) -> bool:
+    """Train the digits CNN with 2 workers and 2 shards (BSP) unless a trained version exists.
+
+    Returns whether a trained version exists now.
+    """
+    from services.cli.common import Scheduler
+    from services.cli.train import _watch
 
     client = RegistryClient.connect(settings.registry_address, settings)
     try:
@@ -38,7 +49,7 @@ async def run_quickstart(settings: CliSettings, console: Console) -> None:
             accuracy = reply.version.lineage.metrics.get("accuracy")
             if accuracy is not None:
                 console.print(f"{QUICKSTART_MODEL}@{reply.version.number} is trained: held-out accuracy {accuracy:.4f}")
-                return
+                return True
         except NotFound:
             pass
     finally:
@@ -68,5 +79,65 @@ async def run_quickstart(settings: CliSettings, console: Console) -> None:
         console.print(
             f"[green]✓[/] {QUICKSTART_MODEL}@{job.model_version}: held-out accuracy {job.metrics['accuracy']:.4f}"
         )
-    else:
-        console.print(f"[red]training ended {spb.JobState.Name(job.state)}[/]: {job.message}")
+        return True
+    console.print(f"[red]training ended {spb.JobState.Name(job.state)}[/]: {job.message}")
+    return False
+
+
+async def deploy_digits(settings: CliSettings, console: Console) -> None:
+    """Deploy the latest digits version (or roll the deployment to it) and wait until it is ready."""
+    from services.cli.common import Scheduler
+    from services.cli.deploy import print_deployment, wait_ready
+
+    spec = spb.DeploymentSpec(model=QUICKSTART_MODEL, min_replicas=1, max_replicas=1)
+    async with Scheduler(settings) as scheduler:
+        try:
+            current = (
+                await scheduler.call("GetDeployment", spb.GetDeploymentRequest(name=QUICKSTART_MODEL))
+            ).deployment
+            latest = await _latest_version(settings)
+            if current.version != latest:
+                await scheduler.call("UpdateDeployment", spb.UpdateDeploymentRequest(spec=spec))
+        except NotFound:
+            await scheduler.call("CreateDeployment", spb.CreateDeploymentRequest(spec=spec))
+        deployment = await wait_ready(scheduler, QUICKSTART_MODEL)
+    print_deployment(deployment)
+    if deployment.state != spb.DEPLOYMENT_READY:
+        raise RuntimeError(f"the {QUICKSTART_MODEL} deployment is not ready: {deployment.message}")
+
+
+async def _latest_version(settings: CliSettings) -> int:
+    client = RegistryClient.connect(settings.registry_address, settings)
+    try:
+        reply = await client.call("GetVersion", rpb.GetVersionRequest(ref=rpb.VersionRef(model=QUICKSTART_MODEL)))
+        return int(reply.version.number)
+    finally:
+        await client.close()
+
+
+async def show_predictions(settings: CliSettings, console: Console, count: int = 8) -> None:
+    """Send the last ``count`` of scikit-learn's digits through the gateway and print what the model says."""
+    import numpy as np
+    from inference import grpc_service_pb2 as kpb
+    from sklearn.datasets import load_digits
+
+    from services.cli.common import Gateway
+    from services.cli.infer import decode_outputs
+
+    digits = load_digits()
+    images = (np.asarray(digits.images[-count:], dtype=np.float32) / 16.0).reshape(count, 1, 8, 8)
+    labels = digits.target[-count:].tolist()
+    request = kpb.ModelInferRequest(model_name=QUICKSTART_MODEL)
+    request.inputs.add(name="x", datatype="FP32", shape=list(images.shape))
+    request.raw_input_contents.append(images.tobytes())
+    async with Gateway(settings) as gateway:
+        metadata = await gateway.call("ModelMetadata", kpb.ModelMetadataRequest(name=QUICKSTART_MODEL))
+        request.inputs[0].name = metadata.inputs[0].name
+        response = await gateway.call("ModelInfer", request)
+    scores = next(iter(decode_outputs(response).values()))
+    predicted = scores.argmax(axis=1).tolist()
+    right = sum(p == t for p, t in zip(predicted, labels, strict=True))
+    console.print(
+        f"predictions through the gateway ({QUICKSTART_MODEL}@{response.model_version}, KServe v2 ModelInfer on "
+        f"{settings.gateway_address}):\n  true:      {labels}\n  predicted: {predicted}  ({right}/{count} right)"
+    )

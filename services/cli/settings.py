@@ -12,3 +12,4 @@ class CliSettings(CommonSettings):
 
     registry_address: str = Field("127.0.0.1:7001", description="host:port of the registry.")
     scheduler_address: str = Field("127.0.0.1:7002", description="host:port of the scheduler.")
+    gateway_address: str = Field("127.0.0.1:8001", description="host:port of the gateway (KServe v2 gRPC).")

@@ -6,39 +6,15 @@ import json
 
 import typer
 from maas.scheduler.v1 import scheduler_pb2 as pb
-from maas.scheduler.v1 import scheduler_pb2_grpc
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from services.cli.common import console, out, run_async
-from services.cli.settings import CliSettings
+from services.cli.common import Scheduler, console, out, run_async
 from shared.errors import InvalidArgument
-from shared.grpc.channel import make_channel
 from shared.grpc.status import from_rpc_error
 
 train_app = typer.Typer(no_args_is_help=True)
 TERMINAL = {pb.SUCCEEDED, pb.FAILED, pb.CANCELLED}
-SERVICE = pb.DESCRIPTOR.services_by_name["SchedulerService"]
-
-
-class Scheduler:
-    """The scheduler's stub with domain errors."""
-
-    def __init__(self) -> None:
-        settings = CliSettings()
-        self.channel = make_channel(settings.scheduler_address, settings, [SERVICE])
-        self.stub = scheduler_pb2_grpc.SchedulerServiceStub(self.channel)
-
-    async def call(self, method: str, request: object) -> object:
-        import grpc
-
-        try:
-            return await getattr(self.stub, method)(request)
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
-
-    async def close(self) -> None:
-        await self.channel.close()
 
 
 def _floats(values: list[str], option: str) -> dict[str, float]:

@@ -78,6 +78,16 @@ async def run_up(settings: CliSettings, quickstart: bool, console: Console) -> N
             settings.scheduler_address,
             {"MAAS_SCHEDULER_REGISTRY_ADDRESS": settings.registry_address},
         ),
+        start_child(
+            "gateway",
+            "services.gateway",
+            settings.gateway_address,
+            {
+                "MAAS_GATEWAY_ADDRESS": settings.gateway_address,
+                "MAAS_GATEWAY_SCHEDULER_ADDRESS": settings.scheduler_address,
+                "MAAS_GATEWAY_REGISTRY_ADDRESS": settings.registry_address,
+            },
+        ),
     ]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -92,7 +102,9 @@ async def run_up(settings: CliSettings, quickstart: bool, console: Console) -> N
         console.print(
             f"\nregistry:  {settings.registry_address}   (try: grpcurl -plaintext {settings.registry_address} "
             "maas.registry.v1.RegistryService/ListModels)"
-            f"\nscheduler: {settings.scheduler_address}   (try: maas train list)\nCtrl-C stops the mesh."
+            f"\nscheduler: {settings.scheduler_address}   (try: maas train list, maas deploy list)"
+            f"\ngateway:   {settings.gateway_address}   (KServe v2 gRPC; try: grpcurl -plaintext "
+            f"{settings.gateway_address} inference.GRPCInferenceService/RepositoryIndex)\nCtrl-C stops the mesh."
         )
         while not stop.is_set():
             for child in children:
