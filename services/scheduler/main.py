@@ -1,7 +1,7 @@
-"""The scheduler's composition root: settings, logging, tracing, metrics, job store, core, server.
+"""The scheduler's composition root: settings, logging, tracing, metrics, stores, cores, server.
 
-The job runner is built lazily, by a factory the core calls when it first admits or resumes a job: a
-scheduler whose admission is paused (``scheduler_max_running_jobs`` 0) never starts Ray.
+The job runner and the replica pool are built lazily, by factories the cores call when they first need
+them: a scheduler with no job admitted and no deployment never starts Ray.
 """
 
 from __future__ import annotations
@@ -13,10 +13,15 @@ from dataclasses import dataclass
 import structlog
 from maas.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 
+from services.scheduler.adapters.registry_resolver import RegistryModelResolver
+from services.scheduler.adapters.sql.deployment_repository import SqlDeploymentRepository
 from services.scheduler.adapters.sql.repository import SqlJobRepository
 from services.scheduler.adapters.sql.tables import MIGRATIONS
 from services.scheduler.api.servicer import SchedulerServicer
+from services.scheduler.core.deployment_ports import ReplicaPool
+from services.scheduler.core.deployments import DeploymentService
 from services.scheduler.core.ports import JobRunner
+from services.scheduler.core.reconciler import ReconcilerConfig
 from services.scheduler.core.service import JobService
 from services.scheduler.settings import SchedulerSettings
 from shared.grpc.server import ServiceServer, start_service
@@ -32,6 +37,7 @@ log = structlog.get_logger("maas.scheduler")
 class RunningScheduler:
     server: ServiceServer
     service: JobService
+    deployments: DeploymentService
 
     @property
     def port(self) -> int:
@@ -54,10 +60,37 @@ def ray_runner_factory(settings: SchedulerSettings) -> Callable[[], JobRunner]:
     return factory
 
 
-async def start(settings: SchedulerSettings, runner_factory: Callable[[], JobRunner] | None = None) -> RunningScheduler:
+def ray_pool_factory(settings: SchedulerSettings) -> Callable[[], ReplicaPool]:
+    """A factory of the Ray replica pool; Ray is imported only when the factory is called."""
+
+    def factory() -> ReplicaPool:
+        from services.scheduler.adapters.ray_replicas import RayReplicaPool
+
+        pool: ReplicaPool = RayReplicaPool(settings)
+        return pool
+
+    return factory
+
+
+def reconciler_config(settings: SchedulerSettings) -> ReconcilerConfig:
+    return ReconcilerConfig(
+        health_interval_s=settings.scheduler_replica_health_interval_s,
+        ping_timeout_s=settings.scheduler_replica_ping_timeout_s,
+        drain_delay_s=settings.scheduler_replica_drain_delay_s,
+        stop_grace_s=settings.scheduler_replica_stop_grace_s,
+        start_timeout_s=settings.scheduler_replica_start_timeout_s,
+    )
+
+
+async def start(
+    settings: SchedulerSettings,
+    runner_factory: Callable[[], JobRunner] | None = None,
+    pool_factory: Callable[[], ReplicaPool] | None = None,
+) -> RunningScheduler:
     """Start the scheduler with ``settings``; also what tests call (with port 0 addresses).
 
     ``runner_factory`` builds the job runner on first need; None: the Ray runner (:func:`ray_runner_factory`).
+    ``pool_factory`` likewise builds the inference replica pool; None: the Ray pool (:func:`ray_pool_factory`).
     """
     configure_tracing("scheduler", settings.otel_exporter, settings.otel_endpoint)
     database_url = settings.database_url()
@@ -74,8 +107,23 @@ async def start(settings: SchedulerSettings, runner_factory: Callable[[], JobRun
         tenant_max_running=settings.scheduler_tenant_max_running,
         default_max_failures=settings.scheduler_default_max_failures,
     )
+    resolver = RegistryModelResolver.connect(settings.scheduler_registry_address, settings)
+    deployments = DeploymentService(
+        SqlDeploymentRepository(engine),
+        pool_factory or ray_pool_factory(settings),
+        resolver,
+        config=reconciler_config(settings),
+        default_cpus=settings.scheduler_replica_default_cpus,
+    )
     await service.start()
-    servicer = SchedulerServicer(service)
+    try:
+        await deployments.start()
+    except BaseException:
+        await service.close()
+        await resolver.close()
+        await asyncio.to_thread(engine.dispose)
+        raise
+    servicer = SchedulerServicer(service, deployments)
     try:
         server = await start_service(
             settings,
@@ -85,16 +133,20 @@ async def start(settings: SchedulerSettings, runner_factory: Callable[[], JobRun
             [SERVICE_NAME],
         )
     except BaseException:
+        await deployments.close()
         await service.close()
+        await resolver.close()
         await asyncio.to_thread(engine.dispose)
         raise
 
     async def close() -> None:
+        await deployments.close()
         await service.close()
+        await resolver.close()
         await asyncio.to_thread(engine.dispose)
 
     server.on_close.append(close)
-    return RunningScheduler(server=server, service=service)
+    return RunningScheduler(server=server, service=service, deployments=deployments)
 
 
 async def serve(settings: SchedulerSettings) -> None:

@@ -55,6 +55,34 @@ class SchedulerSettings(CommonSettings):
         3, ge=0, description="Worker or shard failures a job tolerates when its spec sets max_failures to 0."
     )
 
+    scheduler_replica_default_cpus: float = Field(
+        1.0, gt=0, description="Logical CPUs of an inference replica whose deployment asks for none."
+    )
+    scheduler_replica_health_interval_s: float = Field(
+        1.0, gt=0, description="How often every inference replica is pinged; two missed pings replace it."
+    )
+    scheduler_replica_ping_timeout_s: float = Field(
+        5.0, gt=0, description="How long one replica ping may take before it counts as missed."
+    )
+    scheduler_replica_drain_delay_s: float = Field(
+        1.0,
+        ge=0,
+        description="How long a replica taken out of the endpoints keeps serving before it is stopped, so "
+        "gateways see the new endpoints first.",
+    )
+    scheduler_replica_stop_grace_s: float = Field(
+        10.0, ge=0, description="Seconds a stopping replica's in-flight requests get to finish."
+    )
+    scheduler_replica_start_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="How long a replica may take to start (placement, model download, load and warm-up) "
+        "before the start counts as failed.",
+    )
+    scheduler_replica_torch_threads: int = Field(
+        1, ge=1, description="torch threads of each inference replica (1: safest beside other busy processes)."
+    )
+
     def database_url(self) -> str:
         if self.scheduler_database_url:
             return self.scheduler_database_url

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -26,14 +26,6 @@ pytestmark = [
     pytest.mark.parametrize("database_url", ["sqlite"], indirect=True),
 ]
 TERMINAL = {pb.SUCCEEDED, pb.FAILED, pb.CANCELLED}
-
-
-@pytest.fixture(scope="session")
-def ray_local() -> Iterator[None]:
-    # Once per session (DEVELOPERS.md): more logical CPUs than the 2 cores, so a gang fits.
-    ray.init(num_cpus=8, include_dashboard=False, namespace="maas", log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
 
 
 class Mesh:

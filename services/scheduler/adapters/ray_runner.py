@@ -20,13 +20,13 @@ import dataclasses
 from typing import Any
 
 import grpc
-import ray
 import structlog
 from maas.paramserver.v1 import paramserver_pb2 as ps
 from maas.registry.v1 import registry_pb2
 from maas.training.v1 import training_pb2 as tr
 from maas.training.v1 import training_pb2_grpc
 
+from services.scheduler.adapters import ray_cluster
 from services.scheduler.adapters.ray_gang import Gang, Member
 from services.scheduler.core.model import Job, StepMetrics
 from services.scheduler.core.ports import JobReporter
@@ -57,20 +57,9 @@ class RayJobRunner:
         self._gangs: dict[str, Gang] = {}
 
     def _connect(self) -> None:
-        if self._connected or ray.is_initialized():
+        if not self._connected:
+            ray_cluster.connect(self._settings)
             self._connected = True
-            return
-        common: dict[str, Any] = {
-            "namespace": "maas",
-            "include_dashboard": False,
-            "log_to_driver": False,
-            "configure_logging": False,
-        }
-        if self._settings.ray_address:
-            ray.init(address=self._settings.ray_address, **common)
-        else:
-            ray.init(num_cpus=self._settings.ray_num_cpus, **common)
-        self._connected = True
 
     async def run(self, job: Job, reporter: JobReporter) -> None:
         await self._execute(job, reporter, resume=False)

@@ -39,9 +39,11 @@ class ServiceHost:
         """Where the hosted service listens (None before start): how a restarted scheduler re-attaches."""
         return self._address
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop the hosted service; ``grace``: seconds its in-flight requests get (None: its default)."""
         if self._hosted is not None:
-            await self._hosted.stop()
+            # Only pass a grace to services whose stop() takes one (inference workers do).
+            await (self._hosted.stop() if grace is None else self._hosted.stop(grace))
             self._hosted = None
 
     @ray.method(concurrency_group="health")

@@ -45,3 +45,22 @@ jobs = sa.Table(
     sa.Index("ix_jobs_state_priority_seq", "state", "priority", "seq"),
     sa.Index("ix_jobs_tenant_state", "tenant", "state"),
 )
+
+deployments = sa.Table(
+    "deployments",
+    metadata,
+    sa.Column("name", sa.String(63), primary_key=True),
+    # The normalised DeploymentSpec (DeploymentSpec.to_dict()).
+    sa.Column("spec", sa.JSON, nullable=False),
+    sa.Column("state", sa.String(15), nullable=False),
+    sa.Column("message", sa.Text, nullable=False, server_default=""),
+    # What spec.version and the canary resolved to (ResolvedVersion.to_dict(); canary null without one):
+    # a restarted scheduler serves them without asking the registry.
+    sa.Column("resolved", sa.JSON, nullable=False),
+    sa.Column("canary", sa.JSON, nullable=True),
+    sa.Column("generation", sa.BigInteger, nullable=False, server_default="1"),
+    sa.Column("replica_generation", sa.BigInteger, nullable=False, server_default="1"),
+    sa.Column("target_replicas", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)

@@ -1,0 +1,34 @@
+"""Ray start-up, in one place: the scheduler is the mesh's only Ray driver (jobs and deployments share it).
+
+``ray_address`` joins a cluster; otherwise a local Ray declaring ``ray_num_cpus`` logical CPUs starts. Ray
+already initialised in this process (a test session's) is used as it is.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import ray
+
+from services.scheduler.settings import SchedulerSettings
+
+NAMESPACE = "maas"
+_lock = threading.Lock()
+
+
+def connect(settings: SchedulerSettings) -> None:
+    """Start or join Ray once per process (blocking: call it in a thread)."""
+    with _lock:
+        if ray.is_initialized():
+            return
+        common: dict[str, Any] = {
+            "namespace": NAMESPACE,
+            "include_dashboard": False,
+            "log_to_driver": False,
+            "configure_logging": False,
+        }
+        if settings.ray_address:
+            ray.init(address=settings.ray_address, **common)
+        else:
+            ray.init(num_cpus=settings.ray_num_cpus, **common)

@@ -1,0 +1,36 @@
+"""The deployment core's ModelResolver on the registry's ``GetVersion``."""
+
+from __future__ import annotations
+
+from maas.registry.v1 import registry_pb2 as rpb
+
+from services.scheduler.core.deployment_model import ResolvedVersion
+from shared.clients.registry import RegistryClient
+from shared.kserve.convert import signature_from_pb
+from shared.settings import CommonSettings
+
+
+class RegistryModelResolver:
+    """Implements ``core.deployment_ports.ModelResolver``; NotFound comes from the registry as it is."""
+
+    def __init__(self, client: RegistryClient) -> None:
+        self._client = client
+
+    @classmethod
+    def connect(cls, target: str, settings: CommonSettings) -> RegistryModelResolver:
+        return cls(RegistryClient.connect(target, settings))
+
+    async def resolve(self, model: str, version: str) -> ResolvedVersion:
+        response = await self._client.call(
+            "GetVersion", rpb.GetVersionRequest(ref=rpb.VersionRef(model=model, version=version))
+        )
+        found = response.version
+        return ResolvedVersion(
+            version=found.number,
+            architecture=found.architecture,
+            signature=signature_from_pb(found.signature),
+            aliases=tuple(sorted(found.aliases)),
+        )
+
+    async def close(self) -> None:
+        await self._client.close()

@@ -1,0 +1,324 @@
+"""The scheduler's deployment use cases: create, get, list, update, delete, watch endpoints, report load.
+
+:class:`DeploymentService` stores deployments (a :class:`DeploymentRepository`), resolves versions in the
+registry (a :class:`ModelResolver`) and runs one :class:`~services.scheduler.core.reconciler.Reconciler`
+per deployment over a :class:`ReplicaPool`. The replica set is the pool's truth: at start the service
+re-attaches to the replicas a previous process left (and stops those of deleted deployments).
+
+Endpoint watchers follow a sequence number bumped at every change: each gets the snapshot as it is when it
+looks, so a slow watcher skips intermediate snapshots instead of building a backlog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import structlog
+
+from services.scheduler.core.autoscaler import Autoscaler
+from services.scheduler.core.deployment_model import (
+    Deployment,
+    DeploymentEndpoints,
+    DeploymentSpec,
+    DeploymentState,
+    Endpoint,
+    ResolvedVersion,
+    ServedVersion,
+    needs_new_generation,
+    validate_deployment_spec,
+)
+from services.scheduler.core.deployment_ports import DeploymentRepository, ModelResolver, ReplicaPool
+from services.scheduler.core.model import Page
+from services.scheduler.core.reconciler import Reconciler, ReconcilerConfig, parse_replica_id
+from shared import names
+from shared.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from shared.paging import encode_token, parse_page
+
+T = TypeVar("T")
+log = structlog.get_logger("maas.scheduler.deployments")
+PoolFactory = Callable[[], ReplicaPool]
+Snapshot = tuple[DeploymentEndpoints, ...]
+_MAX_GATEWAY_ID = 256
+
+
+class DeploymentService:
+    """Inference deployments: the use cases the API calls and the reconcilers that serve them."""
+
+    def __init__(
+        self,
+        repository: DeploymentRepository,
+        pool_factory: PoolFactory,
+        resolver: ModelResolver,
+        *,
+        config: ReconcilerConfig | None = None,
+        default_cpus: float = 1.0,
+        report_ttl_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._repo = repository
+        self._pool_factory = pool_factory
+        self._pool: ReplicaPool | None = None
+        self._resolver = resolver
+        self._config = config or ReconcilerConfig()
+        self._default_cpus = default_cpus
+        self._clock = clock
+        self._autoscaler = Autoscaler(report_ttl_s)
+        self._reconcilers: dict[str, Reconciler] = {}
+        self._deletions: dict[str, asyncio.Task[None]] = {}
+        self._seq = 0
+        self._changed = asyncio.Event()
+        self._closing = False
+
+    # Plumbing -----------------------------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.to_thread(fn, *args)
+
+    def _get_pool(self) -> ReplicaPool:
+        # Lazily: a scheduler without deployments never starts Ray.
+        if self._pool is None:
+            self._pool = self._pool_factory()
+        return self._pool
+
+    def _publish(self) -> None:
+        self._seq += 1
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _store(self, deployment: Deployment) -> Deployment:
+        return await self._run(self._repo.save, deployment)
+
+    def _reconciler(self, deployment: Deployment) -> Reconciler:
+        reconciler = Reconciler(
+            deployment,
+            pool=self._get_pool(),
+            autoscaler=self._autoscaler,
+            store=self._store,
+            publish=self._publish,
+            config=self._config,
+            clock=self._clock,
+        )
+        self._reconcilers[deployment.name] = reconciler
+        return reconciler
+
+    # Lifecycle ----------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the stored deployments, re-attach to their live replicas, stop strays, reconcile."""
+        stored = await self._run(self._repo.all)
+        if not stored:
+            return
+        pool = self._get_pool()
+        reconcilers = {d.name: self._reconciler(d) for d in stored}
+        for found in await pool.find():
+            parsed = parse_replica_id(found.replica_id)
+            if parsed is None:
+                continue
+            name, generation, version, seq = parsed
+            reconciler = reconcilers.get(name)
+            if reconciler is None or not found.address:
+                log.info("replica_stray_stopped", replica=found.replica_id)
+                await pool.stop(found.replica_id, 0)
+                continue
+            reconciler.adopt(found.replica_id, generation, version, seq, found.address)
+            log.info("replica_reattached", replica=found.replica_id, address=found.address)
+        for reconciler in reconcilers.values():
+            if reconciler.deployment.state is DeploymentState.DELETING:
+                self._deletions[reconciler.deployment.name] = asyncio.create_task(self._finish_delete(reconciler))
+            else:
+                reconciler.start()
+        self._publish()
+
+    async def close(self) -> None:
+        """Stop reconciling (replicas keep running for the next process) and end every watch."""
+        self._closing = True
+        for task in self._deletions.values():
+            task.cancel()
+        await asyncio.gather(*self._deletions.values(), return_exceptions=True)
+        await asyncio.gather(*(r.close() for r in self._reconcilers.values()), return_exceptions=True)
+        close = getattr(self._pool, "close", None)
+        if close is not None:
+            await close()
+        self._publish()
+
+    # Use cases ----------------------------------------------------------------------------------------
+
+    async def create(self, spec: DeploymentSpec) -> Deployment:
+        """Validate, resolve the versions, store as DEPLOYING and start reconciling."""
+        spec = validate_deployment_spec(spec, self._default_cpus)
+        resolved = await self._resolver.resolve(spec.model, spec.version)
+        canary = await self._resolve_canary(spec, resolved)
+        now = datetime.now(UTC)
+        deployment = Deployment(
+            name=spec.name,
+            spec=spec,
+            state=DeploymentState.DEPLOYING,
+            resolved=resolved,
+            canary=canary,
+            message="starting replicas",
+            create_time=now,
+            update_time=now,
+        )
+        stored = await self._run(self._repo.insert, deployment)
+        log.info("deployment_created", deployment=stored.name, version=stored.version)
+        self._reconciler(stored).start()
+        self._publish()
+        return stored
+
+    async def _resolve_canary(self, spec: DeploymentSpec, default: ResolvedVersion) -> ResolvedVersion | None:
+        if spec.canary is None:
+            return None
+        canary = await self._resolver.resolve(spec.model, spec.canary.version)
+        if canary.version == default.version:
+            raise InvalidArgument.field("spec.canary.version", f"resolves to the default version {canary.version}")
+        return canary
+
+    async def get(self, name: str) -> Deployment:
+        names.check_name(name, "name")
+        reconciler = self._reconcilers.get(name)
+        if reconciler is None:
+            return await self._run(self._repo.get, name)
+        return reconciler.deployment.with_changes(replicas=reconciler.replicas())
+
+    async def list_deployments(self, page_size: int, page_token: str) -> Page[Deployment]:
+        """Deployments by name."""
+        query: dict[str, Any] = {}
+        page = parse_page(page_size, page_token, query)
+        stored = await self._run(self._repo.list_deployments, page.after, page.size + 1)
+        items = [self._live(d) for d in stored]
+        if len(items) <= page.size:
+            return Page(items=items)
+        kept = items[: page.size]
+        return Page(items=kept, next_page_token=encode_token(kept[-1].name, query))
+
+    def _live(self, deployment: Deployment) -> Deployment:
+        reconciler = self._reconcilers.get(deployment.name)
+        if reconciler is None:
+            return deployment
+        return reconciler.deployment.with_changes(replicas=reconciler.replicas())
+
+    async def update(self, spec: DeploymentSpec) -> Deployment:
+        """Replace the spec: a rolling update when versions, batching or resources change."""
+        spec = validate_deployment_spec(spec, self._default_cpus)
+        reconciler = self._reconcilers.get(spec.name)
+        if reconciler is None:
+            await self._run(self._repo.get, spec.name)  # NotFound, or stored but not served by this process
+            raise Unavailable(f"deployment {spec.name} is not loaded yet; try again", retry_after_s=1.0)
+        if reconciler.deleting or reconciler.deployment.state is DeploymentState.DELETING:
+            raise FailedPrecondition(f"deployment {spec.name} is being deleted", reason="DEPLOYMENT_DELETING")
+        resolved = await self._resolver.resolve(spec.model, spec.version)
+        canary = await self._resolve_canary(spec, resolved)
+        async with reconciler.lock:
+            if reconciler.deleting:
+                raise FailedPrecondition(f"deployment {spec.name} is being deleted", reason="DEPLOYMENT_DELETING")
+            old = reconciler.deployment
+            new = replace(old, spec=spec, resolved=resolved, canary=canary, generation=old.generation + 1)
+            if needs_new_generation(old, new):
+                new = replace(new, replica_generation=old.generation + 1)
+            stored = await self._store(new)
+            reconciler.apply(stored)
+        log.info("deployment_updated", deployment=spec.name, generation=stored.generation, version=stored.version)
+        self._publish()
+        return stored.with_changes(replicas=reconciler.replicas())
+
+    async def delete(self, name: str) -> None:
+        """Take the deployment out of the endpoints, drain and stop its replicas, forget it. Idempotent."""
+        names.check_name(name, "name")
+        task = self._deletions.get(name)
+        if task is None:
+            reconciler = self._reconcilers.get(name)
+            if reconciler is None:
+                await self._run(self._repo.get, name)  # NotFound
+                await self._run(self._repo.delete, name)
+                return
+            async with reconciler.lock:
+                reconciler.deleting = True
+                reconciler.deployment = await self._store(
+                    reconciler.deployment.with_changes(state=DeploymentState.DELETING, message="deleting")
+                )
+            self._publish()
+            task = self._deletions[name] = asyncio.create_task(self._finish_delete(reconciler))
+        await asyncio.shield(task)
+
+    async def _finish_delete(self, reconciler: Reconciler) -> None:
+        name = reconciler.deployment.name
+        try:
+            await reconciler.teardown()
+            await self._run(self._repo.delete, name)
+            self._reconcilers.pop(name, None)
+            self._autoscaler.forget(name)
+            log.info("deployment_deleted", deployment=name)
+            self._publish()
+        finally:
+            self._deletions.pop(name, None)
+
+    async def report_load(self, gateway_id: str, ongoing: dict[str, float]) -> None:
+        """A gateway's ongoing requests per deployment; a request held for a deployment without ready
+        replicas wakes its reconciler at once (scale from zero)."""
+        if not gateway_id or len(gateway_id) > _MAX_GATEWAY_ID or not gateway_id.isprintable():
+            raise InvalidArgument.field("gateway_id", f"must be 1-{_MAX_GATEWAY_ID} printable characters")
+        for name, value in ongoing.items():
+            if not math.isfinite(value) or value < 0:
+                raise InvalidArgument.field(f"ongoing[{name!r}]", f"must be a finite number >= 0, got {value!r}")
+        self._autoscaler.report(gateway_id, ongoing, self._clock())
+        for name, value in ongoing.items():
+            reconciler = self._reconcilers.get(name)
+            if reconciler is not None and value > 0 and not reconciler.ready():
+                reconciler.wake()
+
+    async def watch_endpoints(self, name: str = "") -> AsyncGenerator[Snapshot, None]:
+        """Every deployment's endpoints (or ``name``'s) now, then after every change."""
+        if name:
+            names.check_name(name, "name")
+        last: Snapshot | None = None
+        while True:
+            if self._closing:
+                raise Unavailable("the scheduler is shutting down", reason="SHUTTING_DOWN")
+            changed = self._changed
+            snapshot = self.snapshot(name)
+            if snapshot != last:
+                last = snapshot
+                yield snapshot
+            await changed.wait()
+
+    def snapshot(self, name: str = "") -> Snapshot:
+        """The endpoints of every live deployment (or of ``name``), by name."""
+        items = []
+        for key in sorted(self._reconcilers):
+            if name and key != name:
+                continue
+            reconciler = self._reconcilers[key]
+            d = reconciler.deployment
+            ready = reconciler.ready()
+            endpoints = () if reconciler.deleting else tuple(Endpoint(r.id, r.address, r.version) for r in ready)
+            served = sorted({d.version, *([d.canary_version] if d.canary else []), *(e.version for e in endpoints)})
+            items.append(
+                DeploymentEndpoints(
+                    name=d.name,
+                    state=DeploymentState.DELETING if reconciler.deleting else d.state,
+                    default_version=d.version,
+                    canary_version=d.canary_version,
+                    canary_weight_percent=d.spec.canary.weight_percent if d.spec.canary else 0,
+                    versions=tuple(
+                        ServedVersion(reconciler.versions[v], d.spec.batching)
+                        for v in served
+                        if v in reconciler.versions
+                    ),
+                    endpoints=endpoints,
+                    target_replicas=reconciler.target,
+                    max_replicas=d.spec.replica_bounds[1],
+                )
+            )
+        return tuple(items)
+
+    def get_reconciler(self, name: str) -> Reconciler:
+        reconciler = self._reconcilers.get(name)
+        if reconciler is None:
+            raise NotFound(f"deployment {name} not found")
+        return reconciler
