@@ -1,0 +1,335 @@
+"""The worker's core: the versions loaded here, their memory budget, batched inference and generation.
+
+Free of grpc, Ray and generated code: it works on numpy arrays, torch modules and domain types.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncGenerator, Mapping
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import structlog
+import torch
+from torch import nn
+
+from services.inference.core.batcher import DynamicBatcher
+from services.inference.core.runner import TorchRunner, model_bytes
+from services.inference.core.stats import BatchTimings, VersionStats
+from shared.artifacts import ArtifactError, Manifest, Signature, load_artifact, read_manifest
+from shared.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from shared.kserve.batching import BatchingSettings
+
+__all__ = ["ArtifactSource", "ModelHost", "ServedVersion"]
+
+log = structlog.get_logger("maas.inference")
+
+
+class ArtifactSource(Protocol):
+    """Where artifacts come from (the registry, in production)."""
+
+    async def fetch(self, model: str, version: int) -> Path:
+        """Returns a local path to the version's verified artifact.
+
+        Raises:
+            NotFound: If the registry has no such version.
+        """
+        ...
+
+
+@dataclass(eq=False)
+class ServedVersion:
+    """One loaded version and everything that serves it."""
+
+    model: str
+    version: int
+    manifest: Manifest
+    runner: TorchRunner
+    batcher: DynamicBatcher
+    stats: VersionStats
+    memory_bytes: int
+    device: str
+    last_used: float = field(default_factory=time.monotonic)
+    streams: int = 0
+    closing: bool = False
+    streams_idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.model, self.version)
+
+    @property
+    def signature(self) -> Signature:
+        return self.manifest.signature
+
+    @property
+    def architecture(self) -> str:
+        return self.manifest.architecture
+
+    @property
+    def batching(self) -> BatchingSettings:
+        return self.batcher.settings
+
+    @property
+    def streaming(self) -> bool:
+        return self.runner.streaming
+
+    @property
+    def ongoing(self) -> int:
+        """Requests queued or running now (batched requests plus open generation streams)."""
+        return self.batcher.ongoing + self.streams
+
+
+def _load(path: Path, device: str) -> tuple[Manifest, nn.Module]:
+    try:
+        manifest = read_manifest(path)
+        module = load_artifact(path, manifest, device=device)
+    except ArtifactError as exc:
+        raise InvalidArgument(f"the artifact cannot be loaded: {exc}") from None
+    module.eval()
+    return manifest, module
+
+
+class ModelHost:
+    """Loads versions, keeps them within a memory budget and runs requests on one compute executor.
+
+    Args:
+        source: Where artifacts come from.
+        executor: The single compute thread every execution runs on.
+        device: Resolved device (``cpu`` or ``cuda:N``).
+        memory_budget_bytes: Weight bytes all loaded versions may hold together.
+        warmup: Run one execution per version before it serves.
+        max_new_tokens: Most tokens one generation request may ask for.
+    """
+
+    def __init__(
+        self,
+        source: ArtifactSource,
+        executor: Executor,
+        device: str,
+        memory_budget_bytes: int,
+        *,
+        warmup: bool = True,
+        max_new_tokens: int = 512,
+    ) -> None:
+        self.source = source
+        self.executor = executor
+        self.device = device
+        self.memory_budget_bytes = memory_budget_bytes
+        self.warmup = warmup
+        self.max_new_tokens = max_new_tokens
+        self._versions: dict[tuple[str, int], ServedVersion] = {}
+        self._load_lock = asyncio.Lock()
+
+    # --- loading ---------------------------------------------------------------------------------
+
+    def loaded(self) -> list[ServedVersion]:
+        """Loaded versions, by model then version."""
+        return [self._versions[key] for key in sorted(self._versions)]
+
+    @property
+    def memory_used_bytes(self) -> int:
+        return sum(v.memory_bytes for v in self._versions.values())
+
+    async def load(self, model: str, version: int, batching: BatchingSettings) -> ServedVersion:
+        """Downloads, loads and warms up a version; a loaded one only takes the new batching settings.
+
+        Raises:
+            InvalidArgument: If the reference is malformed or the artifact cannot be loaded.
+            NotFound: If the registry has no such version.
+            ResourceExhausted: If the version does not fit the memory budget, even after unloading every
+                idle version.
+        """
+        if not model or version < 1:
+            raise InvalidArgument.field("ref", f"needs a model name and a version >= 1, got {model!r} {version}")
+        async with self._load_lock:
+            served = self._versions.get((model, version))
+            if served is not None and not served.closing:
+                served.batcher.update(batching)
+                return served
+            path = await self.source.fetch(model, version)
+            manifest, module = await asyncio.to_thread(_load, path, self.device)
+            size = model_bytes(module)
+            await self._make_room(model, version, size)
+            runner = TorchRunner(module, manifest, self.device)
+            if self.warmup:
+                await self._warm_up(runner)
+            name = f"{model}:{version}"
+            stats = VersionStats()
+            batcher = DynamicBatcher(
+                name,
+                runner,
+                self.executor,
+                batching,
+                stats,
+                merge=not runner.streaming and batching.max_batch_size > 1,
+            )
+            served = ServedVersion(model, version, manifest, runner, batcher, stats, size, self.device)
+            served.streams_idle.set()
+            self._versions[served.key] = served
+            log.info("model_loaded", model=model, version=version, bytes=size, device=self.device)
+            return served
+
+    async def _warm_up(self, runner: TorchRunner) -> None:
+        inputs = runner.warmup_inputs()
+        if inputs is None:
+            return
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.executor, runner, inputs, BatchTimings())
+
+    async def _make_room(self, model: str, version: int, size: int) -> None:
+        budget = self.memory_budget_bytes
+        if size > budget:
+            raise ResourceExhausted(
+                f"model {model}:{version} needs {size} bytes, more than the worker's memory budget of {budget}"
+            )
+        used = self.memory_used_bytes
+        # Least recently used idle versions go first; busy ones are never unloaded to make room.
+        for victim in sorted(self._versions.values(), key=lambda v: v.last_used):
+            if used + size <= budget:
+                break
+            if victim.ongoing or victim.closing:
+                continue
+            log.info("model_evicted", model=victim.model, version=victim.version, for_model=model)
+            await self._unload(victim)
+            used -= victim.memory_bytes
+        if used + size > budget:
+            raise ResourceExhausted(
+                f"model {model}:{version} needs {size} bytes; {used} of the {budget}-byte budget are held by "
+                "versions serving requests"
+            )
+
+    async def unload(self, model: str, version: int) -> None:
+        """Lets the version's queued and running requests finish, then unloads it.
+
+        Raises:
+            NotFound: If the version is not loaded.
+        """
+        served = self._versions.get((model, version))
+        if served is None or served.closing:
+            raise NotFound(f"model {model}:{version} is not loaded here ({self._describe_loaded()})")
+        await self._unload(served)
+
+    async def _unload(self, served: ServedVersion) -> None:
+        served.closing = True
+        await served.batcher.close()
+        await served.streams_idle.wait()
+        self._versions.pop(served.key, None)
+        if self.device.startswith("cuda"):
+            await asyncio.to_thread(torch.cuda.empty_cache)
+        log.info("model_unloaded", model=served.model, version=served.version)
+
+    async def close(self) -> None:
+        """Unloads everything (after in-flight work finishes)."""
+        for served in list(self._versions.values()):
+            await self._unload(served)
+
+    # --- serving ---------------------------------------------------------------------------------
+
+    def _describe_loaded(self) -> str:
+        if not self._versions:
+            return "nothing is loaded"
+        return "loaded: " + ", ".join(f"{m}:{v}" for m, v in sorted(self._versions))
+
+    def resolve(self, model: str, version: str = "", pinned: int | None = None) -> ServedVersion:
+        """Picks the loaded version a request is for.
+
+        Args:
+            model: The model name.
+            version: The request's version: a number, or anything else (an alias, empty).
+            pinned: The version the gateway chose (``maas-model-version``), which wins.
+
+        Raises:
+            NotFound: If that version is not loaded, or the choice is ambiguous; the message lists what is.
+        """
+        number = pinned
+        if number is None and version.isdigit():
+            number = int(version)
+        if number is None:
+            candidates = [v for (m, v), s in self._versions.items() if m == model and not s.closing]
+            if len(candidates) == 1:
+                number = candidates[0]
+            else:
+                detail = "several versions are" if candidates else "no version is"
+                raise NotFound(
+                    f"model '{model}' version {version or '(default)'}: {detail} loaded here "
+                    f"({self._describe_loaded()}); name a version number"
+                )
+        served = self._versions.get((model, number))
+        if served is None or served.closing:
+            raise NotFound(f"model '{model}' version {number} is not loaded here ({self._describe_loaded()})")
+        return served
+
+    async def infer(
+        self,
+        served: ServedVersion,
+        inputs: Mapping[str, np.ndarray],
+        batch_size: int,
+        *,
+        priority: int = 0,
+        timeout_s: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Runs one validated, decoded request through the version's dynamic batcher.
+
+        Raises:
+            InvalidArgument: If values are out of the model's range (token ids, sequence length).
+            ResourceExhausted: If the queue is full.
+            DeadlineExceeded: If the request outwaited its queue timeout.
+        """
+        served.last_used = time.monotonic()
+        served.runner.check(inputs)
+        return await served.batcher.submit(inputs, batch_size, priority=priority, timeout_s=timeout_s)
+
+    def check_prompt(self, served: ServedVersion, prompt: np.ndarray, max_tokens: int) -> list[int]:
+        """Validates a generation request; returns the prompt's token ids.
+
+        Raises:
+            InvalidArgument: If the model does not generate, the prompt is not ``[1, n]`` with ids in the
+                vocabulary and n within the context, or ``max_tokens`` is out of range.
+        """
+        if not served.streaming:
+            raise InvalidArgument(f"model {served.model}:{served.version} does not generate tokens")
+        if prompt.ndim != 2 or prompt.shape[0] != 1 or prompt.shape[1] < 1:
+            raise InvalidArgument(f"input 'input_ids': expected shape [1, n] with n >= 1, got {list(prompt.shape)}")
+        served.runner.check({"input_ids": prompt})
+        if not 1 <= max_tokens <= self.max_new_tokens:
+            raise InvalidArgument(f"parameter 'max_tokens': must be in 1..{self.max_new_tokens}, got {max_tokens}")
+        return [int(t) for t in prompt[0].tolist()]
+
+    async def generate(self, served: ServedVersion, tokens: list[int], max_tokens: int) -> AsyncGenerator[int, None]:
+        """Greedily generates up to ``max_tokens`` tokens, one compute-thread call per token.
+
+        Stops computing within one token when the consumer stops iterating (cancelled stream, deadline).
+
+        Raises:
+            Unavailable: If the version is being unloaded.
+        """
+        if served.closing:
+            raise Unavailable(f"model {served.model}:{served.version} is being unloaded")
+        served.last_used = time.monotonic()
+        served.streams += 1
+        served.streams_idle.clear()
+        loop = asyncio.get_running_loop()
+        stats = served.stats
+        started = time.monotonic_ns()
+        ok = False
+        tokens = list(tokens)
+        try:
+            for _ in range(max_tokens):
+                step_started = time.perf_counter_ns()
+                token = await loop.run_in_executor(self.executor, served.runner.next_token, tokens)
+                stats.record_execution(1, 1, BatchTimings(infer_ns=time.perf_counter_ns() - step_started))
+                stats.generated_tokens += 1
+                tokens.append(token)
+                yield token
+            ok = True
+        finally:
+            stats.record_request(ok, time.monotonic_ns() - started)
+            served.streams -= 1
+            if not served.streams:
+                served.streams_idle.set()

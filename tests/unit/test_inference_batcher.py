@@ -1,0 +1,186 @@
+"""Unit tests of the worker's dynamic batcher with a fake model function (no sockets, no torch)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from services.inference.core.batcher import DynamicBatcher
+from services.inference.core.stats import BatchTimings, VersionStats
+from shared.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from shared.kserve.batching import BatchingSettings
+
+
+class FakeModel:
+    """Doubles its input; records batch sizes; can be held at a gate to keep the compute thread busy."""
+
+    def __init__(self, seconds: float = 0.0) -> None:
+        self.seconds = seconds
+        self.batches: list[list[float]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+
+    def __call__(self, inputs: Mapping[str, np.ndarray], timings: BatchTimings) -> dict[str, np.ndarray]:
+        self.entered.set()
+        self.gate.wait(5)
+        if self.seconds:
+            time.sleep(self.seconds)
+        x = inputs["x"]
+        self.batches.append(x[:, 0].tolist())
+        return {"y": x * 2}
+
+
+@pytest.fixture
+def executor() -> Iterator[ThreadPoolExecutor]:
+    pool = ThreadPoolExecutor(1)
+    yield pool
+    pool.shutdown(wait=False)
+
+
+def make(model: FakeModel, executor: ThreadPoolExecutor, **settings: int) -> DynamicBatcher:
+    return DynamicBatcher("m:1", model, executor, BatchingSettings(**settings), VersionStats())
+
+
+def x(value: float, rows: int = 1) -> dict[str, np.ndarray]:
+    return {"x": np.full((rows, 2), value, np.float32)}
+
+
+async def test_alone_dispatches_without_waiting(executor: ThreadPoolExecutor) -> None:
+    model = FakeModel()
+    batcher = make(model, executor, max_batch_size=32, max_queue_delay_us=500_000)
+    for i in range(5):
+        started = time.perf_counter()
+        out = await batcher.submit(x(i), 1)
+        assert time.perf_counter() - started < 0.1, "a lone request must not wait for the batching delay"
+        assert out["y"].tolist() == [[2 * i, 2 * i]]
+    assert model.batches == [[float(i)] for i in range(5)]
+    assert batcher.stats.execution_count == 5 and batcher.stats.success.count == 5
+    await batcher.close()
+
+
+async def test_concurrent_requests_form_batches_and_split_outputs(executor: ThreadPoolExecutor) -> None:
+    model = FakeModel()
+    batcher = make(model, executor, max_batch_size=8, max_queue_delay_us=50_000)
+    model.gate.clear()
+    first = asyncio.ensure_future(batcher.submit(x(100), 1))
+    await asyncio.to_thread(model.entered.wait, 5)
+    # While the compute thread is busy, requests pile up and go out together.
+    rest = [asyncio.ensure_future(batcher.submit(x(i, rows=1 + i % 2), 1 + i % 2)) for i in range(6)]
+    await asyncio.sleep(0.05)
+    model.gate.set()
+    outs = await asyncio.gather(first, *rest)
+    for i, out in enumerate(outs[1:]):
+        assert out["y"].shape == (1 + i % 2, 2) and float(out["y"][0, 0]) == 2 * i
+    assert model.batches[0] == [100.0]
+    assert sum(len(b) for b in model.batches) == 10 and len(model.batches) <= 3
+    assert batcher.stats.inference_count == 10 and batcher.stats.execution_count == len(model.batches)
+    assert max(batcher.stats.batches) > 1
+    await batcher.close()
+
+
+async def test_max_batch_size_and_shapes_bound_batches(executor: ThreadPoolExecutor) -> None:
+    model = FakeModel()
+    batcher = make(model, executor, max_batch_size=3, max_queue_delay_us=1000)
+    model.gate.clear()
+    first = asyncio.ensure_future(batcher.submit(x(0), 1))
+    await asyncio.to_thread(model.entered.wait, 5)
+    other = asyncio.ensure_future(batcher.submit({"x": np.zeros((1, 3), np.float32)}, 1))
+    rest = [asyncio.ensure_future(batcher.submit(x(i), 1)) for i in range(1, 6)]
+    await asyncio.sleep(0.02)
+    model.gate.set()
+    await asyncio.gather(first, other, *rest)
+    assert all(len(batch) <= 3 for batch in model.batches)
+    assert [0.0] in model.batches  # the [1, 3] request ran on its own
+    await batcher.close()
+
+
+async def test_priority_order_fifo_within_level(executor: ThreadPoolExecutor) -> None:
+    model = FakeModel()
+    batcher = make(model, executor, max_batch_size=1, max_queue_delay_us=1000)
+    model.gate.clear()
+    blocker = asyncio.ensure_future(batcher.submit(x(-1), 1))
+    await asyncio.to_thread(model.entered.wait, 5)
+    order = [(10, 0), (11, 2), (12, 1), (13, 2), (14, 1), (15, 0)]
+    tasks = [asyncio.ensure_future(batcher.submit(x(v), 1, priority=p)) for v, p in order]
+    await asyncio.sleep(0.02)
+    model.gate.set()
+    await asyncio.gather(blocker, *tasks)
+    assert [b[0] for b in model.batches] == [-1, 12, 14, 11, 13, 10, 15]
+    await batcher.close()
+
+
+async def test_queue_full_is_resource_exhausted(executor: ThreadPoolExecutor) -> None:
+    model = FakeModel()
+    batcher = make(model, executor, max_batch_size=1, max_queue_size=2)
+    model.gate.clear()
+    blocker = asyncio.ensure_future(batcher.submit(x(0), 1))
+    await asyncio.to_thread(model.entered.wait, 5)
+    queued = [asyncio.ensure_future(batcher.submit(x(i), 1)) for i in (1, 2)]
+    await asyncio.sleep(0)
+    with pytest.raises(ResourceExhausted, match=r"model m:1: the queue is full \(2 requests queued\)"):
+        await batcher.submit(x(3), 1)
+    model.gate.set()
+    await asyncio.gather(blocker, *queued)
+    await batcher.close()
+
+
+async def test_queue_timeout_expires_waiting_requests(executor: ThreadPoolExecutor) -> None:
+    model = FakeModel()
+    batcher = make(model, executor, max_batch_size=1, default_timeout_us=0)
+    model.gate.clear()
+    blocker = asyncio.ensure_future(batcher.submit(x(0), 1))
+    await asyncio.to_thread(model.entered.wait, 5)
+    with pytest.raises(DeadlineExceeded, match="waited"):
+        await batcher.submit(x(1), 1, timeout_s=0.02)
+    model.gate.set()
+    await blocker
+    assert model.batches == [[0.0]]
+    assert batcher.stats.fail.count == 1 and batcher.ongoing == 0
+    await batcher.close()
+
+
+async def test_cancelled_queued_request_is_never_computed(executor: ThreadPoolExecutor) -> None:
+    model = FakeModel()
+    batcher = make(model, executor, max_batch_size=1)
+    model.gate.clear()
+    blocker = asyncio.ensure_future(batcher.submit(x(0), 1))
+    await asyncio.to_thread(model.entered.wait, 5)
+    doomed = asyncio.ensure_future(batcher.submit(x(1), 1))
+    kept = asyncio.ensure_future(batcher.submit(x(2), 1))
+    await asyncio.sleep(0.01)
+    doomed.cancel()
+    await asyncio.sleep(0)
+    model.gate.set()
+    await asyncio.gather(blocker, kept)
+    assert model.batches == [[0.0], [2.0]]
+    assert batcher.ongoing == 0
+    await batcher.close()
+
+
+async def test_close_drains_then_refuses(executor: ThreadPoolExecutor) -> None:
+    model = FakeModel(seconds=0.01)
+    batcher = make(model, executor, max_batch_size=2)
+    pending = [asyncio.ensure_future(batcher.submit(x(i), 1)) for i in range(4)]
+    await asyncio.sleep(0)
+    await batcher.close()
+    assert all(p.done() and not p.exception() for p in pending)
+    with pytest.raises(Unavailable):
+        await batcher.submit(x(9), 1)
+
+
+async def test_model_error_fails_the_batch(executor: ThreadPoolExecutor) -> None:
+    def broken(inputs: Mapping[str, np.ndarray], timings: BatchTimings) -> dict[str, np.ndarray]:
+        raise RuntimeError("boom")
+
+    batcher = DynamicBatcher("m:1", broken, executor, BatchingSettings(), VersionStats())
+    with pytest.raises(RuntimeError):
+        await batcher.submit(x(0), 1)
+    assert batcher.stats.fail.count == 1 and batcher.ongoing == 0
+    await batcher.close()
