@@ -1,0 +1,1 @@
+"""The gateway's adapters: the scheduler (endpoints, load, deployments), the registry, the workers."""

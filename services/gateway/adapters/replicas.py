@@ -1,0 +1,159 @@
+"""The inference workers' data plane: one reused channel per worker, request bytes forwarded unchanged."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Collection
+from typing import Any
+
+import grpc
+import structlog
+from inference import grpc_service_pb2 as kpb
+
+from services.gateway.core.statistics import BatchStats, Duration, VersionStats
+from shared.grpc.channel import make_channel
+from shared.grpc.status import from_rpc_error
+from shared.grpc.tracing import TracingClientInterceptor
+from shared.settings import CommonSettings
+
+log = structlog.get_logger("maas.gateway.replicas")
+
+VERSION_KEY = "maas-model-version"
+_SERVICE = "/inference.GRPCInferenceService/"
+_INFER = _SERVICE + "ModelInfer"
+_STREAM = _SERVICE + "ModelStreamInfer"
+_STATISTICS = _SERVICE + "ModelStatistics"
+
+
+class _Worker:
+    """A channel to one worker and its method callables (identity serializers: bytes in, bytes out)."""
+
+    __slots__ = ("channel", "infer", "statistics", "stream")
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.channel = channel
+        self.infer = channel.unary_unary(_INFER)
+        self.stream = channel.stream_stream(_STREAM)
+        self.statistics = channel.unary_unary(
+            _STATISTICS,
+            request_serializer=kpb.ModelStatisticsRequest.SerializeToString,
+            response_deserializer=kpb.ModelStatisticsResponse.FromString,
+        )
+
+
+class ReplicaPool:
+    """The ``Replicas`` port over grpc.aio.
+
+    A plaintext channel to a worker is a lean one (message limits, keepalive, optional tracing, the bearer
+    token as call metadata): the data path pays no retry machinery, since the gateway retries itself
+    on another replica. With TLS configured, channels come from ``make_channel`` (credentials, CA).
+
+    Args:
+        settings: Message limits, token, TLS.
+        tracing: Add the tracing client interceptor (a CLIENT span per forwarded call).
+    """
+
+    def __init__(self, settings: CommonSettings, *, tracing: bool = True) -> None:
+        self._settings = settings
+        self._tracing = tracing
+        self._workers: dict[str, _Worker] = {}
+        self._metadata: dict[int, tuple[tuple[str, str], ...]] = {}
+        self._token = () if settings.client_token is None else (("authorization", f"Bearer {settings.client_token}"),)
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def _worker(self, address: str) -> _Worker:
+        worker = self._workers.get(address)
+        if worker is None:
+            worker = self._workers[address] = _Worker(self._channel(address))
+        return worker
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        settings = self._settings
+        if settings.tls_enabled or settings.tls_ca_file is not None:
+            return make_channel(address, settings)
+        options = [
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            # Our retries go to another replica; the channel's own would retry the same lost one.
+            ("grpc.enable_retries", 0),
+        ]
+        interceptors: list[Any] = [TracingClientInterceptor()] if self._tracing else []
+        return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors or None)
+
+    def _version_metadata(self, version: int) -> tuple[tuple[str, str], ...]:
+        metadata = self._metadata.get(version)
+        if metadata is None:
+            metadata = self._metadata[version] = ((VERSION_KEY, str(version)), *self._token)
+        return metadata
+
+    async def infer(self, address: str, version: int, payload: bytes, timeout: float | None) -> bytes:
+        try:
+            response: bytes = await self._worker(address).infer(
+                payload, timeout=timeout, metadata=self._version_metadata(version)
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+        return response
+
+    async def stream(self, address: str, version: int, payload: bytes, timeout: float | None) -> AsyncIterator[bytes]:
+        call = self._worker(address).stream(iter((payload,)), timeout=timeout, metadata=self._version_metadata(version))
+        try:
+            async for message in call:
+                yield message
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+        finally:
+            # A consumer that stops early (client cancelled) must stop the worker's generation too.
+            call.cancel()
+
+    async def statistics(self, address: str, timeout: float) -> list[VersionStats]:
+        try:
+            response = await self._worker(address).statistics(
+                kpb.ModelStatisticsRequest(), timeout=timeout, metadata=self._token or None
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+        return [stats_from_pb(s) for s in response.model_stats]
+
+    def retain(self, addresses: Collection[str]) -> None:
+        for address in [a for a in self._workers if a not in addresses]:
+            worker = self._workers.pop(address)
+            # Calls already on the channel finish first (grace), then it closes; not awaited by the snapshot.
+            task = asyncio.get_running_loop().create_task(worker.channel.close(grace=30.0))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    async def close(self) -> None:
+        workers, self._workers = list(self._workers.values()), {}
+        await asyncio.gather(*(w.channel.close() for w in workers), *self._closing, return_exceptions=True)
+
+
+def _duration(message: kpb.StatisticDuration) -> Duration:
+    return Duration(message.count, message.ns)
+
+
+def stats_from_pb(message: kpb.ModelStatistics) -> VersionStats:
+    """A worker's statistics of one version as the domain type."""
+    inference = message.inference_stats
+    return VersionStats(
+        name=message.name,
+        version=message.version,
+        last_inference=message.last_inference,
+        inference_count=message.inference_count,
+        execution_count=message.execution_count,
+        success=_duration(inference.success),
+        fail=_duration(inference.fail),
+        queue=_duration(inference.queue),
+        compute_input=_duration(inference.compute_input),
+        compute_infer=_duration(inference.compute_infer),
+        compute_output=_duration(inference.compute_output),
+        batch_stats={
+            b.batch_size: BatchStats(
+                b.batch_size, _duration(b.compute_input), _duration(b.compute_infer), _duration(b.compute_output)
+            )
+            for b in message.batch_stats
+        },
+    )

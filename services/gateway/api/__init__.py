@@ -1,0 +1,1 @@
+"""The gateway's gRPC surface: ``inference.GRPCInferenceService`` handlers and conversions."""

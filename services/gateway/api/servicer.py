@@ -1,0 +1,194 @@
+"""``inference.GRPCInferenceService`` over the gateway core.
+
+The handlers are registered by hand (a generic handler) rather than through the generated servicer so
+that ModelInfer and ModelStreamInfer receive and return raw bytes: the request is parsed once (to route
+and validate it) and the original bytes are forwarded; the worker's response bytes go back untouched.
+The other RPCs use the generated messages as usual. The project's interceptor chain applies to all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from importlib import metadata
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+from inference import grpc_service_pb2 as kpb
+
+from services.gateway.api import convert
+from services.gateway.core.control import Repository
+from services.gateway.core.service import Gateway
+from shared.errors import InvalidArgument, MaasError
+from shared.kserve.batching import BatchingSettings
+from shared.kserve.codec import validate_request
+from shared.kserve.convert import model_config_pb, model_metadata_pb
+
+SERVICE_NAME = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+# Only extensions whose semantics the gateway implements (no shared memory, no binary tensor data).
+EXTENSIONS = ("model_repository", "statistics", "model_configuration")
+
+
+def _version() -> str:
+    try:
+        return metadata.version("maas")
+    except metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree without metadata
+        return "0"
+
+
+def _parse_infer(data: bytes) -> kpb.ModelInferRequest:
+    try:
+        return kpb.ModelInferRequest.FromString(data)
+    except DecodeError:
+        raise InvalidArgument("the request is not a valid ModelInferRequest message") from None
+
+
+class InferenceServicer:
+    """The KServe v2 RPCs; each converts, awaits the core, converts back.
+
+    Args:
+        gateway: Routing of inference requests.
+        repository: The model repository RPCs.
+        statistics_timeout_s: Deadline of each worker's ModelStatistics call.
+        load_timeout_s: Longest RepositoryModelLoad waits for READY (a shorter client deadline wins).
+    """
+
+    def __init__(
+        self, gateway: Gateway, repository: Repository, *, statistics_timeout_s: float, load_timeout_s: float
+    ) -> None:
+        self._gateway = gateway
+        self._repository = repository
+        self._statistics_timeout_s = statistics_timeout_s
+        self._load_timeout_s = load_timeout_s
+        self._metadata = kpb.ServerMetadataResponse(name="maas", version=_version(), extensions=EXTENSIONS)
+
+    async def ServerLive(self, request: kpb.ServerLiveRequest, context: Any) -> kpb.ServerLiveResponse:
+        return kpb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: kpb.ServerReadyRequest, context: Any) -> kpb.ServerReadyResponse:
+        return kpb.ServerReadyResponse(ready=self._gateway.ready)
+
+    async def ModelReady(self, request: kpb.ModelReadyRequest, context: Any) -> kpb.ModelReadyResponse:
+        return kpb.ModelReadyResponse(ready=self._gateway.model_ready(request.name, request.version))
+
+    async def ServerMetadata(self, request: kpb.ServerMetadataRequest, context: Any) -> kpb.ServerMetadataResponse:
+        return self._metadata
+
+    async def ModelMetadata(self, request: kpb.ModelMetadataRequest, context: Any) -> kpb.ModelMetadataResponse:
+        route = self._gateway.lookup(request.name, request.version)
+        versions = sorted(route.deployment.versions)
+        return model_metadata_pb(route.deployment.name, versions, route.served.signature)
+
+    async def ModelConfig(self, request: kpb.ModelConfigRequest, context: Any) -> kpb.ModelConfigResponse:
+        route = self._gateway.lookup(request.name, request.version)
+        served = route.served
+        replicas = len(route.deployment.ready(served.version))
+        batching = served.batching or BatchingSettings(max_batch_size=max(served.max_batch_size, 1))
+        config = model_config_pb(route.deployment.name, served.signature, batching, replicas, served.streaming)
+        return kpb.ModelConfigResponse(config=config)
+
+    async def ModelStatistics(self, request: kpb.ModelStatisticsRequest, context: Any) -> kpb.ModelStatisticsResponse:
+        stats = await self._gateway.statistics(request.name, request.version, self._statistics_timeout_s)
+        return convert.stats_to_pb(stats)
+
+    async def ModelInfer(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        request = _parse_infer(data)
+        route = self._gateway.resolve(request.model_name, request.model_version)
+        validate_request(request, route.served.signature, route.served.max_batch_size)
+        return await self._gateway.infer(route, data, context.time_remaining())
+
+    async def ModelStreamInfer(
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        """Each request of the client's stream is routed and streamed concurrently; responses interleave.
+
+        A request's error is a response with ``error_message`` and the stream goes on (Triton's
+        convention). When the client goes away, every worker stream is cancelled.
+        """
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+        async def one(data: bytes) -> None:
+            request = None
+            try:
+                request = _parse_infer(data)
+                route = self._gateway.resolve(request.model_name, request.model_version)
+                validate_request(request, route.served.signature, route.served.max_batch_size)
+                async for message in self._gateway.stream(route, data, context.time_remaining()):
+                    queue.put_nowait(message)
+            except MaasError as exc:
+                queue.put_nowait(convert.stream_error(request, exc))
+
+        async def read() -> None:
+            try:
+                async with asyncio.TaskGroup() as group:
+                    async for data in requests:
+                        group.create_task(one(data))
+            finally:
+                queue.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    break
+                yield item
+            await reader  # surfaces an unexpected failure of a request task
+        finally:
+            if not reader.done():
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
+
+    async def RepositoryIndex(self, request: kpb.RepositoryIndexRequest, context: Any) -> kpb.RepositoryIndexResponse:
+        return convert.index_to_pb(await self._repository.index(request.ready))
+
+    async def RepositoryModelLoad(
+        self, request: kpb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+    ) -> kpb.RepositoryModelLoadResponse:
+        options = convert.load_options(request)
+        remaining = context.time_remaining()
+        timeout = self._load_timeout_s if remaining is None else min(remaining, self._load_timeout_s)
+        await self._repository.load(options, timeout)
+        return kpb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(
+        self, request: kpb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
+    ) -> kpb.RepositoryModelUnloadResponse:
+        if not request.model_name:
+            raise InvalidArgument.field("model_name", "is required")
+        remaining = context.time_remaining()
+        timeout = self._load_timeout_s if remaining is None else min(remaining, self._load_timeout_s)
+        await self._repository.unload(request.model_name, timeout)
+        return kpb.RepositoryModelUnloadResponse()
+
+
+def _unary(behavior: Callable[..., Any], request_type: Any, response_type: Any) -> grpc.RpcMethodHandler:
+    return grpc.unary_unary_rpc_method_handler(
+        behavior, request_deserializer=request_type.FromString, response_serializer=response_type.SerializeToString
+    )
+
+
+def handlers(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
+    """The service's method handlers; ModelInfer and ModelStreamInfer take and return raw bytes."""
+    table: dict[str, grpc.RpcMethodHandler] = {
+        name: _unary(getattr(servicer, name), getattr(kpb, f"{name}Request"), getattr(kpb, f"{name}Response"))
+        for name in (
+            "ServerLive",
+            "ServerReady",
+            "ModelReady",
+            "ServerMetadata",
+            "ModelMetadata",
+            "ModelConfig",
+            "ModelStatistics",
+            "RepositoryIndex",
+            "RepositoryModelLoad",
+            "RepositoryModelUnload",
+        )
+    }
+    # No (de)serializers: the handler sees the request's bytes and returns the worker's bytes.
+    table["ModelInfer"] = grpc.unary_unary_rpc_method_handler(servicer.ModelInfer)
+    table["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(servicer.ModelStreamInfer)
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, table)

@@ -1,0 +1,119 @@
+"""The endpoint table: the latest snapshot of every deployment, version resolution, change notification."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable, Iterable
+
+from services.gateway.core.model import Deployment, Route, ServedVersion
+from shared.errors import NotFound
+
+
+class EndpointTable:
+    """Deployments as of the latest endpoint snapshot.
+
+    A snapshot replaces the whole table (deployments left out were deleted) and wakes every request held
+    for a replica, which then looks again.
+    """
+
+    def __init__(self, rand: Callable[[], float] = random.random) -> None:
+        self._deployments: dict[str, Deployment] = {}
+        self._changed = asyncio.Event()
+        self._rand = rand
+        self.received = False
+
+    def apply(self, deployments: Iterable[Deployment]) -> None:
+        """Replace the table with a full snapshot and wake the waiters."""
+        self._deployments = {d.name: d for d in deployments}
+        self.received = True
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    def get(self, name: str) -> Deployment | None:
+        return self._deployments.get(name)
+
+    def deployments(self) -> list[Deployment]:
+        return list(self._deployments.values())
+
+    def addresses(self) -> set[str]:
+        """Every ready endpoint's address."""
+        return {e.address for d in self._deployments.values() for e in d.endpoints}
+
+    async def wait_changed(self, timeout: float | None) -> bool:
+        """Wait for the next snapshot; False if ``timeout`` seconds passed first."""
+        changed = self._changed
+        if timeout is not None and timeout <= 0:
+            return False
+        try:
+            await asyncio.wait_for(changed.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def deployment(self, name: str) -> Deployment:
+        """The deployment called ``name``; NotFound naming the deployed ones otherwise."""
+        deployment = self._deployments.get(name)
+        if deployment is None:
+            deployed = ", ".join(sorted(self._deployments)) or "none"
+            raise NotFound(f"model '{name}' is not deployed (deployed: {deployed})", metadata={"model": name})
+        return deployment
+
+    def resolve(self, name: str, version: str) -> Route:
+        """Choose the version a request for ``name`` at ``version`` goes to.
+
+        ``version`` is a number, an alias (a served version whose aliases include it) or empty: the
+        default version, or the canary for its share of requests. A named version is never split.
+
+        Raises:
+            NotFound: The model is not deployed or does not serve that version.
+        """
+        deployment = self.deployment(name)
+        return Route(deployment, served_version(deployment, version, self._rand), version)
+
+    def current(self, route: Route) -> Route:
+        """``route`` against the latest snapshot: the same version while it is still served, else resolved
+        again (a rolling update replaced it while the request waited)."""
+        deployment = self._deployments.get(route.deployment.name)
+        if deployment is route.deployment:
+            return route
+        if deployment is not None and (served := deployment.versions.get(route.version)) is not None:
+            return Route(deployment, served, route.requested)
+        return self.resolve(route.deployment.name, route.requested)
+
+
+def served_version(deployment: Deployment, version: str, rand: Callable[[], float] = random.random) -> ServedVersion:
+    """The version of ``deployment`` that ``version`` (number, alias or empty) names; see ``resolve``."""
+    versions = deployment.versions
+    if not version:
+        chosen = deployment.default_version
+        if deployment.canary_version and deployment.canary_weight_percent > 0:
+            if rand() * 100.0 < deployment.canary_weight_percent:
+                chosen = deployment.canary_version
+        served = versions.get(chosen)
+        if served is None:
+            raise NotFound(
+                f"model '{deployment.name}' has no version ready to serve yet", metadata={"model": deployment.name}
+            )
+        return served
+    if version.isdigit():
+        served = versions.get(int(version))
+        if served is not None:
+            return served
+    else:
+        for served in versions.values():
+            if version in served.aliases:
+                return served
+    raise NotFound(
+        f"model '{deployment.name}' has no version '{version}' (served: {describe_versions(deployment)})",
+        metadata={"model": deployment.name, "version": version},
+    )
+
+
+def describe_versions(deployment: Deployment) -> str:
+    """``3 (production), 4`` : the served versions with their aliases, for error messages."""
+    parts = []
+    for number in sorted(deployment.versions):
+        aliases = deployment.versions[number].aliases
+        parts.append(f"{number} ({', '.join(aliases)})" if aliases else str(number))
+    return ", ".join(parts) or "none"

@@ -1,0 +1,44 @@
+"""The gateway's settings (environment variables ``MAAS_GATEWAY_*`` plus the common ``MAAS_*``)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from shared.settings import CommonSettings
+
+
+class GatewaySettings(CommonSettings):
+    """Settings of the gateway service."""
+
+    gateway_address: str = Field(
+        "127.0.0.1:8001", description="host:port the gateway's KServe v2 gRPC server binds (8001: what clients expect)."
+    )
+    gateway_metrics_address: str = Field(
+        "127.0.0.1:9001", description="host:port of the gateway's Prometheus metrics endpoint (port 0 picks one)."
+    )
+    gateway_scheduler_address: str = Field(
+        "127.0.0.1:7002", description="host:port of the scheduler the gateway learns endpoints from."
+    )
+    gateway_registry_address: str = Field(
+        "127.0.0.1:7001", description="host:port of the registry (RepositoryIndex lists its models)."
+    )
+    gateway_max_hold_s: float = Field(
+        60.0,
+        gt=0,
+        description="Longest a request without a deadline waits for a ready replica (scale from zero, restarts).",
+    )
+    gateway_retries: int = Field(
+        2, ge=0, description="Extra attempts of an inference on another replica after one answers UNAVAILABLE."
+    )
+    gateway_report_interval_s: float = Field(
+        0.5, gt=0, description="Seconds between two reports of the gateway's ongoing requests to the scheduler."
+    )
+    gateway_load_timeout_s: float = Field(
+        300.0, gt=0, description="Longest RepositoryModelLoad waits for the deployment to be READY."
+    )
+    gateway_watch_backoff_max_s: float = Field(
+        5.0, gt=0, description="Longest pause between two attempts to reconnect to the scheduler's endpoint stream."
+    )
+    gateway_trace_workers: bool = Field(
+        True, description="Trace the calls the gateway makes to inference workers (OpenTelemetry client spans)."
+    )
