@@ -128,7 +128,7 @@ async def show_predictions(settings: CliSettings, console: Console, count: int =
     images = (np.asarray(digits.images[-count:], dtype=np.float32) / 16.0).reshape(count, 1, 8, 8)
     labels = digits.target[-count:].tolist()
     request = kpb.ModelInferRequest(model_name=QUICKSTART_MODEL)
-    request.inputs.add(name="x", datatype="FP32", shape=list(images.shape))
+    request.inputs.add(name="input", datatype="FP32", shape=list(images.shape))
     request.raw_input_contents.append(images.tobytes())
     async with Gateway(settings) as gateway:
         metadata = await gateway.call("ModelMetadata", kpb.ModelMetadataRequest(name=QUICKSTART_MODEL))

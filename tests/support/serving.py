@@ -52,7 +52,7 @@ def reference_forward(path: Path, x: np.ndarray) -> np.ndarray:
         return model(torch.from_numpy(x)).numpy()
 
 
-def infer_request(model: str, x: np.ndarray, version: str = "", name: str = "x") -> kpb.ModelInferRequest:
+def infer_request(model: str, x: np.ndarray, version: str = "", name: str = "input") -> kpb.ModelInferRequest:
     request = kpb.ModelInferRequest(model_name=model, model_version=version)
     request.inputs.add(name=name, datatype="FP32", shape=list(x.shape))
     request.raw_input_contents.append(np.ascontiguousarray(x, dtype=np.float32).tobytes())
@@ -129,16 +129,16 @@ class ServingMesh:
         await self.scheduler_server.server.stop(1.0)
 
     async def stop(self) -> None:
-        for channel in self._channels:
-            await channel.close()
-        await self.registry.close()
         # Deployments first, so their replica actors do not outlive the test session.
         try:
             reply = await self.scheduler.ListDeployments(spb.ListDeploymentsRequest(page_size=100), timeout=10)
             for d in reply.deployments:
-                await self.scheduler.DeleteDeployment(spb.DeleteDeploymentRequest(name=d.name), timeout=30)
+                await self.scheduler.DeleteDeployment(spb.DeleteDeploymentRequest(name=d.name), timeout=60)
         except grpc.aio.AioRpcError:
             pass
+        for channel in self._channels:
+            await channel.close()
+        await self.registry.close()
         for server in reversed(self._servers):
             await server.server.stop(1.0)
         await self.scheduler_server.server.stop(1.0)
