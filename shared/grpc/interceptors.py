@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextvars
 import hmac
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -21,6 +22,7 @@ from shared.grpc.status import to_status
 from shared.metrics import RpcMetrics
 
 log = structlog.get_logger("maas.rpc")
+_rpc_logger = logging.getLogger("maas.rpc")
 
 # The authenticated principal of the current request (None when authentication is off).
 current_principal: contextvars.ContextVar[str | None] = contextvars.ContextVar("current_principal", default=None)
@@ -117,7 +119,10 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         if self._metrics is not None:
             self._metrics.requests.labels(method=method, code=name).inc()
             self._metrics.latency.labels(method=method).observe(elapsed)
-        log.debug("rpc_done", code=name, duration_ms=round(elapsed * 1000, 3))
+        # structlog runs its processors before the standard library filters by level: on the hot path of
+        # every RPC, ask the level first.
+        if _rpc_logger.isEnabledFor(logging.DEBUG):
+            log.debug("rpc_done", code=name, duration_ms=round(elapsed * 1000, 3))
         structlog.contextvars.unbind_contextvars("rpc_method", "request_id")
 
 
