@@ -16,6 +16,7 @@ import torch
 from inference import grpc_service_pb2, grpc_service_pb2_grpc
 from maas.inference.v1 import worker_pb2, worker_pb2_grpc
 
+from services.inference.adapters.prometheus import PrometheusObserver
 from services.inference.adapters.registry_source import RegistryArtifactSource
 from services.inference.api.servicer import InferenceServicer, WorkerServicer
 from services.inference.core.host import ModelHost
@@ -25,6 +26,7 @@ from shared.clients.registry import RegistryClient
 from shared.grpc.server import ServiceServer, start_service
 from shared.kserve.batching import BatchingSettings
 from shared.logging import configure_logging
+from shared.metrics import RpcMetrics
 from shared.tracing import configure_tracing
 
 KSERVE_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -69,6 +71,8 @@ async def start(settings: InferenceSettings) -> RunningWorker:
     client = RegistryClient.connect(settings.inference_registry_address, settings)
     source = RegistryArtifactSource(client, settings.cache_dir())
     executor = _compute_executor(settings.inference_torch_threads)
+    # The worker's own metrics share the registry its Prometheus endpoint serves with the RPC metrics.
+    metrics = RpcMetrics.create()
     host = ModelHost(
         source,
         executor,
@@ -76,6 +80,7 @@ async def start(settings: InferenceSettings) -> RunningWorker:
         settings.inference_memory_budget_bytes,
         warmup=settings.inference_warmup,
         max_new_tokens=settings.inference_max_new_tokens,
+        observer=PrometheusObserver(metrics.registry),
     )
     inference = InferenceServicer(host)
     worker = WorkerServicer(host)
@@ -89,6 +94,7 @@ async def start(settings: InferenceSettings) -> RunningWorker:
                 lambda s: worker_pb2_grpc.add_InferenceWorkerServicer_to_server(worker, s),
             ],
             [KSERVE_SERVICE, WORKER_SERVICE],
+            metrics=metrics,
         )
     except BaseException:
         await source.close()

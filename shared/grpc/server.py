@@ -124,10 +124,17 @@ async def start_service(
     metrics_address: str,
     registrations: Sequence[Registration],
     service_names: Sequence[str],
+    *,
+    metrics: RpcMetrics | None = None,
 ) -> ServiceServer:
     """:func:`start_server` with the service's Prometheus endpoint (``host:port``, port 0 picks one),
-    which closes with the server: what every composition root needs."""
-    metrics = RpcMetrics.create()
+    which closes with the server: what every composition root needs.
+
+    A service with metrics of its own creates ``metrics`` first and registers its collectors in
+    ``metrics.registry``; the endpoint serves that registry. Without it, a fresh one is created.
+    """
+    if metrics is None:
+        metrics = RpcMetrics.create()
     host, _, port = metrics_address.rpartition(":")
     metrics_server, metrics_port = serve_metrics(metrics.registry, host, int(port))
     try:

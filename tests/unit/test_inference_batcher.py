@@ -184,3 +184,55 @@ async def test_model_error_fails_the_batch(executor: ThreadPoolExecutor) -> None
         await batcher.submit(x(0), 1)
     assert batcher.stats.fail.count == 1 and batcher.ongoing == 0
     await batcher.close()
+
+
+class RecordingObserver:
+    """A VersionObserver that keeps every event."""
+
+    def __init__(self) -> None:
+        self.waits: list[int] = []
+        self.executions: list[int] = []
+        self.outcomes: list[str] = []
+        self.depths: list[int] = []
+
+    def queued(self, wait_ns: int) -> None:
+        self.waits.append(wait_ns)
+
+    def executed(self, batch_size: int, compute_ns: int) -> None:
+        assert compute_ns > 0
+        self.executions.append(batch_size)
+
+    def finished(self, ok: bool) -> None:
+        self.outcomes.append("success" if ok else "fail")
+
+    def rejected(self) -> None:
+        self.outcomes.append("rejected")
+
+    def queue_depth(self, depth: int) -> None:
+        self.depths.append(depth)
+
+
+async def test_observer_sees_what_the_statistics_count(executor: ThreadPoolExecutor) -> None:
+    model = FakeModel()
+    observer = RecordingObserver()
+    stats = VersionStats(observer=observer)
+    batcher = DynamicBatcher("m:1", model, executor, BatchingSettings(max_batch_size=4, max_queue_size=2), stats)
+    model.gate.clear()
+    blocker = asyncio.ensure_future(batcher.submit(x(0), 1))
+    await asyncio.to_thread(model.entered.wait, 5)
+    queued = [asyncio.ensure_future(batcher.submit(x(i), 1)) for i in (1, 2)]
+    await asyncio.sleep(0)
+    with pytest.raises(ResourceExhausted):
+        await batcher.submit(x(3), 1)
+    model.gate.set()
+    await asyncio.gather(blocker, *queued)
+    await batcher.close()
+    with pytest.raises(Unavailable):
+        await batcher.submit(x(4), 1)
+
+    assert model.batches == [[0.0], [1.0, 2.0]]
+    assert observer.executions == [1, 2] and stats.execution_count == 2
+    assert len(observer.waits) == stats.queue.count == 3
+    assert sorted(observer.outcomes) == ["rejected", "rejected", "success", "success", "success"]
+    assert stats.rejected == 2 and stats.success.count == 3
+    assert observer.depths == [1, 0, 1, 2, 0]

@@ -139,8 +139,10 @@ class DynamicBatcher:
             Unavailable: If the version is being unloaded.
         """
         if self._closing:
+            self.stats.record_rejected()
             raise Unavailable(f"model {self.name} is being unloaded")
         if self._queued >= self.settings.max_queue_size:
+            self.stats.record_rejected()
             raise ResourceExhausted(
                 f"model {self.name}: the queue is full ({self.settings.max_queue_size} requests queued)",
                 retry_after_s=0.05,
@@ -194,6 +196,7 @@ class DynamicBatcher:
             index -= 1
         self._queue.insert(index, entry)
         self._queued += 1
+        self.stats.observer.queue_depth(self._queued)
         self._idle.clear()
         self._wakeup.set()
 
@@ -203,6 +206,7 @@ class DynamicBatcher:
         entry.state = _DONE
         self._queue.remove(entry)
         self._queued -= 1
+        self.stats.observer.queue_depth(self._queued)
         if entry.timer is not None:
             entry.timer.cancel()
         if error is not None and not entry.future.done():
@@ -281,8 +285,9 @@ class DynamicBatcher:
             entry.dispatched_ns = now
             if entry.timer is not None:
                 entry.timer.cancel()
-            self.stats.queue.add(now - entry.arrived_ns)
+            self.stats.record_queued(now - entry.arrived_ns)
         self._queued -= len(chosen)
+        self.stats.observer.queue_depth(self._queued)
         self._running += len(chosen)
         timings = BatchTimings()
         loop = asyncio.get_running_loop()

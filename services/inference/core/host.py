@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from services.inference.core.batcher import DynamicBatcher
+from services.inference.core.observer import NULL_HOST_OBSERVER, HostObserver
 from services.inference.core.runner import TorchRunner, model_bytes
 from services.inference.core.stats import BatchTimings, VersionStats
 from shared.artifacts import ArtifactError, Manifest, Signature, load_artifact, read_manifest
@@ -105,6 +106,7 @@ class ModelHost:
         memory_budget_bytes: Weight bytes all loaded versions may hold together.
         warmup: Run one execution per version before it serves.
         max_new_tokens: Most tokens one generation request may ask for.
+        observer: Told of loads, unloads and every version's events (the worker's metrics).
     """
 
     def __init__(
@@ -116,6 +118,7 @@ class ModelHost:
         *,
         warmup: bool = True,
         max_new_tokens: int = 512,
+        observer: HostObserver = NULL_HOST_OBSERVER,
     ) -> None:
         self.source = source
         self.executor = executor
@@ -123,6 +126,7 @@ class ModelHost:
         self.memory_budget_bytes = memory_budget_bytes
         self.warmup = warmup
         self.max_new_tokens = max_new_tokens
+        self.observer = observer
         self._versions: dict[tuple[str, int], ServedVersion] = {}
         self._load_lock = asyncio.Lock()
 
@@ -160,7 +164,7 @@ class ModelHost:
             if self.warmup:
                 await self._warm_up(runner)
             name = f"{model}:{version}"
-            stats = VersionStats()
+            stats = VersionStats(observer=self.observer.loaded(model, version, size))
             batcher = DynamicBatcher(
                 name,
                 runner,
@@ -219,7 +223,10 @@ class ModelHost:
         served.closing = True
         await served.batcher.close()
         await served.streams_idle.wait()
-        self._versions.pop(served.key, None)
+        # The version may have been loaded again while this unload drained: leave the new one alone.
+        if self._versions.get(served.key) is served:
+            del self._versions[served.key]
+            self.observer.unloaded(served.model, served.version)
         if self.device.startswith("cuda"):
             await asyncio.to_thread(torch.cuda.empty_cache)
         log.info("model_unloaded", model=served.model, version=served.version)

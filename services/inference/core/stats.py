@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from services.inference.core.observer import NULL_VERSION_OBSERVER, VersionObserver
+
 __all__ = ["BatchTimings", "Duration", "VersionStats"]
 
 
@@ -44,7 +46,9 @@ class VersionStats:
 
     Per-request durations (``success``, ``fail``, ``queue``, ``compute_*``) count requests, as Triton's
     do: each request of a batch is charged the batch's compute time. ``inference_count`` counts samples,
-    ``execution_count`` model executions (batches, or generation steps of a streaming model).
+    ``execution_count`` model executions (batches, or generation steps of a streaming model). Each
+    ``record_*`` call is passed on to ``observer`` too (the worker's Prometheus metrics), so both views
+    count the same events.
     """
 
     success: Duration = field(default_factory=Duration)
@@ -59,6 +63,14 @@ class VersionStats:
     batches: dict[int, BatchSizeStats] = field(default_factory=dict)
     # Tokens produced by streaming generation (each one execution); shows where a cancelled stream stopped.
     generated_tokens: int = 0
+    # Requests refused before they were queued (queue full, unloading); not part of Triton's statistics.
+    rejected: int = 0
+    observer: VersionObserver = field(default=NULL_VERSION_OBSERVER, repr=False, compare=False)
+
+    def record_queued(self, wait_ns: int) -> None:
+        """Records one request leaving the queue for an execution, ``wait_ns`` after its arrival."""
+        self.queue.add(wait_ns)
+        self.observer.queued(wait_ns)
 
     def record_execution(self, batch_size: int, requests: int, timings: BatchTimings) -> None:
         """Records one model execution of ``batch_size`` samples serving ``requests`` requests."""
@@ -72,7 +84,14 @@ class VersionStats:
         self.compute_input.add(timings.input_ns * requests, requests)
         self.compute_infer.add(timings.infer_ns * requests, requests)
         self.compute_output.add(timings.output_ns * requests, requests)
+        self.observer.executed(batch_size, timings.input_ns + timings.infer_ns + timings.output_ns)
 
     def record_request(self, ok: bool, total_ns: int) -> None:
         """Records the end of one request (``total_ns`` from arrival to its result)."""
         (self.success if ok else self.fail).add(total_ns)
+        self.observer.finished(ok)
+
+    def record_rejected(self) -> None:
+        """Records one request refused before it was queued."""
+        self.rejected += 1
+        self.observer.rejected()
