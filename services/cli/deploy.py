@@ -91,7 +91,7 @@ async def wait_ready(scheduler: Scheduler, name: str, timeout_s: float = 600.0) 
         while True:
             deployment = (await scheduler.call("GetDeployment", pb.GetDeploymentRequest(name=name))).deployment
             if deployment.state in (pb.DEPLOYMENT_READY, pb.DEPLOYMENT_FAILED) or loop.time() > deadline:
-                return deployment  # type: ignore[no-any-return]
+                return deployment
             await asyncio.sleep(0.5)
 
 

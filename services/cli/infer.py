@@ -104,7 +104,7 @@ async def generate(
     sys.stdout.write(prompt)
     async with Gateway() as gateway:
 
-        async def requests():  # type: ignore[no-untyped-def]
+        async def requests():
             yield request
 
         try:

@@ -70,7 +70,7 @@ async def train_digits(settings: CliSettings, console: Console) -> bool:
     )
     scheduler = Scheduler()
     try:
-        job = (await scheduler.call("SubmitTrainingJob", spb.SubmitTrainingJobRequest(spec=spec))).job  # type: ignore[attr-defined]
+        job = (await scheduler.call("SubmitTrainingJob", spb.SubmitTrainingJobRequest(spec=spec))).job
         console.print(f"training {QUICKSTART_MODEL}: job {job.id}, 2 workers x 2 parameter-server shards, BSP")
         job = await _watch(scheduler, job.id)
     finally:

@@ -79,7 +79,7 @@ async def submit(
     scheduler = Scheduler()
     try:
         reply = await scheduler.call("SubmitTrainingJob", pb.SubmitTrainingJobRequest(spec=spec))
-        job = reply.job  # type: ignore[attr-defined]
+        job = reply.job
         out.print(f"{job.id} {pb.JobState.Name(job.state)} ({job.total_steps} steps)")
         if watch_job:
             await _watch(scheduler, job.id)
@@ -137,7 +137,7 @@ async def status(job_id: str) -> None:
     scheduler = Scheduler()
     try:
         reply = await scheduler.call("GetJob", pb.GetJobRequest(id=job_id))
-        _print_job(reply.job)  # type: ignore[attr-defined]
+        _print_job(reply.job)
     finally:
         await scheduler.close()
 
@@ -160,7 +160,7 @@ async def cancel(job_id: str) -> None:
     scheduler = Scheduler()
     try:
         reply = await scheduler.call("CancelJob", pb.CancelJobRequest(id=job_id))
-        _print_job(reply.job)  # type: ignore[attr-defined]
+        _print_job(reply.job)
     finally:
         await scheduler.close()
 
@@ -176,10 +176,10 @@ async def list_jobs(state: list[str] = typer.Option([], help="Only these states 
         token = ""
         while True:
             reply = await scheduler.call("ListJobs", pb.ListJobsRequest(states=states, page_token=token))
-            for job in reply.jobs:  # type: ignore[attr-defined]
+            for job in reply.jobs:
                 model = f"{job.spec.target_model}@{job.model_version}" if job.model_version else job.spec.target_model
                 table.add_row(job.id, pb.JobState.Name(job.state), f"{job.step}/{job.total_steps}", model, job.message)
-            token = reply.next_page_token  # type: ignore[attr-defined]
+            token = reply.next_page_token
             if not token:
                 break
         out.print(table)
