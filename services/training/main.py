@@ -76,7 +76,11 @@ def spec_from_options(options: dict[str, Any]) -> WorkerSpec:
 
 async def hosted(options: dict[str, Any]) -> RunningWorker:
     """Start one rank: its gRPC server (port 0) and its training session."""
-    settings = TrainingSettings(**options.get("settings", {}))
+    fields = dict(options.get("settings", {}))
+    if options.get("bind_host") == "node" and "training_address" not in fields:
+        # Listen on every interface: the scheduler follows this rank from another host on a cluster.
+        fields["training_address"] = "0.0.0.0:0"
+    settings = TrainingSettings(**fields)
     configure_logging("training", settings.log_level, settings.log_format)
     configure_tracing("training", settings.otel_exporter, settings.otel_endpoint)
     torch.set_num_threads(settings.training_torch_threads)

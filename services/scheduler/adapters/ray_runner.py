@@ -205,6 +205,9 @@ class RayJobRunner:
             "log_level": settings.log_level,
             "log_format": "json",
         }
+        if settings.ray_address:
+            # On a cluster the scheduler and the other ranks reach the shard from other hosts.
+            options["bind_host"] = "node"
         member = await gang.start("shard", index, attempt, options)
         spec = job.spec
         config = ps.ShardConfig(
@@ -276,6 +279,8 @@ class RayJobRunner:
             "tags": {"job": job.id, "codec": spec.codec, "consistency": spec.consistency},
             "settings": {"log_level": settings.log_level, "log_format": "json"},
         }
+        if settings.ray_address:
+            options["bind_host"] = "node"
         await gang.start("worker", rank, attempt, options)
 
     async def _stop_worker(self, member: Member) -> None:
