@@ -62,6 +62,7 @@ bench: setup proto ## Run the benchmarks; figures go to benchmarks/results/ and 
 	$(BIN)/python -m benchmarks.registry_transfer
 	$(BIN)/python -m benchmarks.paramserver
 	$(BIN)/python -m benchmarks.training
+	$(BIN)/python -m benchmarks.serving
 
 lock: setup ## Rewrite constraints.txt from what .venv holds (after changing pyproject.toml).
 	{ echo '# Exact versions `make setup` installs (pip -c): one tested set. Regenerate with `make lock`.'; \
