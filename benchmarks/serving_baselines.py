@@ -193,6 +193,9 @@ class RayServeBaseline:
         import ray
         from ray import serve
 
+        # Replicas at normal priority, as maas runs its own (Ray's default niceness of 15 would handicap
+        # the baseline against the load generator on the same cores).
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(
             num_cpus=num_cpus,
             include_dashboard=False,

@@ -15,6 +15,11 @@ from tests.support.postgres import PostgresServer, postgres_server
 
 def pytest_configure(config: pytest.Config) -> None:
     configure_logging("tests", "warning", "json")
+    # The services under test share this process's tracer provider (the first one installed wins):
+    # record spans, so tests can attach an in-memory exporter and follow a trace.
+    from shared.tracing import configure_tracing
+
+    configure_tracing("tests", record=True)
     # Model code in tests shares two cores with servers and clients: one torch thread (MEASUREMENTS.md).
     import torch
 

@@ -40,5 +40,5 @@ class GatewaySettings(CommonSettings):
         5.0, gt=0, description="Longest pause between two attempts to reconnect to the scheduler's endpoint stream."
     )
     gateway_trace_workers: bool = Field(
-        True, description="Trace the calls the gateway makes to inference workers (OpenTelemetry client spans)."
+        True, description="Propagate the trace context (traceparent) on the calls the gateway makes to workers."
     )

@@ -1,4 +1,4 @@
-"""Server interceptors: request context and logging, metrics, error mapping, authentication.
+"""Server interceptors: tracing, request context and logging, metrics, error mapping, authentication.
 
 grpc.aio interceptors see a handler, not a call; to act around the call they re-wrap the handler's
 behaviour, for each of the four RPC shapes (:func:`wrap_handler`).
@@ -6,6 +6,7 @@ behaviour, for each of the four RPC shapes (:func:`wrap_handler`).
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import hmac
 import logging
@@ -16,6 +17,9 @@ from typing import Any
 
 import grpc
 import structlog
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from shared import errors
 from shared.grpc.status import to_status
@@ -23,6 +27,7 @@ from shared.metrics import RpcMetrics
 
 log = structlog.get_logger("maas.rpc")
 _rpc_logger = logging.getLogger("maas.rpc")
+_tracer = trace.get_tracer("maas.grpc.server")
 
 # The authenticated principal of the current request (None when authentication is off).
 current_principal: contextvars.ContextVar[str | None] = contextvars.ContextVar("current_principal", default=None)
@@ -55,24 +60,46 @@ def wrap_handler(handler: grpc.RpcMethodHandler | None, method: str, wrapper: Wr
 
 
 class RequestInterceptor(grpc.aio.ServerInterceptor):
-    """Binds request context to logs, maps domain errors to statuses, counts and times every RPC.
+    """Traces, binds request context to logs, maps domain errors to statuses, counts and times every RPC.
 
+    One SERVER span per RPC, child of the caller's ``traceparent`` when there is one, current while the
+    handler runs (so log lines carry its trace id and calls made from the handler propagate it).
     Unexpected exceptions are logged with their stack and trace id and answered with a generic INTERNAL,
     so that nothing internal leaks to clients.
+
+    This is the per-request hot path of every service (the gateway's included), so it is one layer rather
+    than OpenTelemetry's interceptor plus ours (measured: OpenTelemetry's aio server interceptor alone cost
+    about 0.5 ms of CPU per request on this machine's cores); wrapped handlers and metric children are
+    cached per method.
     """
 
     def __init__(self, metrics: RpcMetrics | None = None) -> None:
         self._metrics = metrics
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
+        self._counters: dict[tuple[str, str], Any] = {}
+        self._latencies: dict[str, Any] = {}
 
     async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
-        return wrap_handler(handler, details.method, self._wrap)
+        if handler is None:
+            return None
+        method = details.method
+        cached = self._wrapped.get(method)
+        # Generated servicers hand out the same handler object for a method every time; an inner interceptor
+        # that wraps per call (authentication) yields a new one, which is wrapped afresh.
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = wrap_handler(handler, method, self._wrap)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
 
     def _wrap(self, behavior: Behavior, _req_stream: bool, resp_stream: bool, method: str) -> Behavior:
+        service, _, name = method.lstrip("/").rpartition("/")
+        attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
         if resp_stream:
 
             async def stream_behavior(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                started = self._begin(method)
+                span, token, started = self._begin(method, attributes, context)
                 code = grpc.StatusCode.OK
                 try:
                     async for response in behavior(request, context):
@@ -80,26 +107,34 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
                 except BaseException as exc:  # noqa: BLE001 - classified and re-raised or mapped below
                     code = await self._handle(exc, context, method)
                 finally:
-                    self._end(method, started, code, context)
+                    self._end(method, span, token, started, code, context)
 
             return stream_behavior
 
         async def unary_behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            started = self._begin(method)
+            span, token, started = self._begin(method, attributes, context)
             code = grpc.StatusCode.OK
             try:
                 return await behavior(request, context)
             except BaseException as exc:  # noqa: BLE001 - classified and re-raised or mapped below
                 code = await self._handle(exc, context, method)
             finally:
-                self._end(method, started, code, context)
+                self._end(method, span, token, started, code, context)
 
         return unary_behavior
 
     @staticmethod
-    def _begin(method: str) -> float:
+    def _begin(
+        method: str, attributes: dict[str, str], context: grpc.aio.ServicerContext
+    ) -> tuple[Span, object, float]:
+        parent = None
+        metadata = context.invocation_metadata() or ()
+        if any(key == "traceparent" for key, _ in metadata):
+            parent = propagate.extract({key: value for key, value in metadata if isinstance(value, str)})
+        span = _tracer.start_span(method, context=parent, kind=SpanKind.SERVER, attributes=attributes)
+        token = otel_context.attach(trace.set_span_in_context(span))
         structlog.contextvars.bind_contextvars(rpc_method=method, request_id=uuid.uuid4().hex[:16])
-        return time.perf_counter()
+        return span, token, time.perf_counter()
 
     async def _handle(self, exc: BaseException, context: grpc.aio.ServicerContext, method: str) -> grpc.StatusCode:
         if isinstance(exc, errors.MaasError):
@@ -112,18 +147,41 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log for this trace id")
         raise AssertionError("unreachable")  # pragma: no cover - abort raises
 
-    def _end(self, method: str, started: float, code: grpc.StatusCode, context: grpc.aio.ServicerContext) -> None:
+    def _end(
+        self,
+        method: str,
+        span: Span,
+        token: object,
+        started: float,
+        code: grpc.StatusCode,
+        context: grpc.aio.ServicerContext,
+    ) -> None:
         elapsed = time.perf_counter() - started
         final = context.code() or code
-        name = final.name if isinstance(final, grpc.StatusCode) else str(final)
+        status = final if isinstance(final, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+        name = status.name
         if self._metrics is not None:
-            self._metrics.requests.labels(method=method, code=name).inc()
-            self._metrics.latency.labels(method=method).observe(elapsed)
+            counter = self._counters.get((method, name))
+            if counter is None:
+                counter = self._counters[(method, name)] = self._metrics.requests.labels(method=method, code=name)
+            latency = self._latencies.get(method)
+            if latency is None:
+                latency = self._latencies[method] = self._metrics.latency.labels(method=method)
+            counter.inc()
+            latency.observe(elapsed)
         # structlog runs its processors before the standard library filters by level: on the hot path of
         # every RPC, ask the level first.
         if _rpc_logger.isEnabledFor(logging.DEBUG):
             log.debug("rpc_done", code=name, duration_ms=round(elapsed * 1000, 3))
         structlog.contextvars.unbind_contextvars("rpc_method", "request_id")
+        span.set_attribute("rpc.grpc.status_code", status.value[0])
+        if status != grpc.StatusCode.OK:
+            span.set_status(Status(StatusCode.ERROR, name))
+        span.end()
+        with contextlib.suppress(ValueError):
+            # A streaming handler may end in another context than it began (the generator closed from
+            # elsewhere); the span has ended either way.
+            otel_context.detach(token)  # type: ignore[arg-type]
 
 
 def _is_cancellation(exc: BaseException) -> bool:

@@ -13,7 +13,6 @@ import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
-from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
 from shared.grpc.interceptors import RequestInterceptor, TokenAuthInterceptor
 from shared.metrics import RpcMetrics, serve_metrics
@@ -81,10 +80,10 @@ async def start_server(
 ) -> ServiceServer:
     """Build, bind and start a grpc.aio server; returns it with the bound port (``host:0`` picks one).
 
-    Interceptors run outermost first: tracing (so every log line has the trace id), request context with
-    logging, metrics and error mapping, authentication, then any service-specific ones.
+    Interceptors run outermost first: tracing with request context, logging, metrics and error mapping (one
+    layer, :class:`RequestInterceptor`), authentication, then any service-specific ones.
     """
-    interceptors: list[grpc.aio.ServerInterceptor] = [aio_server_interceptor(), RequestInterceptor(metrics)]
+    interceptors: list[grpc.aio.ServerInterceptor] = [RequestInterceptor(metrics)]
     if settings.auth_tokens:
         interceptors.append(TokenAuthInterceptor(settings.auth_tokens))
     interceptors.extend(extra_interceptors)
