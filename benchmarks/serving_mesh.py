@@ -109,7 +109,7 @@ class Mesh:
         return server
 
     async def start(self) -> None:
-        """Starts registry, scheduler and gateway (in that order, each waited for) and connects the clients."""
+        """Starts registry, gateway and scheduler (in that order, each waited for) and connects the clients."""
         from maas.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 
         from shared.clients.registry import RegistryClient
@@ -122,17 +122,8 @@ class Mesh:
             {"MAAS_REGISTRY_ADDRESS": self.registry_target, "MAAS_REGISTRY_METRICS_ADDRESS": "127.0.0.1:0"},
         )
         await wait_healthy(registry, self.registry_target)
-        scheduler = self._start(
-            "scheduler",
-            "services.scheduler",
-            {
-                "MAAS_SCHEDULER_ADDRESS": self.scheduler_target,
-                "MAAS_SCHEDULER_METRICS_ADDRESS": "127.0.0.1:0",
-                "MAAS_SCHEDULER_REGISTRY_ADDRESS": self.registry_target,
-                "MAAS_RAY_NUM_CPUS": str(self.ray_num_cpus),
-            },
-        )
-        await wait_healthy(scheduler, self.scheduler_target)
+        # The gateway binds before the scheduler starts Ray, whose processes take ephemeral ports (a port
+        # picked free earlier was seen taken by then); it follows the scheduler once that is up.
         gateway = self._start(
             "gateway",
             "services.gateway",
@@ -144,6 +135,17 @@ class Mesh:
             },
         )
         await wait_healthy(gateway, self.gateway_target)
+        scheduler = self._start(
+            "scheduler",
+            "services.scheduler",
+            {
+                "MAAS_SCHEDULER_ADDRESS": self.scheduler_target,
+                "MAAS_SCHEDULER_METRICS_ADDRESS": "127.0.0.1:0",
+                "MAAS_SCHEDULER_REGISTRY_ADDRESS": self.registry_target,
+                "MAAS_RAY_NUM_CPUS": str(self.ray_num_cpus),
+            },
+        )
+        await wait_healthy(scheduler, self.scheduler_target)
         settings = CommonSettings()
         self.registry_client = RegistryClient.connect(self.registry_target, settings)
         channel = make_channel(
