@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 
 from shared.settings import CommonSettings
 
@@ -40,7 +40,11 @@ class SchedulerSettings(CommonSettings):
         0, ge=0, description="Jobs one tenant may have placed or running at once; 0: no per-tenant limit."
     )
     ray_address: str | None = Field(
-        None, description="Address of the Ray cluster to run jobs on (ray://host:10001 or auto); unset: a local Ray."
+        None,
+        # Ray's own variable works too (every Ray tool reads it); MAAS_RAY_ADDRESS wins when both are set.
+        validation_alias=AliasChoices("MAAS_RAY_ADDRESS", "RAY_ADDRESS", "ray_address"),
+        description="Address of the Ray cluster to run jobs and replicas on (ray://host:10001 or auto; Ray's own "
+        "RAY_ADDRESS is read too); unset: a local Ray.",
     )
     ray_num_cpus: int = Field(
         8,

@@ -1,7 +1,8 @@
 """Ray start-up, in one place: the scheduler is the mesh's only Ray driver (jobs and deployments share it).
 
-``ray_address`` joins a cluster; otherwise a local Ray declaring ``ray_num_cpus`` logical CPUs starts. Ray
-already initialised in this process (a test session's) is used as it is.
+``ray_address`` (``MAAS_RAY_ADDRESS`` or Ray's own ``RAY_ADDRESS``) joins a cluster; otherwise a local Ray
+declaring ``ray_num_cpus`` logical CPUs starts. Ray already initialised in this process (a test session's)
+is used as it is.
 """
 
 from __future__ import annotations
