@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import Any
 
 import typer
 from maas.common.v1 import common_pb2
@@ -95,62 +97,50 @@ async def wait_ready(scheduler: Scheduler, name: str, timeout_s: float = 600.0) 
             await asyncio.sleep(0.5)
 
 
-@deploy_app.command()
-@run_async
-async def create(
-    model: str = typer.Argument(..., help="Registry model to serve."),
-    version: str = VERSION,
-    name: str = NAME,
-    min_replicas: int = MIN_REPLICAS,
-    max_replicas: int = MAX_REPLICAS,
-    cpus: float = CPUS,
-    gpus: float = GPUS,
-    max_batch_size: int = MAX_BATCH,
-    max_queue_delay_us: int = DELAY_US,
-    max_queue_size: int = QUEUE,
-    target_ongoing: float = TARGET,
-    upscale_delay_s: float = UP_DELAY,
-    downscale_delay_s: float = DOWN_DELAY,
-    canary: str = CANARY,
-    canary_weight: int = CANARY_WEIGHT,
-    wait: bool = WAIT,
-) -> None:
-    """Deploy a registry model behind the gateway."""
-    spec = _spec(**{k: v for k, v in locals().items() if k != "wait"})
-    async with Scheduler() as scheduler:
-        deployment = (await scheduler.call("CreateDeployment", pb.CreateDeploymentRequest(spec=spec))).deployment
-        if wait:
-            deployment = await wait_ready(scheduler, deployment.name)
-        print_deployment(deployment)
+def _spec_command(rpc: str, help_text: str) -> Callable[..., Any]:
+    """``create`` and ``update`` take the same options; they differ in the RPC they call."""
+
+    async def command(
+        model: str = typer.Argument(..., help="Registry model to serve (and the deployment's name unless --name)."),
+        version: str = VERSION,
+        name: str = NAME,
+        min_replicas: int = MIN_REPLICAS,
+        max_replicas: int = MAX_REPLICAS,
+        cpus: float = CPUS,
+        gpus: float = GPUS,
+        max_batch_size: int = MAX_BATCH,
+        max_queue_delay_us: int = DELAY_US,
+        max_queue_size: int = QUEUE,
+        target_ongoing: float = TARGET,
+        upscale_delay_s: float = UP_DELAY,
+        downscale_delay_s: float = DOWN_DELAY,
+        canary: str = CANARY,
+        canary_weight: int = CANARY_WEIGHT,
+        wait: bool = WAIT,
+    ) -> None:
+        # locals() also holds the closure's free variable (rpc): take only the options.
+        spec = _spec(**{k: v for k, v in locals().items() if k not in ("wait", "rpc")})
+        request = (
+            pb.CreateDeploymentRequest(spec=spec)
+            if rpc == "CreateDeployment"
+            else pb.UpdateDeploymentRequest(spec=spec)
+        )
+        async with Scheduler() as scheduler:
+            deployment = (await scheduler.call(rpc, request)).deployment
+            if wait:
+                deployment = await wait_ready(scheduler, deployment.name)
+            print_deployment(deployment)
+
+    command.__doc__ = help_text
+    return run_async(command)
 
 
-@deploy_app.command()
-@run_async
-async def update(
-    model: str = typer.Argument(..., help="Registry model served (and the deployment's name unless --name)."),
-    version: str = VERSION,
-    name: str = NAME,
-    min_replicas: int = MIN_REPLICAS,
-    max_replicas: int = MAX_REPLICAS,
-    cpus: float = CPUS,
-    gpus: float = GPUS,
-    max_batch_size: int = MAX_BATCH,
-    max_queue_delay_us: int = DELAY_US,
-    max_queue_size: int = QUEUE,
-    target_ongoing: float = TARGET,
-    upscale_delay_s: float = UP_DELAY,
-    downscale_delay_s: float = DOWN_DELAY,
-    canary: str = CANARY,
-    canary_weight: int = CANARY_WEIGHT,
-    wait: bool = WAIT,
-) -> None:
-    """Replace a deployment's spec: a new version is a rolling update (no request fails)."""
-    spec = _spec(**{k: v for k, v in locals().items() if k != "wait"})
-    async with Scheduler() as scheduler:
-        deployment = (await scheduler.call("UpdateDeployment", pb.UpdateDeploymentRequest(spec=spec))).deployment
-        if wait:
-            deployment = await wait_ready(scheduler, deployment.name)
-        print_deployment(deployment)
+deploy_app.command("create")(_spec_command("CreateDeployment", "Deploy a registry model behind the gateway."))
+deploy_app.command("update")(
+    _spec_command(
+        "UpdateDeployment", "Replace a deployment's spec: a new version is a rolling update (no request fails)."
+    )
+)
 
 
 @deploy_app.command()

@@ -139,3 +139,44 @@ async def test_unknown_models_and_versions_are_not_found(mesh: ServingMesh) -> N
     with pytest.raises(grpc.aio.AioRpcError) as bad_version:
         await mesh.gateway.ModelInfer(infer_request("batched", np.zeros((1, 64), np.float32), "99"), timeout=30)
     assert bad_version.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_the_command_line_deploys_infers_and_streams(mesh: ServingMesh, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import subprocess
+    import sys
+
+    _, path = await mesh.push("cli-mlp", "mlp", MLP_ARGS, seed=6)
+    await mesh.push("cli-lm", "decoder-lm", {"width": 32, "depth": 1, "heads": 2, "context": 32}, seed=7)
+    env = {
+        **os.environ,
+        "MAAS_REGISTRY_ADDRESS": mesh.registry_address,
+        "MAAS_SCHEDULER_ADDRESS": mesh.scheduler_address,
+        "MAAS_GATEWAY_ADDRESS": mesh.gateway_address,
+    }
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "services.cli.main", *args], env=env, capture_output=True, text=True, timeout=240
+        )
+
+    def maas(*args: str) -> str:
+        done = run(*args)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    created = await asyncio.to_thread(maas, "deploy", "create", "cli-mlp", "--cpus", "0.5")
+    assert "DEPLOYMENT_READY" in created
+    await asyncio.to_thread(maas, "deploy", "create", "cli-lm", "--cpus", "0.5")
+    assert "cli-mlp" in await asyncio.to_thread(maas, "deploy", "list")
+    x = np.random.default_rng(1).standard_normal((2, 64)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    await asyncio.to_thread(
+        maas, "infer", "cli-mlp", "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "y.npz")
+    )
+    np.testing.assert_allclose(np.load(tmp_path / "y.npz")["logits"], reference_forward(path, x), rtol=1e-4, atol=1e-5)
+    # Byte-level generation: the prompt is echoed, then the streamed continuation.
+    assert (await asyncio.to_thread(maas, "generate", "cli-lm", "hello", "--max-tokens", "5")).startswith("hello")
+    await asyncio.to_thread(maas, "deploy", "delete", "cli-lm")
+    missing = await asyncio.to_thread(run, "deploy", "show", "cli-lm")
+    assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
