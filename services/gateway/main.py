@@ -83,7 +83,9 @@ async def start(
     deployment_control: DeploymentControl = control or link  # type: ignore[assignment]
     pool: Replicas
     if replicas is None:
-        own_pool = ReplicaPool(settings, tracing=settings.gateway_trace_workers)
+        own_pool = ReplicaPool(
+            settings, tracing=settings.gateway_trace_workers, coalesce_after=settings.gateway_coalesce_after
+        )
         closers.append(own_pool.close)
         pool = own_pool
     else:

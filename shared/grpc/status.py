@@ -63,26 +63,42 @@ def to_status(error: errors.MaasError) -> tuple[grpc.StatusCode, str, tuple[tupl
     return code, error.message, ((DETAILS_KEY, status.SerializeToString()),)
 
 
+def status_bytes(error: errors.MaasError) -> bytes:
+    """``error`` as a serialized ``google.rpc.Status`` (for answers that carry one error per entry)."""
+    return to_status(error)[2][0][1]
+
+
+def _error(code: grpc.StatusCode, message: str, status: status_pb2.Status | None) -> errors.MaasError:
+    cls = _ERRORS.get(code, errors.Internal if code != grpc.StatusCode.UNKNOWN else errors.Unavailable)
+    reason, violations = None, []
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason = info.reason
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            violations = [errors.FieldViolation(v.field, v.description) for v in bad.field_violations]
+    error = cls(message, reason=reason, violations=violations)
+    error.grpc_code = code  # type: ignore[attr-defined]
+    return error
+
+
+_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def error_from_status(data: bytes) -> errors.MaasError:
+    """The domain error a serialized ``google.rpc.Status`` (:func:`status_bytes`) stands for."""
+    status = status_pb2.Status.FromString(data)
+    code = _BY_VALUE.get(status.code, grpc.StatusCode.UNKNOWN)
+    return _error(code, status.message or code.name, status)
+
+
 def from_rpc_error(exc: grpc.RpcError) -> errors.MaasError:
     """The domain error a failed call stands for (its message is the server's, details decoded)."""
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     message = (exc.details() if hasattr(exc, "details") else "") or code.name
-    cls = _ERRORS.get(code, errors.Internal if code != grpc.StatusCode.UNKNOWN else errors.Unavailable)
-    reason, violations = None, []
     trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
-    for key, value in trailing or ():
-        if key != DETAILS_KEY:
-            continue
-        status = status_pb2.Status.FromString(value)
-        for detail in status.details:
-            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                detail.Unpack(info)
-                reason = info.reason
-            elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                bad = error_details_pb2.BadRequest()
-                detail.Unpack(bad)
-                violations = [errors.FieldViolation(v.field, v.description) for v in bad.field_violations]
-    error = cls(message, reason=reason, violations=violations)
-    error.grpc_code = code  # type: ignore[attr-defined]
-    return error
+    status = next((status_pb2.Status.FromString(v) for k, v in trailing or () if k == DETAILS_KEY), None)
+    return _error(code, message, status)

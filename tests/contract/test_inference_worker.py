@@ -285,3 +285,34 @@ async def test_hosted_loads_models_before_returning(registry: Any, registry_clie
         assert list((tmp_path / "home2" / "inference" / "cache").glob("*.safetensors"))
     finally:
         await running.stop(0.5)
+
+
+async def test_infer_many_answers_each_entry_in_place(
+    registry_client: Any, channel: grpc.aio.Channel, tmp_path: Path
+) -> None:
+    from google.rpc import code_pb2, status_pb2
+
+    path = await push(registry_client, tmp_path, "many", "mlp", MLP, seed=5)
+    await load(channel, "many", max_batch_size=8, max_queue_delay_us=20_000)
+    model = load_artifact(path).eval()
+    xs = [np.random.default_rng(i).standard_normal((1, 16)).astype(np.float32) for i in range(5)]
+    good = [raw_request("many", x).SerializeToString() for x in xs]
+    bad = raw_request("many", np.zeros((1, 15), np.float32)).SerializeToString()
+    entries = [wpb.InferManyRequest.Entry(request=r, version=1, timeout_s=30) for r in good]
+    entries.insert(2, wpb.InferManyRequest.Entry(request=bad, version=1))
+    entries.append(wpb.InferManyRequest.Entry(request=b"\xff\xff not a message", version=1))
+    reply = await control(channel).InferMany(wpb.InferManyRequest(entries=entries))
+    assert len(reply.results) == len(entries)
+    answers = [r for i, r in enumerate(reply.results) if i not in (2, len(entries) - 1)]
+    for x, result in zip(xs, answers, strict=True):
+        assert not result.status
+        with torch.inference_mode():
+            expected = model(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(output(kpb.ModelInferResponse.FromString(result.response)), expected, atol=1e-5)
+    for index in (2, len(entries) - 1):
+        status = status_pb2.Status.FromString(reply.results[index].status)
+        assert status.code == code_pb2.INVALID_ARGUMENT and not reply.results[index].response
+    assert "input 'input'" in status_pb2.Status.FromString(reply.results[2].status).message
+    # Submitted together, the good entries shared executions.
+    stats = (await kserve(channel).ModelStatistics(kpb.ModelStatisticsRequest(name="many"))).model_stats[0]
+    assert stats.inference_count >= 5 and stats.execution_count < 5

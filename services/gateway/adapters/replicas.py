@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Awaitable, Collection
 
 import grpc
 import structlog
 from inference import grpc_service_pb2 as kpb
+from maas.inference.v1 import worker_pb2 as wpb
 from opentelemetry import propagate
 
+from services.gateway.adapters.coalescer import Coalescer, SendOne
 from services.gateway.core.statistics import BatchStats, Duration, VersionStats
+from shared.errors import Unavailable
 from shared.grpc.channel import make_channel
 from shared.grpc.status import from_rpc_error
 from shared.settings import CommonSettings
@@ -22,22 +25,38 @@ _SERVICE = "/inference.GRPCInferenceService/"
 _INFER = _SERVICE + "ModelInfer"
 _STREAM = _SERVICE + "ModelStreamInfer"
 _STATISTICS = _SERVICE + "ModelStatistics"
+_INFER_MANY = "/maas.inference.v1.InferenceWorker/InferMany"
+Metadata = tuple[tuple[str, str], ...]
 
 
 class _Worker:
-    """A channel to one worker and its method callables (identity serializers: bytes in, bytes out)."""
+    """A channel to one worker, its method callables (identity serializers for the data plane: bytes in,
+    bytes out), and the coalescing state of its unary requests (None: coalescing off)."""
 
-    __slots__ = ("channel", "infer", "statistics", "stream")
+    __slots__ = ("channel", "coalescer", "many", "send_one", "statistics", "stream")
 
-    def __init__(self, channel: grpc.aio.Channel) -> None:
+    def __init__(
+        self, channel: grpc.aio.Channel, coalesce_after: int, max_bytes: int, token: Metadata, send_one: SendOne
+    ) -> None:
         self.channel = channel
-        self.infer = channel.unary_unary(_INFER)
+        self.send_one = send_one  # ModelInfer, the request bytes unchanged
         self.stream = channel.stream_stream(_STREAM)
         self.statistics = channel.unary_unary(
             _STATISTICS,
             request_serializer=kpb.ModelStatisticsRequest.SerializeToString,
             response_deserializer=kpb.ModelStatisticsResponse.FromString,
         )
+        self.many = channel.unary_unary(
+            _INFER_MANY,
+            request_serializer=wpb.InferManyRequest.SerializeToString,
+            response_deserializer=wpb.InferManyResponse.FromString,
+        )
+
+        def send_many(request: wpb.InferManyRequest, timeout: float | None) -> Awaitable[wpb.InferManyResponse]:
+            return self.many(request, timeout=timeout, metadata=token or None)
+
+        # Half the message limit: the entries' envelopes and a retry's headroom fit beside the payloads.
+        self.coalescer = Coalescer(send_many, send_one, coalesce_after, max_bytes // 2) if coalesce_after > 0 else None
 
 
 class ReplicaPool:
@@ -55,9 +74,10 @@ class ReplicaPool:
         tracing: Propagate the current trace context to the workers.
     """
 
-    def __init__(self, settings: CommonSettings, *, tracing: bool = True) -> None:
+    def __init__(self, settings: CommonSettings, *, tracing: bool = True, coalesce_after: int = 0) -> None:
         self._settings = settings
         self._tracing = tracing
+        self._coalesce_after = coalesce_after
         self._workers: dict[str, _Worker] = {}
         self._metadata: dict[int, tuple[tuple[str, str], ...]] = {}
         self._token = () if settings.client_token is None else (("authorization", f"Bearer {settings.client_token}"),)
@@ -66,7 +86,19 @@ class ReplicaPool:
     def _worker(self, address: str) -> _Worker:
         worker = self._workers.get(address)
         if worker is None:
-            worker = self._workers[address] = _Worker(self._channel(address))
+            channel = self._channel(address)
+            infer = channel.unary_unary(_INFER)
+
+            async def send_one(payload: bytes, version: int, timeout: float | None) -> bytes:
+                try:
+                    response: bytes = await infer(payload, timeout=timeout, metadata=self._version_metadata(version))
+                except grpc.aio.AioRpcError as exc:
+                    raise from_rpc_error(exc) from None
+                return response
+
+            worker = self._workers[address] = _Worker(
+                channel, self._coalesce_after, self._settings.max_message_bytes, self._token, send_one
+            )
         return worker
 
     def _channel(self, address: str) -> grpc.aio.Channel:
@@ -95,13 +127,14 @@ class ReplicaPool:
         return (*metadata, *carrier.items())
 
     async def infer(self, address: str, version: int, payload: bytes, timeout: float | None) -> bytes:
-        try:
-            response: bytes = await self._worker(address).infer(
-                payload, timeout=timeout, metadata=self._version_metadata(version)
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
-        return response
+        worker = self._worker(address)
+        coalescer = worker.coalescer
+
+        if coalescer is None:
+            return await worker.send_one(payload, version, timeout)
+        if coalescer.has_room():
+            return await coalescer.call(lambda: worker.send_one(payload, version, timeout))
+        return await coalescer.enqueue(payload, version, timeout)
 
     async def stream(self, address: str, version: int, payload: bytes, timeout: float | None) -> AsyncIterator[bytes]:
         call = self._worker(address).stream(iter((payload,)), timeout=timeout, metadata=self._version_metadata(version))
@@ -126,6 +159,8 @@ class ReplicaPool:
     def retain(self, addresses: Collection[str]) -> None:
         for address in [a for a in self._workers if a not in addresses]:
             worker = self._workers.pop(address)
+            if worker.coalescer is not None:
+                worker.coalescer.fail_waiting(Unavailable(f"replica {address} left the endpoints"))
             # Calls already on the channel finish first (grace), then it closes; not awaited by the snapshot.
             task = asyncio.get_running_loop().create_task(worker.channel.close(grace=30.0))
             self._closing.add(task)

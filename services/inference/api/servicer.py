@@ -5,10 +5,12 @@ Each RPC validates and decodes with ``shared.kserve``, awaits the core and encod
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 import grpc
+from google.protobuf.message import DecodeError
 from inference import grpc_service_pb2 as kpb
 from inference import grpc_service_pb2_grpc
 from maas.inference.v1 import worker_pb2 as wpb
@@ -16,7 +18,8 @@ from maas.inference.v1 import worker_pb2_grpc
 
 from services.inference.api import convert
 from services.inference.core.host import ModelHost, ServedVersion
-from shared.errors import MaasError, NotFound
+from shared.errors import InvalidArgument, MaasError, NotFound
+from shared.grpc.status import status_bytes
 from shared.kserve.codec import decode_inputs, encode_response, validate_request
 from shared.kserve.convert import batching_from_pb, model_config_pb, model_metadata_pb
 
@@ -89,12 +92,8 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         )
 
     async def _infer(self, request: kpb.ModelInferRequest, context: grpc.aio.ServicerContext) -> kpb.ModelInferResponse:
-        served = self._resolve(request.model_name, request.model_version, context)
-        batch = validate_request(request, served.signature, served.batching.max_batch_size)
-        priority, timeout_s = convert.scheduling(request, served.batching.default_timeout_us, context.time_remaining())
-        inputs = decode_inputs(request)
-        outputs = await self._host.infer(served, inputs, batch, priority=priority, timeout_s=timeout_s)
-        return encode_response(request, str(served.version), outputs)
+        pinned = convert.pinned_version(context.invocation_metadata())
+        return await infer_one(self._host, request, pinned, context.time_remaining())
 
     async def ModelInfer(
         self, request: kpb.ModelInferRequest, context: grpc.aio.ServicerContext
@@ -150,6 +149,30 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         raise AssertionError("unreachable")
 
 
+async def infer_one(
+    host: ModelHost, request: kpb.ModelInferRequest, pinned: int | None, time_remaining: float | None
+) -> kpb.ModelInferResponse:
+    """One ModelInfer request: resolve the version, validate, decode, run through the batcher, encode."""
+    served = host.resolve(request.model_name, request.model_version, pinned)
+    batch = validate_request(request, served.signature, served.batching.max_batch_size)
+    priority, timeout_s = convert.scheduling(request, served.batching.default_timeout_us, time_remaining)
+    inputs = decode_inputs(request)
+    outputs = await host.infer(served, inputs, batch, priority=priority, timeout_s=timeout_s)
+    return encode_response(request, str(served.version), outputs)
+
+
+async def _entry_result(host: ModelHost, entry: wpb.InferManyRequest.Entry) -> wpb.InferManyResponse.Result:
+    try:
+        request = kpb.ModelInferRequest.FromString(entry.request)
+    except DecodeError:
+        return wpb.InferManyResponse.Result(status=status_bytes(InvalidArgument("undecodable ModelInferRequest")))
+    try:
+        response = await infer_one(host, request, entry.version or None, entry.timeout_s or None)
+    except MaasError as exc:
+        return wpb.InferManyResponse.Result(status=status_bytes(exc))
+    return wpb.InferManyResponse.Result(response=response.SerializeToString())
+
+
 class WorkerServicer(worker_pb2_grpc.InferenceWorkerServicer):
     """``maas.inference.v1.InferenceWorker``: load, unload and list versions."""
 
@@ -167,6 +190,13 @@ class WorkerServicer(worker_pb2_grpc.InferenceWorkerServicer):
     ) -> wpb.UnloadModelResponse:
         await self._host.unload(request.ref.model, request.ref.version)
         return wpb.UnloadModelResponse()
+
+    async def InferMany(
+        self, request: wpb.InferManyRequest, context: grpc.aio.ServicerContext
+    ) -> wpb.InferManyResponse:
+        # Submitted together, the entries reach the dynamic batcher together and share executions.
+        results = await asyncio.gather(*(_entry_result(self._host, entry) for entry in request.entries))
+        return wpb.InferManyResponse(results=results)
 
     async def ListModels(
         self, request: wpb.ListModelsRequest, context: grpc.aio.ServicerContext
