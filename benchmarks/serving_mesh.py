@@ -10,10 +10,7 @@ says ``DEPLOYMENT_READY`` and the gateway answers ``ModelReady`` true.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib.util
-import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -22,6 +19,7 @@ from typing import Any
 import grpc
 
 from benchmarks.registry_transfer import Server, _server_env, cpu_seconds, free_port, wait_healthy
+from shared.processes import end_processes_with_env
 
 DEPLOY_TIMEOUT_S = 240.0
 # The modules the mesh needs; until they exist the maas part of the benchmark is skipped.
@@ -43,37 +41,9 @@ def missing_services() -> str | None:
 
 
 def stop_leftovers(home: Path, grace_s: float = 3.0) -> list[str]:
-    """Ends the processes still running with this mesh's ``MAAS_HOME``; returns their names and ids.
-
-    They can only be children of the mesh (the home is a fresh temporary directory): after the scheduler's
-    SIGTERM its local Ray's dashboard and runtime-env agents have been seen to outlive it, ignoring SIGTERM.
-    """
-    marker = f"MAAS_HOME={home}".encode()
-    found: dict[int, str] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if marker in (entry / "environ").read_bytes().split(b"\0"):
-                found[int(entry.name)] = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-        except OSError:
-            continue
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in list(found):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and any(_running(pid) for pid in found):
-            time.sleep(0.1)
-    return [f"{name} ({pid})" for pid, name in found.items()]
-
-
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
-    except OSError:
-        return False
+    """Ends the processes still running with this mesh's ``MAAS_HOME`` (a fresh temporary directory, so
+    only the mesh's own children carry it); returns their names and ids."""
+    return end_processes_with_env("MAAS_HOME", str(home), grace_s)
 
 
 class Mesh:

@@ -19,6 +19,7 @@ from rich.console import Console
 
 from services.cli.settings import CliSettings
 from shared.grpc.channel import make_channel
+from shared.processes import end_process_group
 
 
 @dataclass
@@ -53,7 +54,10 @@ async def wait_serving(address: str, settings: CliSettings, child: Child, timeou
 def start_child(name: str, module: str, address: str, env: dict[str, str] | None = None) -> Child:
     # Ray forks helper processes after gRPC threads exist; gRPC's fork handlers only log noise there.
     child_env = {"GRPC_ENABLE_FORK_SUPPORT": "false", "GRPC_VERBOSITY": "ERROR", **os.environ, **(env or {})}
-    return Child(name, address, subprocess.Popen([sys.executable, "-m", module], env=child_env))
+    # Its own session: the processes it starts (a local Ray's) share its process group, so whatever
+    # outlives the service's graceful stop can be ended with the group.
+    process = subprocess.Popen([sys.executable, "-m", module], env=child_env, start_new_session=True)
+    return Child(name, address, process)
 
 
 def stop_children(children: list[Child], grace_s: float) -> None:
@@ -65,6 +69,9 @@ def stop_children(children: list[Child], grace_s: float) -> None:
             child.process.wait(timeout=grace_s + 5)
         except subprocess.TimeoutExpired:
             child.process.kill()
+    # Ray's agents outlive their raylet at times (seen after the scheduler stopped gracefully).
+    for child in children:
+        end_process_group(child.process.pid)
 
 
 async def run_up(settings: CliSettings, quickstart: bool, console: Console) -> None:

@@ -38,4 +38,8 @@ def connect(settings: SchedulerSettings) -> None:
             # through the gateway at concurrency 32 went from 730-760 to 810-1010 per second with 0).
             # Actors here are services, not background tasks. A cluster sets this on its nodes (deploy/).
             os.environ.setdefault("RAY_worker_niceness", "0")
+            # Ray's C++ failure handler would take SIGTERM from the scheduler's own handler (which drains
+            # and closes): it dumps a stack and kills the process before Ray's exit hook stops the local
+            # Ray, whose agents were then left running after `maas up` stopped.
+            os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
             ray.init(num_cpus=settings.ray_num_cpus, **common)
