@@ -290,7 +290,8 @@ class Server:
         self.name = name
         self.log_path = log_path
         self._log = log_path.open("wb")
-        self.proc = subprocess.Popen(argv, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        # Its own session: what the server starts (a scheduler's local Ray) shares its process group.
+        self.proc = subprocess.Popen(argv, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
     @property
     def pid(self) -> int:

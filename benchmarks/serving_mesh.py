@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 
 from benchmarks.registry_transfer import Server, _server_env, cpu_seconds, free_port, wait_healthy
-from shared.processes import end_processes_with_env
+from shared.processes import end_process_group, end_processes_with_env
 
 DEPLOY_TIMEOUT_S = 240.0
 # The modules the mesh needs; until they exist the maas part of the benchmark is skipped.
@@ -194,6 +194,9 @@ class Mesh:
         for server in reversed(self.servers):
             await asyncio.to_thread(server.stop)
         self.leftovers = await asyncio.to_thread(stop_leftovers, self.home)
+        # Ray's agents blank their environment (stop_leftovers cannot see them): end the services' groups.
+        for server in self.servers:
+            await asyncio.to_thread(end_process_group, server.pid)
 
     def logs_dir(self) -> str:
         """Where the services' logs go (``<name>.log``; kept with ``--keep-workdir``)."""

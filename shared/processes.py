@@ -3,9 +3,9 @@
 A local Ray started by the scheduler runs agents (dashboard agent, runtime-env agent) that were seen to
 outlive the scheduler's graceful stop, ignoring SIGTERM, once their raylet and GCS were gone. Whoever
 started the mesh ends them: by process group (``maas up`` starts each service in its own session, which
-Ray's processes inherit), or by an environment variable they inherited (the benchmarks; Ray's agents
-overwrite their environment with their process title, so only the group finds those). Linux only
-(``/proc``); elsewhere nothing is found.
+Ray's processes inherit), or by an environment variable they inherited (the benchmarks, as well; an
+agent that has already overwritten its environment with its process title is only found by its group).
+Linux only (``/proc``); elsewhere nothing is found.
 """
 
 from __future__ import annotations
