@@ -55,7 +55,7 @@ test: setup proto postgres lint ## Set up, lint, and run the whole test suite.
 test-fast: setup proto ## Unit and contract tests only, SQLite only.
 	$(BIN)/python -m pytest -m "not slow and not postgres" $(PYTEST_ARGS)
 
-run: setup proto ## Start the mesh on the embedded defaults and push a zoo model (Ctrl-C stops it).
+run: setup proto ## Start the mesh (embedded defaults), train, deploy and query digits through the gateway (Ctrl-C stops it).
 	$(BIN)/maas up --quickstart
 
 bench: setup proto ## Run the benchmarks; figures go to benchmarks/results/ and the terminal.

@@ -101,6 +101,14 @@ class Gateway:
             return False
         return bool(deployment.ready(served.version))
 
+    async def _attempt(self, route: Route, attempts: _Attempts) -> tuple[Route, Endpoint, float | None]:
+        """The next replica to try (holding until one is ready) and the seconds left for the call."""
+        route, endpoint = await self._choose(route, attempts)
+        remaining = None if attempts.call_deadline is None else attempts.call_deadline - self._clock()
+        if remaining is not None and remaining <= 0:
+            raise DeadlineExceeded(f"deadline exceeded before model '{route.deployment.name}' could answer")
+        return route, endpoint, remaining
+
     async def infer(self, route: Route, payload: bytes, timeout: float | None) -> bytes:
         """Forward ``payload`` (a serialized ModelInferRequest) to a replica of ``route``'s version.
 
@@ -117,10 +125,7 @@ class Gateway:
         attempts = _Attempts(timeout, self._max_hold_s, self._clock())
         try:
             while True:
-                route, endpoint = await self._choose(route, attempts)
-                remaining = None if attempts.call_deadline is None else attempts.call_deadline - self._clock()
-                if remaining is not None and remaining <= 0:
-                    raise DeadlineExceeded(f"deadline exceeded before model '{name}' could answer")
+                route, endpoint, remaining = await self._attempt(route, attempts)
                 address = endpoint.address
                 self._router.acquire(address)
                 try:
@@ -143,10 +148,7 @@ class Gateway:
         attempts = _Attempts(timeout, self._max_hold_s, self._clock())
         try:
             while True:
-                route, endpoint = await self._choose(route, attempts)
-                remaining = None if attempts.call_deadline is None else attempts.call_deadline - self._clock()
-                if remaining is not None and remaining <= 0:
-                    raise DeadlineExceeded(f"deadline exceeded before model '{name}' could answer")
+                route, endpoint, remaining = await self._attempt(route, attempts)
                 address = endpoint.address
                 started = False
                 self._router.acquire(address)

@@ -18,6 +18,7 @@ from services.scheduler.core.model import ResourceRequest
 from shared import names
 from shared.artifacts import Signature
 from shared.errors import FieldViolation, InvalidArgument
+from shared.kserve.batching import DEFAULT_MAX_BATCH_SIZE
 
 MAX_BATCH_SIZE = 1024
 MAX_QUEUE_DELAY_US = 1_000_000
@@ -339,7 +340,7 @@ def _check_batching(batching: Batching, violations: list[FieldViolation]) -> Non
         violations.append(FieldViolation(f"{prefix}.default_timeout_us", "must be between 0 and 1 hour"))
     if not 0 <= batching.max_queue_size <= MAX_QUEUE_SIZE:
         violations.append(FieldViolation(f"{prefix}.max_queue_size", f"must be between 0 and {MAX_QUEUE_SIZE}"))
-    largest = batching.max_batch_size or 32
+    largest = batching.max_batch_size or DEFAULT_MAX_BATCH_SIZE
     for size in batching.preferred_batch_sizes:
         if not 1 <= size <= largest:
             violations.append(
