@@ -102,9 +102,11 @@ class CountingRepository(SqlJobRepository):
     progress_writes = 0
 
     def update(self, job_id: str, changes: JobChanges, only_from: frozenset[JobState] | None = None) -> Job | None:
+        stored = super().update(job_id, changes, only_from)
+        # Counted once the write has landed: a test that sees the count and then reads must see the row.
         if changes.state is None:
             self.progress_writes += 1
-        return super().update(job_id, changes, only_from)
+        return stored
 
 
 @pytest.fixture
