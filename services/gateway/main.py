@@ -84,7 +84,7 @@ async def start(
     pool: Replicas
     if replicas is None:
         own_pool = ReplicaPool(
-            settings, tracing=settings.gateway_trace_workers, coalesce_after=settings.gateway_coalesce_after
+            settings, tracing=settings.gateway_trace_workers, streams=settings.gateway_worker_streams
         )
         closers.append(own_pool.close)
         pool = own_pool

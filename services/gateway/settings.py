@@ -39,11 +39,11 @@ class GatewaySettings(CommonSettings):
     gateway_watch_backoff_max_s: float = Field(
         5.0, gt=0, description="Longest pause between two attempts to reconnect to the scheduler's endpoint stream."
     )
-    gateway_coalesce_after: int = Field(
-        2,
-        ge=0,
-        description="Unary calls in flight to one replica beyond which further requests wait and leave together "
-        "in one InferMany call when one returns (fewer RPCs under load; a request alone never waits); 0: never.",
+    gateway_worker_streams: bool = Field(
+        True,
+        description="Send unary inference requests to each worker over one long-lived InferStream, multiplexed "
+        "by id (about half the per-request cost of a unary call on both ends of the hop); False: one ModelInfer "
+        "call per request.",
     )
     gateway_trace_workers: bool = Field(
         True, description="Propagate the trace context (traceparent) on the calls the gateway makes to workers."

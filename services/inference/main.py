@@ -83,7 +83,7 @@ async def start(settings: InferenceSettings) -> RunningWorker:
         observer=PrometheusObserver(metrics.registry),
     )
     inference = InferenceServicer(host)
-    worker = WorkerServicer(host)
+    worker = WorkerServicer(host, settings.max_message_bytes // 2)
     try:
         server = await start_service(
             settings,
@@ -106,6 +106,7 @@ async def start(settings: InferenceSettings) -> RunningWorker:
         await source.close()
         await asyncio.to_thread(executor.shutdown)
 
+    server.on_stopping.append(worker.begin_drain)
     server.on_close.append(close)
     return RunningWorker(server=server, host=host, grace_s=settings.shutdown_grace_s)
 

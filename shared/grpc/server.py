@@ -33,12 +33,17 @@ class ServiceServer:
     port: int
     service_names: Sequence[str]
     on_close: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # Called as the stop begins, before the drain: long-lived streams are told to finish (they would hold
+    # the drain for the whole grace otherwise).
+    on_stopping: list[Callable[[], None]] = field(default_factory=list)
     # The Prometheus endpoint's bound port (0 when the server has none).
     metrics_port: int = 0
 
     async def stop(self, grace: float) -> None:
         """Report NOT_SERVING first (load balancers stop routing), then drain, then close the core."""
         await self.health.enter_graceful_shutdown()
+        for stopping in self.on_stopping:
+            stopping()
         await self.server.stop(grace)
         for close in reversed(self.on_close):
             await close()

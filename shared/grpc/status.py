@@ -70,7 +70,7 @@ def status_bytes(error: errors.MaasError) -> bytes:
 
 def _error(code: grpc.StatusCode, message: str, status: status_pb2.Status | None) -> errors.MaasError:
     cls = _ERRORS.get(code, errors.Internal if code != grpc.StatusCode.UNKNOWN else errors.Unavailable)
-    reason, violations = None, []
+    reason, violations, retry_after_s = None, [], None
     for detail in status.details if status is not None else ():
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             info = error_details_pb2.ErrorInfo()
@@ -80,7 +80,11 @@ def _error(code: grpc.StatusCode, message: str, status: status_pb2.Status | None
             bad = error_details_pb2.BadRequest()
             detail.Unpack(bad)
             violations = [errors.FieldViolation(v.field, v.description) for v in bad.field_violations]
-    error = cls(message, reason=reason, violations=violations)
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            retry_after_s = retry.retry_delay.ToNanoseconds() / 1e9
+    error = cls(message, reason=reason, violations=violations, retry_after_s=retry_after_s)
     error.grpc_code = code  # type: ignore[attr-defined]
     return error
 

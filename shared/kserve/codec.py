@@ -100,12 +100,13 @@ def _bytes_count(data: bytes, name: str, limit: int) -> int:
 
 
 def _check_shape(spec: TensorSpec, shape: Sequence[int], batched: bool) -> None:
+    # Runs for every input of every request (twice per hop): the message is only built on failure.
+    if len(shape) == len(spec.shape) and all(
+        got >= 0 and (want == -1 or want == got) for want, got in zip(spec.shape, shape, strict=True)
+    ):
+        return
     expected = _fmt(spec.shape) + (" (batch first)" if batched else "")
-    if len(shape) != len(spec.shape) or any(d < 0 for d in shape):
-        raise InvalidArgument(f"input '{spec.name}': expected shape {expected}, got {_fmt(shape)}")
-    for want, got in zip(spec.shape, shape, strict=True):
-        if want != -1 and want != got:
-            raise InvalidArgument(f"input '{spec.name}': expected shape {expected}, got {_fmt(shape)}")
+    raise InvalidArgument(f"input '{spec.name}': expected shape {expected}, got {_fmt(shape)}")
 
 
 def validate_request(request: grpc_service_pb2.ModelInferRequest, signature: Signature, max_batch_size: int) -> int:

@@ -4,6 +4,8 @@ in front of real grpc.aio worker servers (small ones defined here that speak the
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,6 +18,7 @@ from inference import grpc_service_pb2 as kpb
 from inference import grpc_service_pb2_grpc
 from maas.scheduler.v1 import scheduler_pb2 as spb
 from maas.scheduler.v1 import scheduler_pb2_grpc
+from opentelemetry import propagate
 
 from services.gateway.adapters.local import RecordingLoadSink, SnapshotFeeder
 from services.gateway.core.model import Deployment, Endpoint, ServedVersion
@@ -456,17 +459,30 @@ async def test_reflection_lists_the_inference_service(harness: Harness) -> None:
 # -- real inference workers -------------------------------------------------------------------------------
 
 
-async def test_real_inference_workers_behind_the_gateway(
-    tmp_path: Any, registry: Any, registry_client: Any, registry_settings: Any
-) -> None:
-    """Two real workers (``services.inference``) serving a zoo MLP from the registry, one stopped mid-way."""
+class RealReplicas:
+    """Real workers (``services.inference``) serving a zoo MLP from the registry, and their deployment."""
+
+    def __init__(self, replicas: list[Any], deployment: Deployment, path: Any, version: int, input_name: str) -> None:
+        self.replicas = replicas
+        self.deployment = deployment
+        self.path = path
+        self.version = version
+        self.input_name = input_name
+
+    def request(self, x: np.ndarray) -> kpb.ModelInferRequest:
+        from tests.support.serving import infer_request as mlp_request
+
+        return mlp_request("digits", x, name=self.input_name)
+
+
+@pytest.fixture
+async def real_replicas(tmp_path: Any, registry: Any, registry_client: Any) -> AsyncIterator[RealReplicas]:
     from maas.inference.v1 import worker_pb2, worker_pb2_grpc
 
     from services.gateway.adapters.scheduler import deployment_from_pb
     from services.inference.main import hosted
     from shared.kserve.convert import batching_to_pb
-    from tests.support.serving import MLP_ARGS, output_array, reference_forward, zoo_file
-    from tests.support.serving import infer_request as mlp_request
+    from tests.support.serving import MLP_ARGS, zoo_file
 
     path, manifest_json = await asyncio.to_thread(zoo_file, tmp_path, "mlp", MLP_ARGS, 3)
     version = (await registry_client.upload_file("digits", path, manifest_json)).number
@@ -500,33 +516,101 @@ async def test_real_inference_workers_behind_the_gateway(
             ],
             endpoints=[spb.Endpoint(replica_id=f"r{i}", address=a, version=version) for i, a in enumerate(addresses)],
         )
-        h = await _harness(tmp_path, SnapshotFeeder([deployment_from_pb(snapshot)]))
-        try:
-            x = np.random.default_rng(0).standard_normal((3, MLP_ARGS["in_features"])).astype(np.float32)
-            name = (await h.stub.ModelMetadata(kpb.ModelMetadataRequest(name="digits"))).inputs[0].name
-            replies = await asyncio.gather(
-                *(h.stub.ModelInfer(mlp_request("digits", x, name=name), timeout=30) for _ in range(8))
-            )
-            expected = reference_forward(path, x)
-            for reply in replies:
-                assert reply.model_name == "digits" and reply.model_version == str(version)
-                np.testing.assert_allclose(output_array(reply), expected, rtol=1e-4, atol=1e-5)
-            bad = mlp_request("digits", x[:, :-1], name=name)
-            code, message = await _code(h.stub.ModelInfer(bad, timeout=30))
-            assert code == grpc.StatusCode.INVALID_ARGUMENT and f"'{name}'" in message
-            await replicas[0].stop(0)
-            replies = await asyncio.gather(
-                *(h.stub.ModelInfer(mlp_request("digits", x, name=name), timeout=30) for _ in range(8))
-            )
-            assert len(replies) == 8
-            stats = (await h.stub.ModelStatistics(kpb.ModelStatisticsRequest(name="digits"))).model_stats
-            assert stats[0].name == "digits" and stats[0].inference_count >= 8 * 3
-        finally:
-            await h.channel.close()
-            await h.gateway.stop(0.5)
+        yield RealReplicas(replicas, deployment_from_pb(snapshot), path, int(version), loaded.signature.inputs[0].name)
     finally:
         for replica in replicas:
             await replica.stop(0)
+
+
+async def test_real_inference_workers_behind_the_gateway(tmp_path: Any, real_replicas: RealReplicas) -> None:
+    """Two real workers behind the gateway (requests on their InferStreams), one stopped mid-way."""
+    from tests.support.serving import MLP_ARGS, output_array, reference_forward
+
+    replicas, version, name = real_replicas.replicas, real_replicas.version, real_replicas.input_name
+    h = await _harness(tmp_path, SnapshotFeeder([real_replicas.deployment]))
+    try:
+        x = np.random.default_rng(0).standard_normal((3, MLP_ARGS["in_features"])).astype(np.float32)
+        assert (await h.stub.ModelMetadata(kpb.ModelMetadataRequest(name="digits"))).inputs[0].name == name
+        replies = await asyncio.gather(*(h.stub.ModelInfer(real_replicas.request(x), timeout=30) for _ in range(8)))
+        expected = reference_forward(real_replicas.path, x)
+        for reply in replies:
+            assert reply.model_name == "digits" and reply.model_version == str(version)
+            np.testing.assert_allclose(output_array(reply), expected, rtol=1e-4, atol=1e-5)
+        bad = real_replicas.request(x[:, :-1])
+        code, message = await _code(h.stub.ModelInfer(bad, timeout=30))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and f"'{name}'" in message
+        await replicas[0].stop(0)
+        replies = await asyncio.gather(*(h.stub.ModelInfer(real_replicas.request(x), timeout=30) for _ in range(8)))
+        assert len(replies) == 8
+        stats = (await h.stub.ModelStatistics(kpb.ModelStatisticsRequest(name="digits"))).model_stats
+        assert stats[0].name == "digits" and stats[0].inference_count >= 8 * 3
+    finally:
+        await h.channel.close()
+        await h.gateway.stop(0.5)
+
+
+async def test_a_cancelled_client_call_never_computes_on_a_real_worker(
+    tmp_path: Any, real_replicas: RealReplicas
+) -> None:
+    """The client gives up while its request is queued behind a busy compute thread: the gateway's cancel
+    frame reaches the worker, which drops the request before computing it."""
+    from tests.support.serving import MLP_ARGS
+
+    replica = real_replicas.replicas[0]
+    single = dataclasses.replace(real_replicas.deployment, endpoints=real_replicas.deployment.endpoints[:1])
+    served = replica.host.loaded()[0]
+    executions = served.stats.execution_count
+    h = await _harness(tmp_path, SnapshotFeeder([single]))
+    release = threading.Event()
+    blocker = asyncio.get_running_loop().run_in_executor(replica.host.executor, release.wait, 30)
+    try:
+        x = np.zeros((1, MLP_ARGS["in_features"]), np.float32)
+        running = asyncio.ensure_future(h.stub.ModelInfer(real_replicas.request(x), timeout=30))
+        await _until(lambda: served.batcher.ongoing == 1, 10)  # dispatched: waits for the compute thread
+        queued = h.stub.ModelInfer(real_replicas.request(x), timeout=30)
+        waiting = asyncio.ensure_future(queued)
+        await _until(lambda: served.batcher.ongoing == 2, 10)
+        queued.cancel()
+        await _until(lambda: served.batcher.ongoing == 1, 10)  # dropped from the worker's queue
+        release.set()
+        await blocker
+        assert (await running).model_name == "digits"
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert served.stats.execution_count == executions + 1
+    finally:
+        release.set()
+        await h.channel.close()
+        await h.gateway.stop(0.5)
+
+
+async def test_the_workers_span_is_a_child_of_the_gateways(tmp_path: Any, real_replicas: RealReplicas) -> None:
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from services.inference.api.stream import ENTRY_SPAN
+    from shared.tracing import configure_tracing
+    from tests.support.serving import MLP_ARGS
+
+    exporter = InMemorySpanExporter()
+    configure_tracing("tests").add_span_processor(SimpleSpanProcessor(exporter))
+    h = await _harness(tmp_path, SnapshotFeeder([real_replicas.deployment]))
+    try:
+        x = np.zeros((2, MLP_ARGS["in_features"]), np.float32)
+        with trace.get_tracer("tests").start_as_current_span("client") as client:
+            carrier: dict[str, str] = {}
+            propagate.inject(carrier)
+            await h.stub.ModelInfer(real_replicas.request(x), timeout=30, metadata=tuple(carrier.items()))
+        trace_id = client.get_span_context().trace_id
+        spans = {s.name: s for s in exporter.get_finished_spans() if s.context.trace_id == trace_id}
+        gateway_span = spans["/inference.GRPCInferenceService/ModelInfer"]
+        assert gateway_span.parent is not None and gateway_span.parent.span_id == client.get_span_context().span_id
+        worker_span = spans[ENTRY_SPAN]
+        assert worker_span.parent is not None and worker_span.parent.span_id == gateway_span.context.span_id
+    finally:
+        await h.channel.close()
+        await h.gateway.stop(0.5)
 
 
 # -- the scheduler link -----------------------------------------------------------------------------------

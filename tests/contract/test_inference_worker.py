@@ -10,12 +10,13 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 import numpy as np
 import pytest
 import torch
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from inference import grpc_service_pb2 as kpb
 from inference import grpc_service_pb2_grpc
@@ -24,6 +25,9 @@ from maas.inference.v1 import worker_pb2_grpc
 
 from services.inference.main import RunningWorker, hosted
 from shared.artifacts import Manifest, build_model, greedy_generate, load_artifact, save_artifact
+from shared.artifacts.decoder import DecoderLM
+from shared.errors import InvalidArgument, MaasError, Unavailable
+from shared.grpc.status import error_from_status
 
 MLP = {"in_features": 16, "hidden": [32], "out_features": 4}
 # Big enough that one execution takes a while on one thread (the health and queue-full tests need that).
@@ -46,17 +50,21 @@ async def push(client: Any, tmp_path: Path, name: str, architecture: str, argume
     return path
 
 
-@pytest.fixture
-async def worker(registry: Any, tmp_path: Path) -> AsyncIterator[RunningWorker]:
-    running = await hosted(
+async def start_worker(registry: Any, home: Path) -> RunningWorker:
+    return await hosted(
         {
-            "home": tmp_path / "home",
+            "home": home,
             "inference_registry_address": f"127.0.0.1:{registry.port}",
             "inference_device": "cpu",
             "inference_memory_budget_bytes": 64 * 1024 * 1024,
             "shutdown_grace_s": 1.0,
         }
     )
+
+
+@pytest.fixture
+async def worker(registry: Any, tmp_path: Path) -> AsyncIterator[RunningWorker]:
+    running = await start_worker(registry, tmp_path / "home")
     yield running
     await running.stop(0.5)
 
@@ -176,7 +184,9 @@ async def test_stream_generates_greedy_tokens_and_stops_when_cancelled(
     loaded = await load(channel, "lm")
     assert loaded.streaming
     prompt = [1, 2, 3, 4]
-    expected = list(greedy_generate(load_artifact(path), prompt, 10))
+    lm = load_artifact(path)
+    assert isinstance(lm, DecoderLM)
+    expected = list(greedy_generate(lm, prompt, 10))
 
     def request(max_tokens: int, ids: list[int] = prompt) -> kpb.ModelInferRequest:
         message = kpb.ModelInferRequest(model_name="lm", id="s1")
@@ -287,32 +297,224 @@ async def test_hosted_loads_models_before_returning(registry: Any, registry_clie
         await running.stop(0.5)
 
 
-async def test_infer_many_answers_each_entry_in_place(
+# --- InferStream: the gateway's multiplexed data path ----------------------------------------------------
+
+Entry = wpb.InferStreamRequest.Entry
+StreamResult = wpb.InferStreamResponse.Result
+StreamCall: TypeAlias = "grpc.aio.StreamStreamCall[wpb.InferStreamRequest, wpb.InferStreamResponse]"
+# Rows of one SLOW_MLP request that keep the single compute thread busy for a good fraction of a second.
+BUSY_ROWS = 2048
+
+
+def open_stream(channel: grpc.aio.Channel) -> StreamCall:
+    return control(channel).InferStream(timeout=30)
+
+
+def entry(entry_id: int, request: kpb.ModelInferRequest | bytes, timeout_s: float = 30) -> wpb.InferStreamRequest.Entry:
+    data = request if isinstance(request, bytes) else request.SerializeToString()
+    return Entry(id=entry_id, request=data, version=1, timeout_s=timeout_s)
+
+
+async def read_results(call: StreamCall, count: int, within_s: float = 10) -> list[StreamResult]:
+    """The next ``count`` results of the stream, however they are grouped into messages."""
+    results: list[StreamResult] = []
+    async with asyncio.timeout(within_s):
+        while len(results) < count:
+            message = await call.read()
+            assert message is not grpc.aio.EOF, f"the stream ended after {len(results)} of {count} results"
+            results.extend(message.results)
+    assert len(results) == count, results
+    return results
+
+
+async def read_to_end(call: StreamCall, within_s: float = 10) -> list[StreamResult]:
+    """The results left on the stream, up to its end, which must be OK."""
+    results: list[StreamResult] = []
+    async with asyncio.timeout(within_s):
+        while (message := await call.read()) is not grpc.aio.EOF:
+            results.extend(message.results)
+        assert await call.code() == grpc.StatusCode.OK
+    return results
+
+
+def failure(result: StreamResult) -> MaasError:
+    assert result.status and not result.response, result
+    return error_from_status(result.status)
+
+
+def answer(result: StreamResult) -> kpb.ModelInferResponse:
+    assert result.response and not result.status, failure(result)
+    return kpb.ModelInferResponse.FromString(result.response)
+
+
+async def statistics(channel: grpc.aio.Channel, model: str) -> kpb.ModelStatistics:
+    return (await kserve(channel).ModelStatistics(kpb.ModelStatisticsRequest(name=model))).model_stats[0]
+
+
+async def test_infer_stream_answers_multiplexed_entries_by_id(
     registry_client: Any, channel: grpc.aio.Channel, tmp_path: Path
 ) -> None:
-    from google.rpc import code_pb2, status_pb2
-
     path = await push(registry_client, tmp_path, "many", "mlp", MLP, seed=5)
     await load(channel, "many", max_batch_size=8, max_queue_delay_us=20_000)
     model = load_artifact(path).eval()
-    xs = [np.random.default_rng(i).standard_normal((1, 16)).astype(np.float32) for i in range(5)]
-    good = [raw_request("many", x).SerializeToString() for x in xs]
-    bad = raw_request("many", np.zeros((1, 15), np.float32)).SerializeToString()
-    entries = [wpb.InferManyRequest.Entry(request=r, version=1, timeout_s=30) for r in good]
-    entries.insert(2, wpb.InferManyRequest.Entry(request=bad, version=1))
-    entries.append(wpb.InferManyRequest.Entry(request=b"\xff\xff not a message", version=1))
-    reply = await control(channel).InferMany(wpb.InferManyRequest(entries=entries))
-    assert len(reply.results) == len(entries)
-    answers = [r for i, r in enumerate(reply.results) if i not in (2, len(entries) - 1)]
-    for x, result in zip(xs, answers, strict=True):
-        assert not result.status
+    xs = {10 + i: np.random.default_rng(i).standard_normal((1 + i % 2, 16)).astype(np.float32) for i in range(5)}
+    requests = {}
+    for entry_id, x in xs.items():
+        requests[entry_id] = raw_request("many", x)
+        requests[entry_id].id = f"req-{entry_id}"
+        # The entry's version wins over the request's (the gateway resolved it).
+        requests[entry_id].model_version = "production"
+    entries = [entry(i, r) for i, r in requests.items()]
+    entries.insert(2, entry(20, raw_request("many", np.zeros((1, 15), np.float32))))
+    entries.append(entry(21, b"\xff\xff not a message"))
+
+    call = open_stream(channel)
+    await call.write(wpb.InferStreamRequest(entries=entries))
+    results = await read_results(call, len(entries))
+    by_id = {r.id: r for r in results}
+    assert sorted(by_id) == sorted(e.id for e in entries), "each entry is answered exactly once"
+
+    stub = kserve(channel)
+    for entry_id, x in xs.items():
+        response = answer(by_id[entry_id])
+        assert response.id == f"req-{entry_id}" and response.model_name == "many" and response.model_version == "1"
+        unary_request = raw_request("many", x)
+        unary_request.id = f"req-{entry_id}"
+        unary = await stub.ModelInfer(unary_request, timeout=10)
+        assert [(o.name, o.datatype, list(o.shape)) for o in response.outputs] == [
+            (o.name, o.datatype, list(o.shape)) for o in unary.outputs
+        ]
+        np.testing.assert_allclose(output(response), output(unary), rtol=1e-5, atol=1e-6)
         with torch.inference_mode():
             expected = model(torch.from_numpy(x)).numpy()
-        np.testing.assert_allclose(output(kpb.ModelInferResponse.FromString(result.response)), expected, atol=1e-5)
-    for index in (2, len(entries) - 1):
-        status = status_pb2.Status.FromString(reply.results[index].status)
-        assert status.code == code_pb2.INVALID_ARGUMENT and not reply.results[index].response
-    assert "input 'input'" in status_pb2.Status.FromString(reply.results[2].status).message
-    # Submitted together, the good entries shared executions.
-    stats = (await kserve(channel).ModelStatistics(kpb.ModelStatisticsRequest(name="many"))).model_stats[0]
-    assert stats.inference_count >= 5 and stats.execution_count < 5
+        np.testing.assert_allclose(output(response), expected, rtol=1e-5, atol=1e-5)
+    shape_error = failure(by_id[20])
+    assert isinstance(shape_error, InvalidArgument), shape_error
+    assert "input 'input'" in shape_error.message and "[1, 15]" in shape_error.message
+    undecodable = failure(by_id[21])
+    assert isinstance(undecodable, InvalidArgument) and "undecodable" in undecodable.message
+
+    # The stream stays open for more entries until the gateway's side ends; then it ends OK.
+    await call.write(wpb.InferStreamRequest(entries=[entry(30, requests[10])]))
+    (again,) = await read_results(call, 1)
+    assert again.id == 30
+    np.testing.assert_allclose(output(answer(again)), output(answer(by_id[10])), rtol=1e-5, atol=1e-6)
+    await call.done_writing()
+    assert await read_to_end(call) == []
+
+
+async def test_infer_stream_entries_sent_together_share_executions(
+    registry_client: Any, channel: grpc.aio.Channel, tmp_path: Path
+) -> None:
+    path = await push(registry_client, tmp_path, "mlp", "mlp", MLP)
+    await load(channel, "mlp", max_batch_size=32, max_queue_delay_us=20_000)
+    reference = load_artifact(path).eval()
+    xs = {i: np.full((1, 16), i / 16, np.float32) for i in range(16)}
+    call = open_stream(channel)
+    await call.write(wpb.InferStreamRequest(entries=[entry(i, raw_request("mlp", x)) for i, x in xs.items()]))
+    results = await read_results(call, len(xs))
+    await call.done_writing()
+    assert await read_to_end(call) == []
+    assert sorted(r.id for r in results) == sorted(xs)
+    with torch.inference_mode():
+        for result in results:
+            expected = reference(torch.from_numpy(xs[result.id])).numpy()
+            np.testing.assert_allclose(output(answer(result)), expected, rtol=1e-5, atol=1e-5)
+    stats = await statistics(channel, "mlp")
+    assert stats.inference_count == 16 and stats.inference_stats.success.count == 16
+    assert stats.execution_count < 16, stats
+    assert any(b.batch_size > 1 for b in stats.batch_stats), stats
+
+
+async def test_infer_stream_cancel_drops_a_queued_entry(
+    registry_client: Any, channel: grpc.aio.Channel, tmp_path: Path
+) -> None:
+    await push(registry_client, tmp_path, "slow", "mlp", SLOW_MLP)
+    # Each busy entry fills a batch alone, so the small one queues behind both.
+    await load(channel, "slow", max_batch_size=BUSY_ROWS)
+    busy = raw_request("slow", np.zeros((BUSY_ROWS, 256), np.float32))
+    small = raw_request("slow", np.ones((1, 256), np.float32))
+    call = open_stream(channel)
+    await call.write(wpb.InferStreamRequest(entries=[entry(1, busy), entry(2, busy), entry(3, small)]))
+    await call.write(wpb.InferStreamRequest(cancel=[3, 99]))  # an unknown id is ignored
+    await call.done_writing()
+    results = await read_to_end(call, within_s=20)
+    assert sorted(r.id for r in results) == [1, 2], "a cancelled entry gets no result"
+    for result in results:
+        assert list(answer(result).outputs[0].shape) == [BUSY_ROWS, 4]
+    stats = await statistics(channel, "slow")
+    # Only the two busy batches ran: the cancelled entry left the queue without being computed.
+    assert stats.execution_count == 2 and stats.inference_count == 2 * BUSY_ROWS, stats
+    assert stats.inference_stats.success.count == 2 and stats.inference_stats.fail.count == 1, stats
+    assert [b.batch_size for b in stats.batch_stats] == [BUSY_ROWS], stats
+
+
+async def test_infer_stream_rejects_an_id_already_in_flight(
+    registry_client: Any, channel: grpc.aio.Channel, tmp_path: Path
+) -> None:
+    await push(registry_client, tmp_path, "mlp", "mlp", MLP)
+    await load(channel, "mlp")
+    first = raw_request("mlp", np.zeros((1, 16), np.float32))
+    second = raw_request("mlp", np.ones((2, 16), np.float32))
+    call = open_stream(channel)
+    await call.write(wpb.InferStreamRequest(entries=[entry(7, first), entry(7, second)]))
+    results = await read_results(call, 2)
+    assert [r.id for r in results] == [7, 7]
+    rejected = [r for r in results if r.status]
+    assert len(rejected) == 1, results
+    error = failure(rejected[0])
+    assert isinstance(error, InvalidArgument) and "entry id 7 is already in flight" in error.message
+    (answered,) = [r for r in results if r.response]
+    assert list(answer(answered).outputs[0].shape) == [1, 4], "the first entry with the id is the one answered"
+    # Once answered, the id may be used again.
+    await call.write(wpb.InferStreamRequest(entries=[entry(7, second)]))
+    (reused,) = await read_results(call, 1)
+    assert reused.id == 7 and list(answer(reused).outputs[0].shape) == [2, 4]
+    await call.done_writing()
+    assert await read_to_end(call) == []
+
+
+async def test_infer_stream_ends_itself_when_the_worker_stops(
+    registry: Any, registry_client: Any, tmp_path: Path
+) -> None:
+    await push(registry_client, tmp_path, "slow", "mlp", SLOW_MLP)
+    # A worker of its own: this test stops it.
+    running = await start_worker(registry, tmp_path / "draining")
+    drain_began = asyncio.Event()
+    running.server.on_stopping.append(drain_began.set)  # after the worker's own drain hook
+    stopping: asyncio.Task[None] | None = None
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            await load(ch, "slow", max_batch_size=BUSY_ROWS)
+            busy = raw_request("slow", np.zeros((BUSY_ROWS, 256), np.float32))
+            call = open_stream(ch)
+            # The undecodable entry is answered at once, so its answer proves the busy ones are running.
+            await call.write(wpb.InferStreamRequest(entries=[entry(1, busy), entry(2, busy), entry(3, b"\xff")]))
+            (marker,) = await read_results(call, 1)
+            assert marker.id == 3 and isinstance(failure(marker), InvalidArgument)
+
+            grace = 30.0
+            started = time.monotonic()
+            stopping = asyncio.create_task(running.stop(grace))
+            async with asyncio.timeout(5):
+                await drain_began.wait()
+            late = raw_request("slow", np.zeros((1, 256), np.float32))
+            await call.write(wpb.InferStreamRequest(entries=[entry(4, late)]))
+            # No done_writing: the worker ends the stream once the running entries are answered.
+            results = {r.id: r for r in await read_to_end(call, within_s=10)}
+            assert sorted(results) == [1, 2, 4]
+            refused = failure(results[4])
+            assert isinstance(refused, Unavailable) and "stopping" in refused.message
+            # It says when to retry (elsewhere): the gateway's cue that nothing ran.
+            details = status_pb2.Status.FromString(results[4].status).details
+            assert any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in details), details
+            for entry_id in (1, 2):
+                assert list(answer(results[entry_id]).outputs[0].shape) == [BUSY_ROWS, 4]
+            async with asyncio.timeout(10):
+                await stopping
+            assert time.monotonic() - started < grace / 3, "the open stream held the stop for its grace"
+    finally:
+        if stopping is None:
+            await running.stop(0.5)
+        elif not stopping.done():
+            await asyncio.wait_for(stopping, 35)

@@ -109,6 +109,7 @@ def test_status_mapping_round_trips(error: errors.MaasError) -> None:
     assert type(back) is type(error)
     assert back.message == error.message and back.reason == error.reason
     assert back.violations == error.violations
+    assert back.retry_after_s == error.retry_after_s
 
 
 def test_retries_follow_the_protos_idempotency_levels() -> None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from typing import Any
 
 import grpc
 import structlog
@@ -11,9 +12,8 @@ from inference import grpc_service_pb2 as kpb
 from maas.inference.v1 import worker_pb2 as wpb
 from opentelemetry import propagate
 
-from services.gateway.adapters.coalescer import Coalescer, SendOne
+from services.gateway.adapters.streams import StreamLink, StreamUnsupported
 from services.gateway.core.statistics import BatchStats, Duration, VersionStats
-from shared.errors import Unavailable
 from shared.grpc.channel import make_channel
 from shared.grpc.status import from_rpc_error
 from shared.settings import CommonSettings
@@ -25,18 +25,20 @@ _SERVICE = "/inference.GRPCInferenceService/"
 _INFER = _SERVICE + "ModelInfer"
 _STREAM = _SERVICE + "ModelStreamInfer"
 _STATISTICS = _SERVICE + "ModelStatistics"
-_INFER_MANY = "/maas.inference.v1.InferenceWorker/InferMany"
+_INFER_STREAM = "/maas.inference.v1.InferenceWorker/InferStream"
 Metadata = tuple[tuple[str, str], ...]
+# One ModelInfer call: request bytes, version, timeout -> response bytes.
+SendOne = Callable[[bytes, int, float | None], Awaitable[bytes]]
 
 
 class _Worker:
     """A channel to one worker, its method callables (identity serializers for the data plane: bytes in,
-    bytes out), and the coalescing state of its unary requests (None: coalescing off)."""
+    bytes out), and its InferStream link (None: plain calls)."""
 
-    __slots__ = ("channel", "coalescer", "many", "send_one", "statistics", "stream")
+    __slots__ = ("channel", "link", "send_one", "statistics", "stream")
 
     def __init__(
-        self, channel: grpc.aio.Channel, coalesce_after: int, max_bytes: int, token: Metadata, send_one: SendOne
+        self, channel: grpc.aio.Channel, streams: bool, max_bytes: int, token: Metadata, send_one: SendOne
     ) -> None:
         self.channel = channel
         self.send_one = send_one  # ModelInfer, the request bytes unchanged
@@ -46,38 +48,40 @@ class _Worker:
             request_serializer=kpb.ModelStatisticsRequest.SerializeToString,
             response_deserializer=kpb.ModelStatisticsResponse.FromString,
         )
-        self.many = channel.unary_unary(
-            _INFER_MANY,
-            request_serializer=wpb.InferManyRequest.SerializeToString,
-            response_deserializer=wpb.InferManyResponse.FromString,
+        infer_stream = channel.stream_stream(
+            _INFER_STREAM,
+            request_serializer=wpb.InferStreamRequest.SerializeToString,
+            response_deserializer=wpb.InferStreamResponse.FromString,
         )
 
-        def send_many(request: wpb.InferManyRequest, timeout: float | None) -> Awaitable[wpb.InferManyResponse]:
-            return self.many(request, timeout=timeout, metadata=token or None)
+        def open_stream() -> Any:
+            return infer_stream(metadata=token or None)
 
-        # Half the message limit: the entries' envelopes and a retry's headroom fit beside the payloads.
-        self.coalescer = Coalescer(send_many, send_one, coalesce_after, max_bytes // 2) if coalesce_after > 0 else None
+        # Half the message limit: the entries' envelopes fit beside the payloads.
+        self.link = StreamLink(open_stream, max_bytes // 2) if streams else None
 
 
 class ReplicaPool:
     """The ``Replicas`` port over grpc.aio.
 
-    A plaintext channel to a worker is a lean one (message limits, keepalive, the bearer token as call
-    metadata): the data path pays no retry machinery, since the gateway retries itself on another
-    replica. With TLS configured, channels come from ``make_channel`` (credentials, CA). The trace context
-    travels as ``traceparent`` metadata written here rather than by a client interceptor: grpc.aio's
+    Unary requests travel on each worker's InferStream (``streams.py``), or as plain ModelInfer calls when
+    ``streams`` is off or the worker lacks it. A plaintext channel to a worker is a lean one (message
+    limits, keepalive, the bearer token as call metadata): the data path pays no retry machinery, since the
+    gateway retries itself on another replica. With TLS configured, channels come from ``make_channel``
+    (credentials, CA). The trace context travels with each request (an InferStream entry's
+    ``traceparent``, or call metadata) written here rather than by a client interceptor: grpc.aio's
     intercepted calls cost a task and several awaits per request on the hottest path of the mesh (the
-    worker's server span is then a child of the gateway's).
+    worker's span is then a child of the gateway's).
 
     Args:
         settings: Message limits, token, TLS.
         tracing: Propagate the current trace context to the workers.
     """
 
-    def __init__(self, settings: CommonSettings, *, tracing: bool = True, coalesce_after: int = 0) -> None:
+    def __init__(self, settings: CommonSettings, *, tracing: bool = True, streams: bool = True) -> None:
         self._settings = settings
         self._tracing = tracing
-        self._coalesce_after = coalesce_after
+        self._streams = streams
         self._workers: dict[str, _Worker] = {}
         self._metadata: dict[int, tuple[tuple[str, str], ...]] = {}
         self._token = () if settings.client_token is None else (("authorization", f"Bearer {settings.client_token}"),)
@@ -97,7 +101,7 @@ class ReplicaPool:
                 return response
 
             worker = self._workers[address] = _Worker(
-                channel, self._coalesce_after, self._settings.max_message_bytes, self._token, send_one
+                channel, self._streams, self._settings.max_message_bytes, self._token, send_one
             )
         return worker
 
@@ -126,15 +130,22 @@ class ReplicaPool:
         propagate.inject(carrier)
         return (*metadata, *carrier.items())
 
+    def _traceparent(self) -> str:
+        if not self._tracing:
+            return ""
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+        return carrier.get("traceparent", "")
+
     async def infer(self, address: str, version: int, payload: bytes, timeout: float | None) -> bytes:
         worker = self._worker(address)
-        coalescer = worker.coalescer
-
-        if coalescer is None:
-            return await worker.send_one(payload, version, timeout)
-        if coalescer.has_room():
-            return await coalescer.call(lambda: worker.send_one(payload, version, timeout))
-        return await coalescer.enqueue(payload, version, timeout)
+        link = worker.link
+        if link is not None and not link.unsupported:
+            try:
+                return await link.infer(payload, version, timeout, self._traceparent())
+            except StreamUnsupported:
+                log.info("worker_without_infer_stream", address=address)
+        return await worker.send_one(payload, version, timeout)
 
     async def stream(self, address: str, version: int, payload: bytes, timeout: float | None) -> AsyncIterator[bytes]:
         call = self._worker(address).stream(iter((payload,)), timeout=timeout, metadata=self._version_metadata(version))
@@ -159,8 +170,8 @@ class ReplicaPool:
     def retain(self, addresses: Collection[str]) -> None:
         for address in [a for a in self._workers if a not in addresses]:
             worker = self._workers.pop(address)
-            if worker.coalescer is not None:
-                worker.coalescer.fail_waiting(Unavailable(f"replica {address} left the endpoints"))
+            if worker.link is not None:
+                worker.link.close()
             # Calls already on the channel finish first (grace), then it closes; not awaited by the snapshot.
             task = asyncio.get_running_loop().create_task(worker.channel.close(grace=30.0))
             self._closing.add(task)

@@ -10,17 +10,17 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 import grpc
-from google.protobuf.message import DecodeError
 from inference import grpc_service_pb2 as kpb
 from inference import grpc_service_pb2_grpc
 from maas.inference.v1 import worker_pb2 as wpb
 from maas.inference.v1 import worker_pb2_grpc
 
 from services.inference.api import convert
+from services.inference.api.infer import infer_one
+from services.inference.api.stream import StreamSession
 from services.inference.core.host import ModelHost, ServedVersion
-from shared.errors import InvalidArgument, MaasError, NotFound
-from shared.grpc.status import status_bytes
-from shared.kserve.codec import decode_inputs, encode_response, validate_request
+from shared.errors import MaasError, NotFound
+from shared.kserve.codec import decode_inputs, validate_request
 from shared.kserve.convert import batching_from_pb, model_config_pb, model_metadata_pb
 
 SERVER_NAME = "maas-inference-worker"
@@ -149,35 +149,19 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         raise AssertionError("unreachable")
 
 
-async def infer_one(
-    host: ModelHost, request: kpb.ModelInferRequest, pinned: int | None, time_remaining: float | None
-) -> kpb.ModelInferResponse:
-    """One ModelInfer request: resolve the version, validate, decode, run through the batcher, encode."""
-    served = host.resolve(request.model_name, request.model_version, pinned)
-    batch = validate_request(request, served.signature, served.batching.max_batch_size)
-    priority, timeout_s = convert.scheduling(request, served.batching.default_timeout_us, time_remaining)
-    inputs = decode_inputs(request)
-    outputs = await host.infer(served, inputs, batch, priority=priority, timeout_s=timeout_s)
-    return encode_response(request, str(served.version), outputs)
-
-
-async def _entry_result(host: ModelHost, entry: wpb.InferManyRequest.Entry) -> wpb.InferManyResponse.Result:
-    try:
-        request = kpb.ModelInferRequest.FromString(entry.request)
-    except DecodeError:
-        return wpb.InferManyResponse.Result(status=status_bytes(InvalidArgument("undecodable ModelInferRequest")))
-    try:
-        response = await infer_one(host, request, entry.version or None, entry.timeout_s or None)
-    except MaasError as exc:
-        return wpb.InferManyResponse.Result(status=status_bytes(exc))
-    return wpb.InferManyResponse.Result(response=response.SerializeToString())
-
-
 class WorkerServicer(worker_pb2_grpc.InferenceWorkerServicer):
-    """``maas.inference.v1.InferenceWorker``: load, unload and list versions."""
+    """``maas.inference.v1.InferenceWorker``: load, unload and list versions; the gateway's InferStream.
 
-    def __init__(self, host: ModelHost) -> None:
+    Args:
+        host: The versions served here.
+        max_stream_message_bytes: Bytes of results one InferStream response message may carry.
+    """
+
+    def __init__(self, host: ModelHost, max_stream_message_bytes: int = 2 << 20) -> None:
         self._host = host
+        self._max_bytes = max_stream_message_bytes
+        self._draining = asyncio.Event()
+        self._sessions: set[StreamSession] = set()
 
     async def LoadModel(
         self, request: wpb.LoadModelRequest, context: grpc.aio.ServicerContext
@@ -191,13 +175,6 @@ class WorkerServicer(worker_pb2_grpc.InferenceWorkerServicer):
         await self._host.unload(request.ref.model, request.ref.version)
         return wpb.UnloadModelResponse()
 
-    async def InferMany(
-        self, request: wpb.InferManyRequest, context: grpc.aio.ServicerContext
-    ) -> wpb.InferManyResponse:
-        # Submitted together, the entries reach the dynamic batcher together and share executions.
-        results = await asyncio.gather(*(_entry_result(self._host, entry) for entry in request.entries))
-        return wpb.InferManyResponse(results=results)
-
     async def ListModels(
         self, request: wpb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> wpb.ListModelsResponse:
@@ -205,3 +182,24 @@ class WorkerServicer(worker_pb2_grpc.InferenceWorkerServicer):
             models=[convert.loaded_to_pb(v) for v in self._host.loaded()],
             memory_budget_bytes=self._host.memory_budget_bytes,
         )
+
+    async def InferStream(
+        self, requests: AsyncIterator[wpb.InferStreamRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[wpb.InferStreamResponse]:
+        # The gateway writes nothing before this arrives (the stream is accepted).
+        await context.send_initial_metadata(())
+        session = StreamSession(self._host, self._draining, self._max_bytes)
+        self._sessions.add(session)
+        try:
+            async with aclosing(session.serve(requests)) as responses:
+                async for response in responses:
+                    yield response
+        finally:
+            self._sessions.discard(session)
+
+    def begin_drain(self) -> None:
+        """The worker is stopping: open streams answer new entries UNAVAILABLE and end once the running
+        ones are answered (a long-lived stream would otherwise hold the graceful stop for its whole grace)."""
+        self._draining.set()
+        for session in self._sessions:
+            session.wake()
