@@ -84,7 +84,10 @@ async def start(
     pool: Replicas
     if replicas is None:
         own_pool = ReplicaPool(
-            settings, tracing=settings.gateway_trace_workers, streams=settings.gateway_worker_streams
+            settings,
+            tracing=settings.gateway_trace_workers,
+            streams=settings.gateway_worker_streams,
+            hold_after=settings.gateway_stream_hold_after,
         )
         closers.append(own_pool.close)
         pool = own_pool

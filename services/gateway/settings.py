@@ -45,6 +45,13 @@ class GatewaySettings(CommonSettings):
         "by id (about half the per-request cost of a unary call on both ends of the hop); False: one ModelInfer "
         "call per request.",
     )
+    gateway_stream_hold_after: int = Field(
+        2,
+        ge=0,
+        description="Requests in flight on a worker's stream beyond which further requests wait in the gateway and "
+        "leave together when the next answers arrive (fewer, larger messages under load; a request alone never "
+        "waits); 0: never wait.",
+    )
     gateway_trace_workers: bool = Field(
         True, description="Propagate the trace context (traceparent) on the calls the gateway makes to workers."
     )

@@ -38,7 +38,12 @@ class _Worker:
     __slots__ = ("channel", "link", "send_one", "statistics", "stream")
 
     def __init__(
-        self, channel: grpc.aio.Channel, streams: bool, max_bytes: int, token: Metadata, send_one: SendOne
+        self,
+        channel: grpc.aio.Channel,
+        hold_after: int | None,
+        max_bytes: int,
+        token: Metadata,
+        send_one: SendOne,
     ) -> None:
         self.channel = channel
         self.send_one = send_one  # ModelInfer, the request bytes unchanged
@@ -58,7 +63,7 @@ class _Worker:
             return infer_stream(metadata=token or None)
 
         # Half the message limit: the entries' envelopes fit beside the payloads.
-        self.link = StreamLink(open_stream, max_bytes // 2) if streams else None
+        self.link = StreamLink(open_stream, max_bytes // 2, hold_after) if hold_after is not None else None
 
 
 class ReplicaPool:
@@ -78,10 +83,12 @@ class ReplicaPool:
         tracing: Propagate the current trace context to the workers.
     """
 
-    def __init__(self, settings: CommonSettings, *, tracing: bool = True, streams: bool = True) -> None:
+    def __init__(
+        self, settings: CommonSettings, *, tracing: bool = True, streams: bool = True, hold_after: int = 2
+    ) -> None:
         self._settings = settings
         self._tracing = tracing
-        self._streams = streams
+        self._hold_after = hold_after if streams else None
         self._workers: dict[str, _Worker] = {}
         self._metadata: dict[int, tuple[tuple[str, str], ...]] = {}
         self._token = () if settings.client_token is None else (("authorization", f"Bearer {settings.client_token}"),)
@@ -101,7 +108,7 @@ class ReplicaPool:
                 return response
 
             worker = self._workers[address] = _Worker(
-                channel, self._streams, self._settings.max_message_bytes, self._token, send_one
+                channel, self._hold_after, self._settings.max_message_bytes, self._token, send_one
             )
         return worker
 

@@ -3,8 +3,14 @@ unary inference request sent there, multiplexed by id.
 
 A unary gRPC call costs both ends of a hop about twice what a message on an open stream costs (measured
 on this machine's cores: a 3 KB ping-pong took 0.61-0.77 ms as unary calls, 0.32 ms on a stream), and on
-few cores that cost is most of what the gateway -> worker hop adds. Requests are written as they come (all
-that queued while the previous write was in progress go in one message) and answers are matched by id.
+few cores that cost is most of what the gateway -> worker hop adds. Answers are matched by id.
+
+A request is written at once while fewer than ``hold_after`` requests are in flight on the stream (a
+request alone never waits). Beyond that, further requests wait here until the next answers arrive and
+then leave together in one message: they would only have waited in the worker's queue behind the batch
+it is computing, and together they cost one message on both ends instead of one each and reach the
+dynamic batcher at once (measured at c=32: 1.5k req/s held against 1.1k unheld, worker CPU per request
+halved, p99 37 ms).
 
 Deadlines are kept here (a timer per request) and also sent along, so the worker drops a request whose
 time ran out while it was queued. A caller that gives up (its client cancelled) sends a cancel frame:
@@ -42,9 +48,10 @@ class StreamUnsupported(Exception):
 class _Stream:
     """One open InferStream call, its requests in flight, and what is still to be written."""
 
-    def __init__(self, call: Any, max_bytes: int, on_end: Callable[[_Stream], None]) -> None:
+    def __init__(self, call: Any, max_bytes: int, hold_after: int, on_end: Callable[[_Stream], None]) -> None:
         self.call = call
         self.max_bytes = max_bytes
+        self.hold_after = hold_after
         self.pending: dict[int, asyncio.Future[bytes]] = {}
         self.outbox: list[Entry] = []
         self.cancels: list[int] = []
@@ -75,6 +82,12 @@ class _Stream:
         self.closing = True
         self._wake.set()
 
+    def _holding(self) -> bool:
+        """Whether queued requests wait for the next answers: enough are in flight to keep the worker busy,
+        and those queued now would only wait in its queue; sent together later, they cost one message on
+        both ends instead of one each."""
+        return 0 < self.hold_after <= len(self.pending) - len(self.outbox)
+
     def _take(self) -> wpb.InferStreamRequest:
         taken, size = 0, 0
         for entry in self.outbox:
@@ -95,7 +108,7 @@ class _Stream:
             if self.call.done():
                 return
             while True:
-                while self.outbox or self.cancels:
+                while self.cancels or (self.outbox and not self._holding()):
                     await self.call.write(self._take())
                 if self.closing and not self.pending:
                     await self.call.done_writing()
@@ -124,8 +137,8 @@ class _Stream:
                         future.set_exception(error_from_status(result.status))
                     else:
                         future.set_result(result.response)
-                if self.closing and not self.pending:
-                    self._wake.set()  # the writer may end our side now
+                if self.outbox or (self.closing and not self.pending):
+                    self._wake.set()  # held requests may go now; or the writer may end our side
             error = Unavailable("the worker ended the stream")
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
@@ -160,11 +173,14 @@ class StreamLink:
     Args:
         open_stream: Starts an InferStream call (metadata and credentials already applied).
         max_bytes: Bytes of request payload one stream message may carry (one larger request goes alone).
+        hold_after: Requests in flight (sent, unanswered) beyond which further requests wait here and leave
+            together when the next answers arrive; 0: never wait. A request alone never waits.
     """
 
-    def __init__(self, open_stream: OpenStream, max_bytes: int) -> None:
+    def __init__(self, open_stream: OpenStream, max_bytes: int, hold_after: int = 2) -> None:
         self._open = open_stream
         self._max_bytes = max_bytes
+        self._hold_after = hold_after
         self._ids = itertools.count(1)
         self._stream: _Stream | None = None
         self.unsupported = False
@@ -188,7 +204,7 @@ class StreamLink:
         """
         stream = self._stream
         if stream is None:
-            stream = self._stream = _Stream(self._open(), self._max_bytes, self._ended)
+            stream = self._stream = _Stream(self._open(), self._max_bytes, self._hold_after, self._ended)
         request_id = next(self._ids)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bytes] = loop.create_future()
