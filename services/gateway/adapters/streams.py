@@ -41,6 +41,11 @@ Entry = wpb.InferStreamRequest.Entry
 OpenStream = Callable[[], Any]  # -> grpc.aio.StreamStreamCall
 
 
+def _seconds(timeout: float | None) -> float:
+    # 0 on the wire means "no limit": a deadline already reached is sent as the smallest positive one.
+    return 0.0 if timeout is None else max(timeout, 1e-6)
+
+
 class StreamUnsupported(Exception):
     """The worker does not serve InferStream: send this request (and the next ones) as plain calls."""
 
@@ -90,7 +95,8 @@ class _Stream:
 
     def _take(self) -> wpb.InferStreamRequest:
         taken, size = 0, 0
-        for entry in self.outbox:
+        # A cancel goes at once; held requests stay held (they do not ride along with it).
+        for entry in () if self._holding() else self.outbox:
             size += len(entry.request) + 32
             if taken and size > self.max_bytes:
                 break
@@ -210,7 +216,7 @@ class StreamLink:
         future: asyncio.Future[bytes] = loop.create_future()
         stream.pending[request_id] = future
         stream.send(
-            Entry(id=request_id, request=payload, version=version, timeout_s=timeout or 0.0, traceparent=traceparent)
+            Entry(id=request_id, request=payload, version=version, timeout_s=_seconds(timeout), traceparent=traceparent)
         )
         timer = None
         if timeout is not None:

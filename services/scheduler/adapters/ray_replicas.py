@@ -89,18 +89,19 @@ class RayReplicaPool:
                 actor.start.remote(ENTRYPOINT, self._options(spec), self._env()), timeout_s
             )
         except TimeoutError:
-            self._kill(spec.replica_id)
+            await self._kill_async(spec.replica_id)
             raise RuntimeError(
                 f"replica not ready within {timeout_s:g}s (waiting for resources, or loading the model)"
             ) from None
         except ray.exceptions.RayActorError:
-            self._kill(spec.replica_id)
+            await self._kill_async(spec.replica_id)
             raise RuntimeError("the replica's process died while starting") from None
         except ray.exceptions.RayTaskError as exc:
-            self._kill(spec.replica_id)
+            await self._kill_async(spec.replica_id)
             raise RuntimeError(_reason(exc)) from None
         except BaseException:
-            self._kill(spec.replica_id)
+            # Cancelled included: the kill must not be cancelled with it (a stray detached actor).
+            await asyncio.shield(self._kill_async(spec.replica_id))
             raise
         return address
 
@@ -114,6 +115,13 @@ class RayReplicaPool:
             self._actors[replica_id] = actor
         return actor
 
+    async def _handle_async(self, replica_id: str) -> Any:
+        # A miss asks the GCS (blocking): off the event loop, which serves the scheduler's RPCs.
+        return self._actors.get(replica_id) or await asyncio.to_thread(self._handle, replica_id)
+
+    async def _kill_async(self, replica_id: str) -> None:
+        await asyncio.to_thread(self._kill, replica_id)
+
     def _kill(self, replica_id: str) -> None:
         actor = self._actors.pop(replica_id, None) or self._handle(replica_id)
         self._actors.pop(replica_id, None)
@@ -122,18 +130,18 @@ class RayReplicaPool:
                 ray.kill(actor, no_restart=True)
 
     async def stop(self, replica_id: str, grace_s: float) -> None:
-        actor = self._handle(replica_id)
+        actor = await self._handle_async(replica_id)
         if actor is None:
             return
         if grace_s > 0:
             # The worker finishes its in-flight requests (up to the grace) before the process goes.
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(actor.stop.remote(grace_s), grace_s + 5)
-        self._kill(replica_id)
+        await self._kill_async(replica_id)
         log.info("replica_stopped", replica=replica_id)
 
     async def ping(self, replica_id: str, timeout_s: float) -> ReplicaHealth:
-        actor = self._handle(replica_id)
+        actor = await self._handle_async(replica_id)
         if actor is None:
             return ReplicaHealth.DEAD
         try:
@@ -153,7 +161,7 @@ class RayReplicaPool:
             name = entry["name"]
             if entry.get("namespace") != ray_cluster.NAMESPACE or not name.startswith(REPLICA_PREFIX):
                 continue
-            actor = self._handle(name)
+            actor = await self._handle_async(name)
             if actor is None:
                 continue
             try:
