@@ -15,6 +15,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from shared.grpc.interceptors import RequestInterceptor, TokenAuthInterceptor
+from shared.heap import settle_after_startup
 from shared.metrics import RpcMetrics, serve_metrics
 from shared.settings import CommonSettings
 
@@ -54,6 +55,8 @@ class ServiceServer:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        # The process is this service's alone (its entry point serves until a signal): start-up is over.
+        settle_after_startup()
         try:
             await stop.wait()
             log.info("shutting_down", grace_s=grace)

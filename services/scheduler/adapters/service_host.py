@@ -15,6 +15,8 @@ from typing import Any
 
 import ray
 
+from shared.heap import settle_after_startup
+
 
 # Ray's stubs lack the concurrency_groups overload that its runtime accepts.
 @ray.remote(concurrency_groups={"health": 1})  # type: ignore[call-overload]
@@ -31,6 +33,8 @@ class ServiceHost:
         module_name, _, function = entrypoint.partition(":")
         factory = getattr(importlib.import_module(module_name), function)
         self._hosted = await factory(options)
+        # This actor's process hosts one service for its whole life: start-up is over.
+        settle_after_startup()
         host = ray.util.get_node_ip_address() if options.get("bind_host") == "node" else "127.0.0.1"
         self._address = f"{host}:{self._hosted.port}"
         return self._address
