@@ -164,11 +164,12 @@ class Mesh:
         await self.wait_gateway_ready(model, deadline)
         return deployment
 
-    async def wait_gateway_ready(self, model: str, deadline: float) -> None:
+    async def wait_gateway_ready(self, model: str, deadline: float, target: str | None = None) -> None:
+        """Until the gateway (the mesh's, or another at ``target``) reports ``model`` ready."""
         from inference import grpc_service_pb2 as pb
         from inference import grpc_service_pb2_grpc
 
-        async with grpc.aio.insecure_channel(self.gateway_target) as channel:
+        async with grpc.aio.insecure_channel(target or self.gateway_target) as channel:
             stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
             while True:
                 self.check_alive()
