@@ -16,6 +16,7 @@ from maas.inference.v1 import worker_pb2_grpc
 from services.gateway.adapters.streams import StreamLink, StreamUnsupported
 from shared.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from shared.grpc.status import status_bytes
+from shared.kserve.metadata import STREAM_ACCEPTED
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -67,7 +68,7 @@ class EchoWorker(worker_pb2_grpc.InferenceWorkerServicer):
         reader = asyncio.create_task(read())  # before the metadata: it sees anything written too early
         try:
             await self.accept.wait()
-            await context.send_initial_metadata(())
+            await context.send_initial_metadata((STREAM_ACCEPTED,))
             while True:
                 if self.end_stream is not None:
                     how, self.end_stream = self.end_stream, None

@@ -61,9 +61,15 @@ async def test_metrics_count_rpcs_by_method_and_code(registry, registry_client) 
     with pytest.raises(NotFound):
         await registry_client.call("GetModel", pb.GetModelRequest(name="missing"))
     url = f"http://127.0.0.1:{registry.metrics_port}/metrics"
-    body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+    not_found = 'maas_rpc_requests_total{code="NOT_FOUND",method="/maas.registry.v1.RegistryService/GetModel"} 1.0'
+    # The server counts an RPC as its handler returns, which may be just after the client saw the status.
+    for _ in range(50):
+        body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+        if not_found in body:
+            break
+        await asyncio.sleep(0.1)
     assert 'maas_rpc_requests_total{code="OK",method="/maas.registry.v1.RegistryService/CreateModel"} 1.0' in body
-    assert 'maas_rpc_requests_total{code="NOT_FOUND",method="/maas.registry.v1.RegistryService/GetModel"} 1.0' in body
+    assert not_found in body
     assert 'maas_rpc_duration_seconds_count{method="/maas.registry.v1.RegistryService/CreateModel"} 1.0' in body
 
 

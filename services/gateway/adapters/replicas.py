@@ -16,11 +16,11 @@ from services.gateway.adapters.streams import StreamLink, StreamUnsupported
 from services.gateway.core.statistics import BatchStats, Duration, VersionStats
 from shared.grpc.channel import make_channel
 from shared.grpc.status import from_rpc_error
+from shared.kserve.metadata import VERSION_KEY
 from shared.settings import CommonSettings
 
 log = structlog.get_logger("maas.gateway.replicas")
 
-VERSION_KEY = "maas-model-version"
 _SERVICE = "/inference.GRPCInferenceService/"
 _INFER = _SERVICE + "ModelInfer"
 _STREAM = _SERVICE + "ModelStreamInfer"

@@ -34,6 +34,7 @@ from maas.inference.v1 import worker_pb2 as wpb
 
 from shared.errors import DeadlineExceeded, Unavailable
 from shared.grpc.status import error_from_status
+from shared.kserve.metadata import STREAM_ACCEPTED
 
 log = structlog.get_logger("maas.gateway.streams")
 
@@ -107,11 +108,12 @@ class _Stream:
 
     async def _write_forever(self) -> None:
         try:
-            # Nothing is written before the worker accepts the stream (its initial metadata): a worker
-            # without InferStream ends the call at once, and a write racing that end would turn its
-            # UNIMPLEMENTED into a local INTERNAL error.
-            await self.call.initial_metadata()
-            if self.call.done():
+            # Nothing is written before the worker accepts the stream (its initial metadata carries
+            # STREAM_ACCEPTED): a server without InferStream ends the call at once (trailers only), and a write
+            # racing that end would turn its UNIMPLEMENTED into a local INTERNAL error. The reader reports
+            # the call's status.
+            metadata = await self.call.initial_metadata()
+            if STREAM_ACCEPTED not in tuple(metadata or ()):
                 return
             while True:
                 while self.cancels or (self.outbox and not self._holding()):

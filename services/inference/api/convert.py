@@ -13,6 +13,7 @@ from services.inference.core.stats import Duration, VersionStats
 from shared.errors import InvalidArgument
 from shared.kserve.codec import request_parameters
 from shared.kserve.convert import batching_to_pb, signature_to_pb
+from shared.kserve.metadata import VERSION_KEY
 
 FINAL = "triton_final_response"
 
@@ -68,10 +69,10 @@ def pinned_version(metadata: Sequence[tuple[str, str | bytes]] | None) -> int | 
         InvalidArgument: If it is not a positive integer.
     """
     for key, value in metadata or ():
-        if key == "maas-model-version":
+        if key == VERSION_KEY:
             text = value.decode() if isinstance(value, bytes) else value
             if not text.isdigit() or int(text) < 1:
-                raise InvalidArgument(f"metadata maas-model-version must be a version number, got {text!r}")
+                raise InvalidArgument(f"metadata {VERSION_KEY} must be a version number, got {text!r}")
             return int(text)
     return None
 

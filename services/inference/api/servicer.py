@@ -22,6 +22,7 @@ from services.inference.core.host import ModelHost, ServedVersion
 from shared.errors import MaasError, NotFound
 from shared.kserve.codec import decode_inputs, validate_request
 from shared.kserve.convert import batching_from_pb, model_config_pb, model_metadata_pb
+from shared.kserve.metadata import STREAM_ACCEPTED
 
 SERVER_NAME = "maas-inference-worker"
 
@@ -187,7 +188,7 @@ class WorkerServicer(worker_pb2_grpc.InferenceWorkerServicer):
         self, requests: AsyncIterator[wpb.InferStreamRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[wpb.InferStreamResponse]:
         # The gateway writes nothing before this arrives (the stream is accepted).
-        await context.send_initial_metadata(())
+        await context.send_initial_metadata((STREAM_ACCEPTED,))
         session = StreamSession(self._host, self._draining, self._max_bytes)
         self._sessions.add(session)
         try:
