@@ -50,7 +50,11 @@ class ServiceServer:
             await close()
 
     async def wait_for_signal(self, grace: float) -> None:
-        """Serve until SIGTERM or SIGINT, then stop gracefully."""
+        """Serve until SIGTERM or SIGINT, then stop gracefully.
+
+        Only a service's own entry point calls this, so it also marks the end of start-up: the heap built so
+        far is frozen (``shared.heap``), which keeps full garbage collections short while serving.
+        """
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):

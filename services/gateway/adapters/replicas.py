@@ -131,25 +131,21 @@ class ReplicaPool:
         metadata = self._metadata.get(version)
         if metadata is None:
             metadata = self._metadata[version] = ((VERSION_KEY, str(version)), *self._token)
-        if not self._tracing:
-            return metadata
-        carrier: dict[str, str] = {}
-        propagate.inject(carrier)
-        return (*metadata, *carrier.items())
+        return (*metadata, *self._trace_context().items())
 
-    def _traceparent(self) -> str:
-        if not self._tracing:
-            return ""
+    def _trace_context(self) -> dict[str, str]:
+        """The current trace context as W3C headers (empty when propagation is off)."""
         carrier: dict[str, str] = {}
-        propagate.inject(carrier)
-        return carrier.get("traceparent", "")
+        if self._tracing:
+            propagate.inject(carrier)
+        return carrier
 
     async def infer(self, address: str, version: int, payload: bytes, timeout: float | None) -> bytes:
         worker = self._worker(address)
         link = worker.link
         if link is not None and not link.unsupported:
             try:
-                return await link.infer(payload, version, timeout, self._traceparent())
+                return await link.infer(payload, version, timeout, self._trace_context().get("traceparent", ""))
             except StreamUnsupported:
                 log.info("worker_without_infer_stream", address=address)
         return await worker.send_one(payload, version, timeout)
