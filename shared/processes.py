@@ -61,16 +61,26 @@ def end_process_group(pgid: int, grace_s: float = 3.0) -> None:
 
 
 def _group_alive(pgid: int) -> bool:
-    for entry in Path("/proc").iterdir():
+    return bool(group_members(pgid))
+
+
+def group_members(pgid: int) -> dict[int, str]:
+    """The live processes of process group ``pgid``: pid -> command name (from ``/proc/<pid>/stat``)."""
+    found: dict[int, str] = {}
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return found
+    for entry in proc.iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            head, tail = (entry / "stat").read_text().rsplit(")", 1)
         except OSError:
             continue
+        fields = tail.split()
         if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
+            found[int(entry.name)] = head.split("(", 1)[1]
+    return found
 
 
 def _running(pid: int) -> bool:

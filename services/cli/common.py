@@ -23,6 +23,16 @@ console = Console(stderr=True)
 out = Console()
 
 
+def describe_failure(exc: BaseException) -> str:
+    """One line for a command's failure: the status and message of a service's error, else the error."""
+    if isinstance(exc, MaasError):
+        code = getattr(exc, "grpc_code", None)
+        return f"({code.name if code is not None else exc.reason}) {exc.message}"
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return describe_failure(from_rpc_error(exc))
+    return str(exc) or type(exc).__name__
+
+
 def run_async(fn: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., Any]:
     """Run an async command; failures become one line on stderr (no stack trace) and exit code 1."""
 

@@ -6,7 +6,7 @@ import asyncio
 
 import typer
 
-from services.cli.common import console
+from services.cli.common import console, describe_failure
 from services.cli.deploy import deploy_app
 from services.cli.infer import generate, infer
 from services.cli.models import models_app
@@ -35,8 +35,10 @@ def up(
     configure_logging("cli", settings.log_level, settings.log_format)
     try:
         asyncio.run(run_up(settings, quickstart, console))
-    except RuntimeError as exc:
-        console.print(f"[red]error[/]: {exc}")
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    except Exception as exc:  # noqa: BLE001 - `maas up` ends with one line, never a traceback
+        console.print(f"[red]maas up failed[/]: {describe_failure(exc)}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from pathlib import Path
 
@@ -12,7 +14,7 @@ from rich.console import Console
 from services.cli.settings import CliSettings
 from shared.artifacts import Manifest, build_model, save_artifact
 from shared.clients.registry import RegistryClient
-from shared.errors import NotFound
+from shared.errors import MaasError, NotFound
 
 QUICKSTART_MODEL = "digits"
 
@@ -31,6 +33,7 @@ async def run_quickstart(settings: CliSettings, console: Console) -> None:
     """Train the digits CNN unless a trained version exists, deploy it, show predictions through the gateway."""
     if await train_digits(settings, console):
         await deploy_digits(settings, console)
+        await wait_model_ready(settings)
         await show_predictions(settings, console)
 
 
@@ -104,6 +107,32 @@ async def deploy_digits(settings: CliSettings, console: Console) -> None:
     print_deployment(deployment)
     if deployment.state != spb.DEPLOYMENT_READY:
         raise RuntimeError(f"the {QUICKSTART_MODEL} deployment is not ready: {deployment.message}")
+
+
+async def wait_model_ready(settings: CliSettings, timeout_s: float = 120.0) -> None:
+    """Wait until the gateway itself reports the model ready (KServe ModelReady).
+
+    The scheduler's READY is not enough: a gateway started before the scheduler learns the endpoints
+    only once its stream to the scheduler is up.
+    """
+    from inference import grpc_service_pb2 as kpb
+
+    from services.cli.common import Gateway
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    async with Gateway(settings) as gateway:
+        while True:
+            with contextlib.suppress(MaasError):
+                reply = await gateway.call("ModelReady", kpb.ModelReadyRequest(name=QUICKSTART_MODEL), timeout=5.0)
+                if reply.ready:
+                    return
+            if loop.time() > deadline:
+                raise RuntimeError(
+                    f"the gateway at {settings.gateway_address} did not report {QUICKSTART_MODEL} ready within "
+                    f"{timeout_s:.0f} s; see the gateway's and scheduler's log lines"
+                )
+            await asyncio.sleep(0.2)
 
 
 async def _latest_version(settings: CliSettings) -> int:

@@ -1,12 +1,15 @@
 """``maas up``: run the mesh's services as child processes in the foreground.
 
 Each service is its own process (as in a deployment), started with this interpreter, watched through
-grpc.health.v1, and stopped with SIGTERM (graceful: NOT_SERVING, drain, close) on Ctrl-C or SIGTERM.
+grpc.health.v1, and stopped with SIGTERM (graceful: NOT_SERVING, drain, close) on Ctrl-C or SIGTERM. The
+services also get SIGTERM when ``maas up`` dies without stopping them (``kill -9``), and the next ``maas up``
+over the same home ends whatever a killed mesh left (``mesh_state``): it starts again any number of times.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import signal
 import subprocess
@@ -17,6 +20,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
 
+from services.cli.mesh_state import MeshLock, address_in_use
 from services.cli.settings import CliSettings
 from shared.grpc.channel import make_channel
 from shared.processes import end_process_group
@@ -37,7 +41,7 @@ async def wait_serving(address: str, settings: CliSettings, child: Child, timeou
     try:
         while True:
             if child.process.poll() is not None:
-                raise RuntimeError(f"{child.name} exited with code {child.process.returncode}; see its log above")
+                raise RuntimeError(f"{describe_exit(child)} while starting")
             try:
                 reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
@@ -51,12 +55,31 @@ async def wait_serving(address: str, settings: CliSettings, child: Child, timeou
         await channel.close()
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """In the child, before exec: SIGTERM when ``maas up`` dies, even by SIGKILL (Linux; elsewhere no-op)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
 def start_child(name: str, module: str, address: str, env: dict[str, str] | None = None) -> Child:
     # Ray forks helper processes after gRPC threads exist; gRPC's fork handlers only log noise there.
     child_env = {"GRPC_ENABLE_FORK_SUPPORT": "false", "GRPC_VERBOSITY": "ERROR", **os.environ, **(env or {})}
+    parent = os.getpid()
     # Its own session: the processes it starts (a local Ray's) share its process group, so whatever
     # outlives the service's graceful stop can be ended with the group.
-    process = subprocess.Popen([sys.executable, "-m", module], env=child_env, start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", module],
+        env=child_env,
+        start_new_session=True,
+        preexec_fn=lambda: _die_with_parent(parent),  # only ctypes and getppid run there
+    )
     return Child(name, address, process)
 
 
@@ -74,18 +97,36 @@ def stop_children(children: list[Child], grace_s: float) -> None:
         end_process_group(child.process.pid)
 
 
+def describe_exit(child: Child) -> str:
+    code = child.process.returncode
+    if code is not None and code < 0:
+        return f"{child.name} was killed by {signal.Signals(-code).name}"
+    return f"{child.name} exited with code {code} (its log lines above say why)"
+
+
 async def run_up(settings: CliSettings, quickstart: bool, console: Console) -> None:
+    lock = MeshLock(settings.home)
+    ended = lock.acquire()
+    if ended:
+        console.print(f"ended {len(ended)} processes left by an earlier `maas up` over {lock.home}")
+    try:
+        await _run_mesh(settings, quickstart, console, lock)
+    finally:
+        lock.release()
+
+
+async def _run_mesh(settings: CliSettings, quickstart: bool, console: Console, lock: MeshLock) -> None:
     from services.cli.quickstart import run_quickstart
 
-    children = [
-        start_child("registry", "services.registry", settings.registry_address),
-        start_child(
+    services = [
+        ("registry", "services.registry", settings.registry_address, {}),
+        (
             "scheduler",
             "services.scheduler",
             settings.scheduler_address,
             {"MAAS_SCHEDULER_REGISTRY_ADDRESS": settings.registry_address},
         ),
-        start_child(
+        (
             "gateway",
             "services.gateway",
             settings.gateway_address,
@@ -96,6 +137,14 @@ async def run_up(settings: CliSettings, quickstart: bool, console: Console) -> N
             },
         ),
     ]
+    for name, _, address, _ in services:
+        if address_in_use(address):
+            raise RuntimeError(
+                f"{address} ({name}) is in use by another process; stop it, or choose another address with "
+                f"MAAS_{name.upper()}_ADDRESS"
+            )
+    children = [start_child(name, module, address, {**env, **lock.marker}) for name, module, address, env in services]
+    lock.record([child.process.pid for child in children])
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -116,7 +165,7 @@ async def run_up(settings: CliSettings, quickstart: bool, console: Console) -> N
         while not stop.is_set():
             for child in children:
                 if child.process.poll() is not None:
-                    raise RuntimeError(f"{child.name} exited with code {child.process.returncode}")
+                    raise RuntimeError(f"{describe_exit(child)}; the mesh was stopped, `maas up` starts it again")
             try:
                 await asyncio.wait_for(stop.wait(), 1.0)
             except TimeoutError:

@@ -105,7 +105,7 @@ async def start(
         load_timeout_s=settings.gateway_load_timeout_s,
     )
     tasks = [
-        asyncio.create_task(source.follow(gateway.apply_snapshot), name="gateway-endpoints"),
+        asyncio.create_task(source.follow(gateway.apply_snapshot, gateway.table.mark_stale), name="gateway-endpoints"),
         asyncio.create_task(
             report_forever(
                 load, sink, settings.gateway_report_interval_s, lambda: [d.name for d in table.deployments()]

@@ -37,7 +37,10 @@ class GatewaySettings(CommonSettings):
         300.0, gt=0, description="Longest RepositoryModelLoad waits for the deployment to be READY."
     )
     gateway_watch_backoff_max_s: float = Field(
-        5.0, gt=0, description="Longest pause between two attempts to reconnect to the scheduler's endpoint stream."
+        1.0,
+        gt=0,
+        description="Longest pause between two attempts to reconnect to the scheduler's endpoint stream (short: "
+        "until it reconnects, the gateway is not ready and holds requests for models it does not know yet).",
     )
     gateway_worker_streams: bool = Field(
         True,

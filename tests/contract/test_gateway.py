@@ -324,6 +324,39 @@ async def test_hold_until_an_endpoint_appears(tmp_path: Any, workers: list[Worke
         await h.gateway.stop(0.5)
 
 
+async def test_requests_wait_for_the_first_snapshot_and_ready_follows_the_stream(
+    tmp_path: Any, workers: list[WorkerServer]
+) -> None:
+    # A gateway that has not heard from the scheduler yet (every `maas up` starts it first) cannot know
+    # which models exist: it is not ready, and holds requests for any model instead of NOT_FOUND.
+    h = await _harness(tmp_path, SnapshotFeeder(), gateway_max_hold_s=0.3)
+    try:
+        assert not (await h.stub.ServerReady(kpb.ServerReadyRequest())).ready
+        call = h.stub.ModelInfer(infer_request(), timeout=10)
+        metadata = h.stub.ModelMetadata(kpb.ModelMetadataRequest(name="m"), timeout=10)
+        await asyncio.sleep(0.2)
+        assert not call.done() and not metadata.done()
+        h.feeder.publish([deployment("m", workers[:1])])
+        assert (await call).parameters["worker"].string_param == "w0"
+        assert (await metadata).name == "m"
+        assert (await h.stub.ServerReady(kpb.ServerReadyRequest())).ready
+
+        # The stream breaks: known models are still served from the last snapshot, the server is not ready,
+        # and an unknown model is held (here past gateway_max_hold_s: UNAVAILABLE, retryable).
+        h.feeder.lose()
+        assert not (await h.stub.ServerReady(kpb.ServerReadyRequest())).ready
+        assert (await h.stub.ModelInfer(infer_request(), timeout=10)).model_name == "m"
+        code, message = await _code(h.stub.ModelInfer(infer_request("other")))
+        assert code == grpc.StatusCode.UNAVAILABLE and "still learning" in message
+        # Back in sync: an unknown model is NOT_FOUND at once.
+        h.feeder.publish([deployment("m", workers[:1])])
+        code, _ = await _code(h.stub.ModelInfer(infer_request("other"), timeout=10))
+        assert code == grpc.StatusCode.NOT_FOUND
+    finally:
+        await h.channel.close()
+        await h.gateway.stop(0.5)
+
+
 async def _reported(sink: RecordingLoadSink, name: str, value: float) -> None:
     while not (sink.reports and sink.reports[-1].get(name) == value):
         sink.reported.clear()
@@ -697,6 +730,16 @@ async def _until(condition: Any, timeout: float) -> None:
         await asyncio.sleep(0.02)
 
 
+async def _server_ready_becomes(stub: Any, value: bool, timeout: float) -> bool:
+    """Poll ServerReady until it answers ``value`` or ``timeout`` passes; the last answer."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ready = bool((await stub.ServerReady(kpb.ServerReadyRequest())).ready)
+        if ready == value or time.monotonic() > deadline:
+            return ready
+        await asyncio.sleep(0.02)
+
+
 def _signature_pb() -> Any:
     from shared.kserve.convert import signature_to_pb
 
@@ -749,13 +792,17 @@ async def test_repository_and_endpoints_through_a_scheduler(tmp_path: Any, worke
         await _until(lambda: any(r.get("m") == 0.0 for r in fake.reports), 5)
         assert any(r.get("m") == 0.0 for r in fake.reports), fake.reports[-3:]
 
-        # The scheduler restarts on the same port: the gateway keeps serving and reconnects.
+        # The scheduler restarts on the same port: the gateway keeps serving, is not ready while it is
+        # away, and reconnects (ready again) within its capped backoff.
+        assert (await h.stub.ServerReady(kpb.ServerReadyRequest())).ready
         await server.stop(0)
         reply = await h.stub.ModelInfer(infer_request("m"), timeout=10)
         assert reply.model_version == "2"
+        assert await _server_ready_becomes(h.stub, False, 5) is False
         server, _ = await _start_scheduler(fake, port)
         await _until(lambda: fake.watchers >= 2, 10)
         assert fake.watchers >= 2
+        assert await _server_ready_becomes(h.stub, True, 5) is True
 
         await h.stub.RepositoryModelUnload(kpb.RepositoryModelUnloadRequest(model_name="m"), timeout=10)
         assert not (await h.stub.ModelReady(kpb.ModelReadyRequest(name="m"))).ready

@@ -17,6 +17,7 @@ class SnapshotFeeder:
     def __init__(self, deployments: Sequence[Deployment] | None = None) -> None:
         self._current: list[Deployment] | None = None if deployments is None else list(deployments)
         self._apply: Callable[[Sequence[Deployment]], None] | None = None
+        self._lost: Callable[[], None] | None = None
 
     def publish(self, deployments: Sequence[Deployment]) -> None:
         """Make ``deployments`` the full snapshot (those left out are deleted)."""
@@ -24,14 +25,19 @@ class SnapshotFeeder:
         if self._apply is not None:
             self._apply(self._current)
 
-    async def follow(self, apply: Callable[[Sequence[Deployment]], None]) -> None:
-        self._apply = apply
+    def lose(self) -> None:
+        """Act as a broken stream: the gateway keeps the last snapshot but no longer calls it current."""
+        if self._lost is not None:
+            self._lost()
+
+    async def follow(self, apply: Callable[[Sequence[Deployment]], None], lost: Callable[[], None]) -> None:
+        self._apply, self._lost = apply, lost
         if self._current is not None:
             apply(self._current)
         try:
             await asyncio.Event().wait()
         finally:
-            self._apply = None
+            self._apply = self._lost = None
 
 
 class RecordingLoadSink:

@@ -121,21 +121,30 @@ class SchedulerLink:
 
     # -- EndpointSource ---------------------------------------------------------------------------------
 
-    async def follow(self, apply: Callable[[Sequence[Deployment]], None]) -> None:
-        """Follow WatchEndpoints forever; reconnect with backoff, keeping the last snapshot meanwhile."""
+    async def follow(self, apply: Callable[[Sequence[Deployment]], None], lost: Callable[[], None]) -> None:
+        """Follow WatchEndpoints forever; reconnect with backoff, keeping the last snapshot meanwhile.
+
+        The backoff starts again from its floor once a snapshot arrives (the scheduler sends one as soon as
+        a watch starts), so a local restart of the scheduler is followed within ``backoff_max_s``.
+        """
         backoff = 0.1
+        failures = 0
         while True:
             call = self._stub.WatchEndpoints(pb.WatchEndpointsRequest())
             try:
                 async for response in call:
                     apply([deployment_from_pb(d) for d in response.deployments])
-                    backoff = 0.1
+                    backoff, failures = 0.1, 0
                 log.warning("endpoint_stream_ended")
             except grpc.aio.AioRpcError as exc:
-                log.warning("endpoint_stream_failed", code=exc.code().name, error=exc.details(), retry_in_s=backoff)
+                # The scheduler starting after the gateway (every `maas up`) is expected: say it once quietly.
+                failures += 1
+                level = log.info if failures == 1 and exc.code() == grpc.StatusCode.UNAVAILABLE else log.warning
+                level("endpoint_stream_failed", code=exc.code().name, error=exc.details(), retry_in_s=backoff)
             except asyncio.CancelledError:
                 call.cancel()
                 raise
+            lost()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self._backoff_max_s)
 

@@ -76,13 +76,17 @@ class InferenceServicer:
     async def ServerMetadata(self, request: kpb.ServerMetadataRequest, context: Any) -> kpb.ServerMetadataResponse:
         return self._metadata
 
-    async def ModelMetadata(self, request: kpb.ModelMetadataRequest, context: Any) -> kpb.ModelMetadataResponse:
-        route = self._gateway.lookup(request.name, request.version)
+    async def ModelMetadata(
+        self, request: kpb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> kpb.ModelMetadataResponse:
+        route = await self._gateway.describe(request.name, request.version, context.time_remaining())
         versions = sorted(route.deployment.versions)
         return model_metadata_pb(route.deployment.name, versions, route.served.signature)
 
-    async def ModelConfig(self, request: kpb.ModelConfigRequest, context: Any) -> kpb.ModelConfigResponse:
-        route = self._gateway.lookup(request.name, request.version)
+    async def ModelConfig(
+        self, request: kpb.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> kpb.ModelConfigResponse:
+        route = await self._gateway.describe(request.name, request.version, context.time_remaining())
         served = route.served
         replicas = len(route.deployment.ready(served.version))
         batching = served.batching or BatchingSettings(max_batch_size=max(served.max_batch_size, 1))
@@ -95,7 +99,8 @@ class InferenceServicer:
 
     async def ModelInfer(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
         request = _parse_infer(data)
-        route = self._gateway.resolve(request.model_name, request.model_version)
+        timeout = context.time_remaining()
+        route = await self._gateway.route(request.model_name, request.model_version, timeout)
         validate_request(request, route.served.signature, route.served.max_batch_size)
         return await self._gateway.infer(route, data, context.time_remaining())
 
@@ -113,7 +118,7 @@ class InferenceServicer:
             request = None
             try:
                 request = _parse_infer(data)
-                route = self._gateway.resolve(request.model_name, request.model_version)
+                route = await self._gateway.route(request.model_name, request.model_version, context.time_remaining())
                 validate_request(request, route.served.signature, route.served.max_batch_size)
                 async for message in self._gateway.stream(route, data, context.time_remaining()):
                     queue.put_nowait(message)

@@ -37,8 +37,9 @@ class Replicas(Protocol):
 class EndpointSource(Protocol):
     """Where endpoint snapshots come from (the scheduler's WatchEndpoints, or a test's feeder)."""
 
-    async def follow(self, apply: Callable[[Sequence[Deployment]], None]) -> None:
-        """Call ``apply`` with every full snapshot, forever (until cancelled)."""
+    async def follow(self, apply: Callable[[Sequence[Deployment]], None], lost: Callable[[], None]) -> None:
+        """Call ``apply`` with every full snapshot, forever (until cancelled); ``lost`` whenever the stream
+        of snapshots breaks (the last one may no longer be current until the next ``apply``)."""
         ...
 
 

@@ -14,7 +14,7 @@ from services.gateway.core.ports import Replicas
 from services.gateway.core.router import Router
 from services.gateway.core.statistics import VersionStats, merge
 from services.gateway.core.table import EndpointTable, served_version
-from shared.errors import DeadlineExceeded, MaasError, Unavailable
+from shared.errors import DeadlineExceeded, MaasError, NotFound, Unavailable
 
 log = structlog.get_logger("maas.gateway")
 
@@ -77,12 +77,44 @@ class Gateway:
 
     @property
     def ready(self) -> bool:
-        """True once the first endpoint snapshot arrived."""
-        return self.table.received
+        """True while the table holds a current endpoint snapshot (ServerReady): not before the first
+        one, nor while the stream to the scheduler is being re-established."""
+        return self.table.in_sync
 
     def resolve(self, name: str, version: str) -> Route:
         """See :meth:`EndpointTable.resolve`."""
         return self.table.resolve(name, version)
+
+    async def route(self, name: str, version: str, timeout: float | None) -> Route:
+        """:meth:`resolve`, holding a model the table does not know while the table is not current.
+
+        Between a gateway's start (or a lost scheduler stream) and the next snapshot, an unknown model may
+        well be deployed: the request waits for the snapshot (up to ``timeout``, or ``max_hold_s`` without
+        one) as a request waits for a replica, instead of failing with NOT_FOUND.
+        """
+        try:
+            return self.table.resolve(name, version)
+        except NotFound:
+            if self.table.in_sync:
+                raise
+        await self._await_current(name, timeout)
+        return self.table.resolve(name, version)
+
+    async def describe(self, name: str, version: str, timeout: float | None) -> Route:
+        """:meth:`lookup` (ModelMetadata, ModelConfig), holding like :meth:`route`."""
+        if self.table.get(name) is None and not self.table.in_sync:
+            await self._await_current(name, timeout)
+        return self.lookup(name, version)
+
+    async def _await_current(self, name: str, timeout: float | None) -> None:
+        deadline = self._clock() + (self._max_hold_s if timeout is None else timeout)
+        while not self.table.in_sync and self.table.get(name) is None:
+            if not await self.table.wait_changed(deadline - self._clock()):
+                raise Unavailable(
+                    f"model '{name}' is not known to the gateway yet: it is still learning the scheduler's "
+                    "deployments (starting or reconnecting)",
+                    retry_after_s=1.0,
+                )
 
     def lookup(self, name: str, version: str) -> Route:
         """Like :meth:`resolve` without the canary split: an empty version is the default version

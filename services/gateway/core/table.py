@@ -14,21 +14,27 @@ class EndpointTable:
     """Deployments as of the latest endpoint snapshot.
 
     A snapshot replaces the whole table (deployments left out were deleted) and wakes every request held
-    for a replica, which then looks again.
+    for a replica, which then looks again. The table is *in sync* from a snapshot until its source reports
+    the stream lost (``mark_stale``): a table out of sync still routes to the replicas it knows, but a model it
+    does not know may exist at the scheduler, so callers hold such requests instead of answering NOT_FOUND.
     """
 
     def __init__(self, rand: Callable[[], float] = random.random) -> None:
         self._deployments: dict[str, Deployment] = {}
         self._changed = asyncio.Event()
         self._rand = rand
-        self.received = False
+        self.in_sync = False
 
     def apply(self, deployments: Iterable[Deployment]) -> None:
         """Replace the table with a full snapshot and wake the waiters."""
         self._deployments = {d.name: d for d in deployments}
-        self.received = True
+        self.in_sync = True
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
+
+    def mark_stale(self) -> None:
+        """The snapshot stream was lost: keep the deployments, but stop vouching that they are all there is."""
+        self.in_sync = False
 
     def get(self, name: str) -> Deployment | None:
         return self._deployments.get(name)

@@ -1,0 +1,181 @@
+"""``maas up --quickstart`` as a user runs it: started, stopped and started again over one ``MAAS_HOME``.
+
+Four starts of the real command (its own registry, scheduler with a local Ray, and gateway): the first
+trains; each later one finds the trained model and its deployment. Between them the mesh is stopped with
+SIGTERM, with SIGKILL of every process it had (stale Ray state, SQLite files, ports), and with SIGKILL of
+``maas up`` alone (its services must not outlive it). Every start must end with predictions through the
+gateway, and one more from this test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from inference import grpc_service_pb2 as kpb
+from inference import grpc_service_pb2_grpc
+from sklearn.datasets import load_digits
+
+from services.cli.mesh_state import MARKER
+from shared.processes import group_members, processes_with_env
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+SERVING_LINE = "Ctrl-C stops the mesh."
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Mesh:
+    """One ``maas up --quickstart`` process, its output in a file."""
+
+    def __init__(self, home: Path, env: dict[str, str], run: int) -> None:
+        self.home = home
+        self.log = home.parent / f"up-{run}.log"
+        maas = Path(sys.executable).with_name("maas")
+        with self.log.open("wb") as out:
+            self.process = subprocess.Popen(
+                [str(maas), "up", "--quickstart"], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_serving(self, timeout_s: float) -> str:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            text = self.output()
+            if SERVING_LINE in text:
+                return text
+            if self.process.poll() is not None:
+                pytest.fail(f"maas up exited with {self.process.returncode}:\n{_human(text)}")
+            time.sleep(0.5)
+        pytest.fail(f"maas up did not serve within {timeout_s} s:\n{_human(self.output())}")
+
+    def groups(self) -> list[int]:
+        return [int(g) for g in json.loads((self.home / "run" / "mesh.json").read_text())["groups"]]
+
+
+def _human(text: str) -> str:
+    """The lines a person reads (the services' JSON log lines left out), the last 60."""
+    return "\n".join(line for line in text.splitlines() if not line.startswith("{"))[-6000:]
+
+
+def _predict(address: str) -> tuple[list[int], list[int]]:
+    digits = load_digits()
+    images = (np.asarray(digits.images[:16], dtype=np.float32) / 16.0).reshape(16, 1, 8, 8)
+    with grpc.insecure_channel(address) as channel:
+        stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        assert stub.ServerReady(kpb.ServerReadyRequest(), timeout=10).ready
+        metadata = stub.ModelMetadata(kpb.ModelMetadataRequest(name="digits"), timeout=30)
+        request = kpb.ModelInferRequest(model_name="digits")
+        request.inputs.add(name=metadata.inputs[0].name, datatype="FP32", shape=list(images.shape))
+        request.raw_input_contents.append(images.tobytes())
+        response = stub.ModelInfer(request, timeout=30)
+    scores = np.frombuffer(response.raw_output_contents[0], np.float32).reshape(tuple(response.outputs[0].shape))
+    return scores.argmax(axis=1).tolist(), digits.target[:16].tolist()
+
+
+def _assert_serves(mesh: Mesh, gateway: str, timeout_s: float) -> None:
+    text = mesh.wait_serving(timeout_s)
+    assert "predictions through the gateway" in text and "Traceback" not in text, _human(text)
+    predicted, labels = _predict(gateway)
+    assert sum(p == t for p, t in zip(predicted, labels, strict=True)) >= 14, (predicted, labels)
+
+
+def _wait_gone(pids: list[int], timeout_s: float) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        alive = [p for p in pids if Path(f"/proc/{p}").exists() and _state(p) != "Z"]
+        if not alive:
+            return []
+        time.sleep(0.2)
+    return alive
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
+
+
+def test_up_starts_again_after_sigterm_and_after_sigkill(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    gateway = f"127.0.0.1:{_free_port()}"
+    env = {
+        **os.environ,
+        "MAAS_HOME": str(home),
+        "MAAS_REGISTRY_ADDRESS": f"127.0.0.1:{_free_port()}",
+        "MAAS_SCHEDULER_ADDRESS": f"127.0.0.1:{_free_port()}",
+        "MAAS_GATEWAY_ADDRESS": gateway,
+        "MAAS_REGISTRY_METRICS_ADDRESS": "127.0.0.1:0",
+        "MAAS_SCHEDULER_METRICS_ADDRESS": "127.0.0.1:0",
+        "MAAS_GATEWAY_METRICS_ADDRESS": "127.0.0.1:0",
+        "MAAS_LOG_FORMAT": "json",
+        "MAAS_SHUTDOWN_GRACE_S": "3",
+    }
+    env.pop("RAY_ADDRESS", None)
+    mesh = None
+    try:
+        # 1: trains, deploys, serves; SIGTERM stops everything it started.
+        mesh = Mesh(home, env, 1)
+        _assert_serves(mesh, gateway, timeout_s=420)
+        assert "training digits" in mesh.output()
+        mesh.process.send_signal(signal.SIGTERM)
+        assert mesh.process.wait(timeout=60) == 0
+        assert not processes_with_env(MARKER, str(home.resolve()))
+
+        # 2: the same home again (the bug this test was written for), then SIGKILL of every process.
+        mesh = Mesh(home, env, 2)
+        _assert_serves(mesh, gateway, timeout_s=240)
+        assert "training digits" not in mesh.output()
+        groups = [mesh.process.pid, *mesh.groups()]
+        members = [pid for group in groups for pid in group_members(group)]
+        for group in groups:
+            os.killpg(group, signal.SIGKILL)
+        assert not _wait_gone(members, 30)
+
+        # 3: over what the killed mesh left; then SIGKILL of `maas up` alone: its services stop with it.
+        mesh = Mesh(home, env, 3)
+        _assert_serves(mesh, gateway, timeout_s=240)
+        services = mesh.groups()
+        mesh.process.kill()
+        mesh.process.wait(timeout=10)
+        assert not _wait_gone(services, 60), "services outlived a killed `maas up`"
+
+        # 4: starts again, and a second `maas up` over the same home is refused in one line.
+        mesh = Mesh(home, env, 4)
+        _assert_serves(mesh, gateway, timeout_s=240)
+        second = subprocess.run(
+            [str(Path(sys.executable).with_name("maas")), "up"], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert second.returncode != 0
+        assert "another `maas up`" in second.stderr and "Traceback" not in second.stderr
+        assert len([line for line in second.stderr.splitlines() if line.strip()]) == 1, second.stderr
+        mesh.process.send_signal(signal.SIGTERM)
+        assert mesh.process.wait(timeout=60) == 0
+        assert not processes_with_env(MARKER, str(home.resolve()))
+    finally:
+        if mesh is not None and mesh.process.poll() is None:
+            mesh.process.send_signal(signal.SIGTERM)
+            try:
+                mesh.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(mesh.process.pid, signal.SIGKILL)
+        from shared.processes import end_processes_with_env
+
+        end_processes_with_env(MARKER, str(home.resolve()))
