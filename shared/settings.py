@@ -41,9 +41,28 @@ class CommonSettings(BaseSettings):
     tls_ca_file: Path | None = Field(
         None, description="PEM CA bundle: servers require client certificates signed by it; clients verify servers."
     )
-    auth_tokens: dict[str, str] = Field(
-        default_factory=dict,
-        description="Bearer token -> principal name (JSON). Empty disables authentication.",
+    insecure: bool = Field(
+        False,
+        description="Development only: plaintext and no authentication (every server logs a warning). Off: TLS "
+        "and API keys are required.",
+    )
+    tls_require_client_cert: bool = Field(
+        True,
+        description="With tls_ca_file, servers require client certificates signed by it (mutual TLS: the "
+        "workers' and shards' servers); False: TLS only, callers authenticate with a token.",
+    )
+    tls_server_name: str | None = Field(
+        None,
+        description="The name clients verify in a server's certificate instead of the host they dial (the "
+        "mesh's certificates carry mesh.maas.internal, valid on every node).",
+    )
+    auth_keys_file: Path | None = Field(
+        None, description="The tenants' API keys (salted scrypt hashes); default MAAS_HOME/auth/keys.json."
+    )
+    internal_token: str | None = Field(
+        None,
+        description="Token the mesh's own services present to each other where no client certificate is asked "
+        "(at least 32 characters; `maas up` generates one).",
     )
     client_token: str | None = Field(None, description="Bearer token this process sends to other services.")
     max_message_bytes: int = Field(
@@ -67,6 +86,10 @@ class CommonSettings(BaseSettings):
         if config_file:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
         return tuple(sources)
+
+    @property
+    def keys_path(self) -> Path:
+        return self.auth_keys_file or self.home / "auth" / "keys.json"
 
     @property
     def tls_enabled(self) -> bool:

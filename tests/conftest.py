@@ -12,6 +12,11 @@ import pytest
 from shared.logging import configure_logging
 from tests.support.postgres import PostgresServer, postgres_server
 
+# Servers in this suite run in development mode (plaintext, no authentication) unless a test turns security
+# on: tests/contract/test_security.py covers TLS, keys, roles and the authorization tables, and the
+# `maas up` integration test runs the secure default end to end.
+os.environ.setdefault("MAAS_INSECURE", "1")
+
 
 def pytest_configure(config: pytest.Config) -> None:
     configure_logging("tests", "warning", "json")

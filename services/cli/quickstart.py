@@ -71,7 +71,7 @@ async def train_digits(settings: CliSettings, console: Console) -> bool:
         target_model=QUICKSTART_MODEL,
         seed=7,
     )
-    scheduler = Scheduler()
+    scheduler = Scheduler(settings)
     try:
         job = (await scheduler.call("SubmitTrainingJob", spb.SubmitTrainingJobRequest(spec=spec))).job
         console.print(f"training {QUICKSTART_MODEL}: job {job.id}, 2 workers x 2 parameter-server shards, BSP")

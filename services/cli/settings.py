@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pathlib import Path
 
+from pydantic import Field, model_validator
+
+from services.cli.credentials import read_credentials
 from shared.settings import CommonSettings
 
 
@@ -13,3 +16,16 @@ class CliSettings(CommonSettings):
     registry_address: str = Field("127.0.0.1:7001", description="host:port of the registry.")
     scheduler_address: str = Field("127.0.0.1:7002", description="host:port of the scheduler.")
     gateway_address: str = Field("127.0.0.1:8001", description="host:port of the gateway (KServe v2 gRPC).")
+
+    @model_validator(mode="after")
+    def _credentials_file(self) -> CliSettings:
+        # What `maas up` wrote under MAAS_HOME (the local admin key, the CA, plaintext or not) fills what the
+        # environment and the config file leave unset: the commands work on a local mesh with no setup.
+        data = read_credentials(self.home)
+        if "client_token" not in self.model_fields_set and isinstance(data.get("api_key"), str) and data["api_key"]:
+            self.client_token = data["api_key"]
+        if "tls_ca_file" not in self.model_fields_set and isinstance(data.get("ca_file"), str):
+            self.tls_ca_file = Path(data["ca_file"])
+        if "insecure" not in self.model_fields_set and isinstance(data.get("insecure"), bool):
+            self.insecure = data["insecure"]
+        return self

@@ -14,12 +14,19 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
 
+from services.cli.credentials import (
+    DEFAULT_TENANT,
+    credentials_path,
+    ensure_mesh_credentials,
+    mark_insecure,
+)
 from services.cli.mesh_state import MeshLock, address_in_use
 from services.cli.settings import CliSettings
 from shared.grpc.channel import make_channel
@@ -104,18 +111,45 @@ def describe_exit(child: Child) -> str:
     return f"{child.name} exited with code {code} (its log lines above say why)"
 
 
-async def run_up(settings: CliSettings, quickstart: bool, console: Console) -> None:
+async def run_up(settings: CliSettings, quickstart: bool, console: Console, *, insecure: bool = False) -> None:
     lock = MeshLock(settings.home)
     ended = lock.acquire()
     if ended:
         console.print(f"ended {len(ended)} processes left by an earlier `maas up` over {lock.home}")
     try:
-        await _run_mesh(settings, quickstart, console, lock)
+        settings, service_env = _secure_or_not(settings, console, insecure)
+        await _run_mesh(settings, quickstart, console, lock, service_env)
     finally:
         lock.release()
 
 
-async def _run_mesh(settings: CliSettings, quickstart: bool, console: Console, lock: MeshLock) -> None:
+def _secure_or_not(
+    settings: CliSettings, console: Console, insecure: bool
+) -> tuple[CliSettings, Callable[[str], dict[str, str]]]:
+    """TLS and keys (created on first start), or plaintext with a warning; the settings this command's own
+    calls use, and each service's environment."""
+    if insecure:
+        mark_insecure(settings.home)
+        console.print("[yellow]warning[/]: --insecure: plaintext and no authentication (development only)")
+        return settings.model_copy(update={"insecure": True}), lambda _name: {"MAAS_INSECURE": "true"}
+    credentials = ensure_mesh_credentials(settings.home)
+    if credentials.created_key:
+        console.print(
+            f"created an admin API key for tenant '{DEFAULT_TENANT}' (shown once; the CLI reads it from "
+            f"{credentials_path(settings.home.resolve())}):\n  {credentials.admin_key}",
+            soft_wrap=True,
+        )
+    update = {"insecure": False, "client_token": credentials.admin_key, "tls_ca_file": credentials.ca_file}
+    return settings.model_copy(update=update), credentials.service_env
+
+
+async def _run_mesh(
+    settings: CliSettings,
+    quickstart: bool,
+    console: Console,
+    lock: MeshLock,
+    service_env: Callable[[str], dict[str, str]],
+) -> None:
     from services.cli.quickstart import run_quickstart
 
     services = [
@@ -143,7 +177,10 @@ async def _run_mesh(settings: CliSettings, quickstart: bool, console: Console, l
                 f"{address} ({name}) is in use by another process; stop it, or choose another address with "
                 f"MAAS_{name.upper()}_ADDRESS"
             )
-    children = [start_child(name, module, address, {**env, **lock.marker}) for name, module, address, env in services]
+    children = [
+        start_child(name, module, address, {**env, **service_env(name), **lock.marker})
+        for name, module, address, env in services
+    ]
     lock.record([child.process.pid for child in children])
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -155,11 +192,16 @@ async def _run_mesh(settings: CliSettings, quickstart: bool, console: Console, l
             console.print(f"[green]✓[/] {child.name} serving on {child.address}")
         if quickstart:
             await run_quickstart(settings, console)
+        grpcurl = (
+            "grpcurl -plaintext"
+            if settings.insecure
+            else f'grpcurl -cacert {settings.tls_ca_file} -H "authorization: Bearer $MAAS_KEY"'
+        )
         console.print(
-            f"\nregistry:  {settings.registry_address}   (try: grpcurl -plaintext {settings.registry_address} "
+            f"\nregistry:  {settings.registry_address}   (try: {grpcurl} {settings.registry_address} "
             "maas.registry.v1.RegistryService/ListModels)"
             f"\nscheduler: {settings.scheduler_address}   (try: maas train list, maas deploy list)"
-            f"\ngateway:   {settings.gateway_address}   (KServe v2 gRPC; try: grpcurl -plaintext "
+            f"\ngateway:   {settings.gateway_address}   (KServe v2 gRPC; try: {grpcurl} "
             f"{settings.gateway_address} inference.GRPCInferenceService/RepositoryIndex)\nCtrl-C stops the mesh."
         )
         while not stop.is_set():

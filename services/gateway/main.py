@@ -17,7 +17,7 @@ import structlog
 from services.gateway.adapters.local import RecordingLoadSink
 from services.gateway.adapters.replicas import ReplicaPool
 from services.gateway.adapters.scheduler import SchedulerLink
-from services.gateway.api.servicer import SERVICE_NAME, InferenceServicer, handlers
+from services.gateway.api.servicer import AUTHORIZATION, SERVICE_NAME, InferenceServicer, handlers
 from services.gateway.core.control import Repository
 from services.gateway.core.load import LoadTracker, report_forever
 from services.gateway.core.ports import DeploymentControl, EndpointSource, LoadSink, Replicas
@@ -120,6 +120,7 @@ async def start(
             settings.gateway_metrics_address,
             [lambda s: s.add_generic_rpc_handlers((handlers(servicer),))],
             [SERVICE_NAME],
+            authorization=AUTHORIZATION,
         )
     except BaseException:
         await _cancel(tasks)

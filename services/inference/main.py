@@ -18,7 +18,7 @@ from maas.inference.v1 import worker_pb2, worker_pb2_grpc
 
 from services.inference.adapters.prometheus import PrometheusObserver
 from services.inference.adapters.registry_source import RegistryArtifactSource
-from services.inference.api.servicer import InferenceServicer, WorkerServicer
+from services.inference.api.servicer import AUTHORIZATION, InferenceServicer, WorkerServicer
 from services.inference.core.host import ModelHost
 from services.inference.core.runner import resolve_device
 from services.inference.settings import InferenceSettings
@@ -95,6 +95,7 @@ async def start(settings: InferenceSettings) -> RunningWorker:
             ],
             [KSERVE_SERVICE, WORKER_SERVICE],
             metrics=metrics,
+            authorization=AUTHORIZATION,
         )
     except BaseException:
         await source.close()

@@ -13,7 +13,7 @@ from typing import Any
 import structlog
 from maas.paramserver.v1 import paramserver_pb2, paramserver_pb2_grpc
 
-from services.paramserver.api.servicer import ParamServerServicer
+from services.paramserver.api.servicer import AUTHORIZATION, ParamServerServicer
 from services.paramserver.core.host import ShardHost
 from services.paramserver.settings import ParamServerSettings
 from shared.grpc.server import ServiceServer, start_service
@@ -55,6 +55,7 @@ async def start(settings: ParamServerSettings) -> RunningShard:
         settings.paramserver_metrics_address,
         [lambda s: paramserver_pb2_grpc.add_ParameterServerServicer_to_server(servicer, s)],
         [SERVICE_NAME],
+        authorization=AUTHORIZATION,
     )
     server.on_close.append(host.close)
     return RunningShard(server=server, host=host, grace_s=settings.shutdown_grace_s)

@@ -11,7 +11,7 @@ from maas.registry.v1 import registry_pb2, registry_pb2_grpc
 from services.registry.adapters.local_store import LocalArtifactStore
 from services.registry.adapters.sql.repository import SqlRepository
 from services.registry.adapters.sql.tables import MIGRATIONS
-from services.registry.api.servicer import RegistryServicer
+from services.registry.api.servicer import AUTHORIZATION, RegistryServicer
 from services.registry.core.ports import ArtifactStore
 from services.registry.core.service import RegistryCore
 from services.registry.settings import RegistrySettings
@@ -74,6 +74,7 @@ async def start(settings: RegistrySettings) -> RunningRegistry:
         settings.registry_metrics_address,
         [lambda s: registry_pb2_grpc.add_RegistryServiceServicer_to_server(servicer, s)],
         [SERVICE_NAME],
+        authorization=AUTHORIZATION,
     )
 
     async def close() -> None:

@@ -17,7 +17,7 @@ from services.scheduler.adapters.registry_resolver import RegistryModelResolver
 from services.scheduler.adapters.sql.deployment_repository import SqlDeploymentRepository
 from services.scheduler.adapters.sql.repository import SqlJobRepository
 from services.scheduler.adapters.sql.tables import MIGRATIONS
-from services.scheduler.api.servicer import SchedulerServicer
+from services.scheduler.api.servicer import AUTHORIZATION, SchedulerServicer
 from services.scheduler.core.deployment_ports import ReplicaPool
 from services.scheduler.core.deployments import DeploymentService
 from services.scheduler.core.ports import JobRunner
@@ -131,6 +131,7 @@ async def start(
             settings.scheduler_metrics_address,
             [lambda s: scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(servicer, s)],
             [SERVICE_NAME],
+            authorization=AUTHORIZATION,
         )
     except BaseException:
         await deployments.close()

@@ -16,7 +16,7 @@ from maas.training.v1 import training_pb2, training_pb2_grpc
 
 from services.training.adapters.registry_sink import RegistrySink
 from services.training.adapters.shards import GrpcShard
-from services.training.api.servicer import TrainingWorkerServicer
+from services.training.api.servicer import AUTHORIZATION, TrainingWorkerServicer
 from services.training.core.session import WorkerSession
 from services.training.core.worker import WorkerSpec
 from services.training.settings import TrainingSettings
@@ -98,6 +98,7 @@ async def hosted(options: dict[str, Any]) -> RunningWorker:
         settings.training_metrics_address,
         [lambda s: training_pb2_grpc.add_TrainingWorkerServicer_to_server(servicer, s)],
         [SERVICE_NAME],
+        authorization=AUTHORIZATION,
     )
     session.start()
     await asyncio.sleep(0)

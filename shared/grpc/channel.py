@@ -109,7 +109,9 @@ def make_channel(
         ("grpc.service_config", json.dumps(retry_service_config(services))),
         *options,
     ]
-    secure = settings.tls_enabled or settings.tls_ca_file is not None
+    secure = not settings.insecure and (settings.tls_enabled or settings.tls_ca_file is not None)
+    if secure and settings.tls_server_name:
+        channel_options.append(("grpc.ssl_target_name_override", settings.tls_server_name))
     # On TLS channels the token travels as call credentials instead.
     interceptors: list[Any] = [
         TracingClientInterceptor(),

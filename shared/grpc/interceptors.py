@@ -1,4 +1,5 @@
-"""Server interceptors: tracing, request context and logging, metrics, error mapping, authentication.
+"""Server interceptors: tracing, request context and logging, metrics, error mapping (authentication and
+authorization: ``shared.grpc.auth``).
 
 grpc.aio interceptors see a handler, not a call; to act around the call they re-wrap the handler's
 behaviour, for each of the four RPC shapes (:func:`wrap_handler`).
@@ -7,12 +8,10 @@ behaviour, for each of the four RPC shapes (:func:`wrap_handler`).
 from __future__ import annotations
 
 import contextlib
-import contextvars
-import hmac
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -28,12 +27,6 @@ from shared.metrics import RpcMetrics
 log = structlog.get_logger("maas.rpc")
 _rpc_logger = logging.getLogger("maas.rpc")
 _tracer = trace.get_tracer("maas.grpc.server")
-
-# The authenticated principal of the current request (None when authentication is off).
-current_principal: contextvars.ContextVar[str | None] = contextvars.ContextVar("current_principal", default=None)
-
-# Services that answer without authentication: probes and tooling must work without a token.
-PUBLIC_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.")
 
 Behavior = Callable[..., Any]
 Wrapper = Callable[[Behavior, bool, bool, str], Behavior]
@@ -188,55 +181,3 @@ def _is_cancellation(exc: BaseException) -> bool:
     import asyncio
 
     return isinstance(exc, asyncio.CancelledError | GeneratorExit | KeyboardInterrupt | SystemExit)
-
-
-class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
-    """Bearer-token authentication: ``authorization: Bearer <token>`` must name a known principal.
-
-    The hook later issues extend (per-tenant principals, permissions); with no tokens configured it is not
-    installed at all.
-    """
-
-    def __init__(self, tokens: dict[str, str], public: Iterable[str] = PUBLIC_SERVICES) -> None:
-        self._tokens = dict(tokens)
-        self._public = tuple(public)
-
-    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
-        handler = await continuation(details)
-        if details.method.lstrip("/").startswith(self._public):
-            return handler
-        principal = self._authenticate(details.invocation_metadata or ())
-        return wrap_handler(handler, details.method, lambda b, _rq, rs, _m: _with_principal(b, rs, principal))
-
-    def _authenticate(self, metadata: Iterable[tuple[str, Any]]) -> str | None:
-        header = next((v for k, v in metadata if k == "authorization"), None)
-        if not isinstance(header, str) or not header.startswith("Bearer "):
-            return None
-        presented = header.removeprefix("Bearer ").strip()
-        for token, principal in self._tokens.items():
-            # Constant-time comparison: the time taken must not reveal how much of a token matched.
-            if hmac.compare_digest(token.encode(), presented.encode()):
-                return principal
-        return None
-
-
-def _with_principal(behavior: Behavior, resp_stream: bool, principal: str | None) -> Behavior:
-    def check() -> None:
-        if principal is None:
-            raise errors.Unauthenticated("missing or invalid bearer token in the 'authorization' metadata")
-        current_principal.set(principal)
-
-    if resp_stream:
-
-        async def stream_behavior(request: Any, context: Any) -> AsyncIterator[Any]:
-            check()
-            async for response in behavior(request, context):
-                yield response
-
-        return stream_behavior
-
-    async def unary_behavior(request: Any, context: Any) -> Awaitable[Any]:
-        check()
-        return await behavior(request, context)
-
-    return unary_behavior

@@ -14,9 +14,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from shared.grpc.interceptors import RequestInterceptor, TokenAuthInterceptor
+from shared.grpc.auth import AuthInterceptor
+from shared.grpc.interceptors import RequestInterceptor
 from shared.heap import settle_after_startup
 from shared.metrics import RpcMetrics, serve_metrics
+from shared.security.access import AuthorizationTable
+from shared.security.keys import KeyStore
 from shared.settings import CommonSettings
 
 log = structlog.get_logger("maas.server")
@@ -70,14 +73,48 @@ class ServiceServer:
                 loop.remove_signal_handler(sig)
 
 
+class InsecureConfiguration(RuntimeError):
+    """A server asked to start without TLS or authentication outside ``--insecure``."""
+
+
+# Internal tokens seen in published examples: never accepted outside development.
+_KNOWN_TOKENS = frozenset({"maas-dev-ray-token", "s3cret-token", "changeme", "dev-token"})
+MIN_INTERNAL_TOKEN = 32
+
+
 def _credentials(settings: CommonSettings) -> grpc.ServerCredentials | None:
     if not settings.tls_enabled:
         return None
     assert settings.tls_cert_file is not None and settings.tls_key_file is not None
     pair = (settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())
-    if settings.tls_ca_file is not None:
+    if settings.tls_ca_file is not None and settings.tls_require_client_cert:
         return grpc.ssl_server_credentials([pair], settings.tls_ca_file.read_bytes(), require_client_auth=True)
     return grpc.ssl_server_credentials([pair])
+
+
+def _auth_interceptor(settings: CommonSettings, authorization: AuthorizationTable | None) -> AuthInterceptor | None:
+    """The auth layer, or None in development mode; refuses an open or guessable configuration."""
+    if settings.insecure:
+        log.warning("insecure_mode", detail="plaintext and no authentication: development only")
+        return None
+    if not settings.tls_enabled:
+        raise InsecureConfiguration(
+            "TLS is required: set MAAS_TLS_CERT_FILE and MAAS_TLS_KEY_FILE (`maas certs init` creates them), or "
+            "MAAS_INSECURE=1 for plaintext development"
+        )
+    token = settings.internal_token
+    if token is not None and (len(token) < MIN_INTERNAL_TOKEN or token in _KNOWN_TOKENS):
+        raise InsecureConfiguration(
+            f"MAAS_INTERNAL_TOKEN is a development or short token: generate one of at least {MIN_INTERNAL_TOKEN} "
+            "random characters (`maas up` does)"
+        )
+    trust_certs = settings.tls_ca_file is not None and settings.tls_require_client_cert
+    return AuthInterceptor(
+        authorization or {},
+        keys=KeyStore(settings.keys_path),
+        internal_token=token,
+        trust_client_certs=trust_certs,
+    )
 
 
 async def start_server(
@@ -87,17 +124,23 @@ async def start_server(
     service_names: Sequence[str],
     *,
     metrics: RpcMetrics | None = None,
+    authorization: AuthorizationTable | None = None,
     extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     options: Sequence[tuple[str, Any]] = (),
 ) -> ServiceServer:
     """Build, bind and start a grpc.aio server; returns it with the bound port (``host:0`` picks one).
 
     Interceptors run outermost first: tracing with request context, logging, metrics and error mapping (one
-    layer, :class:`RequestInterceptor`), authentication, then any service-specific ones.
+    layer, :class:`RequestInterceptor`), authentication and authorization against ``authorization`` (the
+    service's table; an RPC without a rule is refused), then any service-specific ones.
+
+    Raises:
+        InsecureConfiguration: No TLS, or a guessable internal token, outside ``settings.insecure``.
     """
     interceptors: list[grpc.aio.ServerInterceptor] = [RequestInterceptor(metrics)]
-    if settings.auth_tokens:
-        interceptors.append(TokenAuthInterceptor(settings.auth_tokens))
+    auth = _auth_interceptor(settings, authorization)
+    if auth is not None:
+        interceptors.append(auth)
     interceptors.extend(extra_interceptors)
     server = grpc.aio.server(
         interceptors=interceptors,
@@ -137,6 +180,7 @@ async def start_service(
     service_names: Sequence[str],
     *,
     metrics: RpcMetrics | None = None,
+    authorization: AuthorizationTable | None = None,
 ) -> ServiceServer:
     """:func:`start_server` with the service's Prometheus endpoint (``host:port``, port 0 picks one),
     which closes with the server: what every composition root needs.
@@ -149,7 +193,9 @@ async def start_service(
     host, _, port = metrics_address.rpartition(":")
     metrics_server, metrics_port = serve_metrics(metrics.registry, host, int(port))
     try:
-        server = await start_server(settings, address, registrations, service_names, metrics=metrics)
+        server = await start_server(
+            settings, address, registrations, service_names, metrics=metrics, authorization=authorization
+        )
     except BaseException:
         metrics_server.shutdown()  # type: ignore[attr-defined]
         raise

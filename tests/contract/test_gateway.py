@@ -26,6 +26,7 @@ from services.gateway.main import RunningGateway, start
 from services.gateway.settings import GatewaySettings
 from shared.artifacts import Signature, TensorSpec
 from shared.kserve.batching import BatchingSettings
+from tests.support.gateway import NoControl
 
 SIGNATURE = Signature(
     inputs=(TensorSpec("x", "FP32", (-1, 4)), TensorSpec("tag", "BYTES", (-1, 1))),
@@ -189,26 +190,9 @@ async def _harness(tmp_path: Any, feeder: SnapshotFeeder, **settings: Any) -> Ha
         ),
         endpoints=feeder,
         load_sink=sink,
-        control=_NoControl(),
+        control=NoControl(),
     )
     return Harness(gateway, feeder, sink)
-
-
-class _NoControl:
-    async def get(self, name: str) -> None:
-        return None
-
-    async def list_deployments(self) -> list[Any]:
-        return []
-
-    async def apply(self, options: Any) -> Any:
-        raise AssertionError("not used")
-
-    async def delete(self, name: str) -> None:
-        return None
-
-    async def registry_models(self) -> list[str]:
-        return []
 
 
 @pytest.fixture

@@ -17,8 +17,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from shared.clients.registry import RegistryClient
-from shared.errors import NotFound, Unauthenticated
+from shared.errors import NotFound
 from shared.grpc.channel import make_channel
 from shared.grpc.server import start_server
 from shared.settings import CommonSettings
@@ -71,30 +70,6 @@ async def test_metrics_count_rpcs_by_method_and_code(registry, registry_client) 
     assert 'maas_rpc_requests_total{code="OK",method="/maas.registry.v1.RegistryService/CreateModel"} 1.0' in body
     assert not_found in body
     assert 'maas_rpc_duration_seconds_count{method="/maas.registry.v1.RegistryService/CreateModel"} 1.0' in body
-
-
-@sqlite_only
-async def test_bearer_token_authentication(registry_settings) -> None:
-    from services.registry.main import start
-
-    settings = registry_settings.model_copy(update={"auth_tokens": {"s3cret-token": "alice"}})
-    running = await start(settings)
-    target = f"127.0.0.1:{running.port}"
-    try:
-        for token in (None, "wrong"):
-            client = RegistryClient.connect(target, settings.model_copy(update={"client_token": token}))
-            with pytest.raises(Unauthenticated, match="bearer token"):
-                await client.call("ListModels", pb.ListModelsRequest())
-            await client.close()
-        client = RegistryClient.connect(target, settings.model_copy(update={"client_token": "s3cret-token"}))
-        await client.call("ListModels", pb.ListModelsRequest())
-        await client.close()
-        # Probes and tooling need no token.
-        async with grpc.aio.insecure_channel(target) as channel:
-            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
-            assert reply.status == health_pb2.HealthCheckResponse.SERVING
-    finally:
-        await running.server.stop(0.2)
 
 
 async def test_unexpected_exception_is_generic_internal_without_details() -> None:
@@ -153,49 +128,3 @@ async def test_one_trace_follows_a_request_across_the_hop(registry) -> None:
     assert trace.SpanKind.SERVER in kinds and trace.SpanKind.CLIENT in kinds
     server_span = next(s for s in spans if s.kind == trace.SpanKind.SERVER)
     assert server_span.name == "/maas.registry.v1.RegistryService/ListModels"
-
-
-def _make_cert(directory: Path) -> tuple[Path, Path]:
-    key, cert = directory / "server.key", directory / "server.crt"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return key, cert
-
-
-@sqlite_only
-async def test_tls(registry_settings, tmp_path: Path) -> None:
-    from services.registry.main import start
-
-    key, cert = await asyncio.to_thread(_make_cert, tmp_path)
-    settings = registry_settings.model_copy(update={"tls_cert_file": cert, "tls_key_file": key})
-    running = await start(settings)
-    try:
-        client_settings = CommonSettings(tls_ca_file=cert)
-        client = RegistryClient.connect(f"localhost:{running.port}", client_settings)
-        await client.call("CreateModel", pb.CreateModelRequest(name="over-tls"))
-        await client.close()
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as plain:
-            with pytest.raises(grpc.aio.AioRpcError):
-                await registry_pb2_grpc.RegistryServiceStub(plain).ListModels(pb.ListModelsRequest(), timeout=3)
-    finally:
-        await running.server.stop(0.2)

@@ -74,17 +74,30 @@ def _human(text: str) -> str:
     return "\n".join(line for line in text.splitlines() if not line.startswith("{"))[-6000:]
 
 
-def _predict(address: str) -> tuple[list[int], list[int]]:
+def _predict(address: str, home: Path) -> tuple[list[int], list[int]]:
+    """Digits through the gateway as a user: TLS verified against the mesh's CA, the admin key `maas up`
+    wrote to the credentials file."""
+    credentials = json.loads((home / "credentials.json").read_text())
+    assert (home / "credentials.json").stat().st_mode & 0o077 == 0
     digits = load_digits()
     images = (np.asarray(digits.images[:16], dtype=np.float32) / 16.0).reshape(16, 1, 8, 8)
-    with grpc.insecure_channel(address) as channel:
+    tls = grpc.ssl_channel_credentials(Path(credentials["ca_file"]).read_bytes())
+    auth = (("authorization", f"Bearer {credentials['api_key']}"),)
+    with grpc.secure_channel(address, tls) as channel:
         stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        assert stub.ServerReady(kpb.ServerReadyRequest(), timeout=10).ready
-        metadata = stub.ModelMetadata(kpb.ModelMetadataRequest(name="digits"), timeout=30)
+        with pytest.raises(grpc.RpcError) as anonymous:
+            stub.ServerReady(kpb.ServerReadyRequest(), timeout=10)
+        assert anonymous.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert stub.ServerReady(kpb.ServerReadyRequest(), metadata=auth, timeout=10).ready
+        metadata = stub.ModelMetadata(kpb.ModelMetadataRequest(name="digits"), metadata=auth, timeout=30)
         request = kpb.ModelInferRequest(model_name="digits")
         request.inputs.add(name=metadata.inputs[0].name, datatype="FP32", shape=list(images.shape))
         request.raw_input_contents.append(images.tobytes())
-        response = stub.ModelInfer(request, timeout=30)
+        response = stub.ModelInfer(request, metadata=auth, timeout=30)
+    with grpc.insecure_channel(address) as plain:
+        with pytest.raises(grpc.RpcError) as refused:
+            grpc_service_pb2_grpc.GRPCInferenceServiceStub(plain).ServerLive(kpb.ServerLiveRequest(), timeout=5)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     scores = np.frombuffer(response.raw_output_contents[0], np.float32).reshape(tuple(response.outputs[0].shape))
     return scores.argmax(axis=1).tolist(), digits.target[:16].tolist()
 
@@ -92,8 +105,31 @@ def _predict(address: str) -> tuple[list[int], list[int]]:
 def _assert_serves(mesh: Mesh, gateway: str, timeout_s: float) -> None:
     text = mesh.wait_serving(timeout_s)
     assert "predictions through the gateway" in text and "Traceback" not in text, _human(text)
-    predicted, labels = _predict(gateway)
+    predicted, labels = _predict(gateway, mesh.home)
     assert sum(p == t for p, t in zip(predicted, labels, strict=True)) >= 14, (predicted, labels)
+
+
+def _assert_tritonclient_serves(gateway: str, home: Path) -> None:
+    """Triton's client, unchanged, with `ssl=True`, the mesh's CA and the key in `headers`."""
+    credentials = json.loads((home / "credentials.json").read_text())
+    script = Path(__file__).resolve().parents[1] / "contract" / "kserve_client" / "triton_tls.py"
+    argv = ["--url", gateway, "--ca", credentials["ca_file"], "--key", credentials["api_key"], "--model", "digits"]
+    done = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert result["anonymous"] == "StatusCode.UNAUTHENTICATED" and result["ready"] is True, result
+    right = sum(p == t for p, t in zip(result["predicted"], result["labels"], strict=True))
+    assert right >= 14, result
+
+
+def _assert_loopback_only(groups: list[int]) -> None:
+    """Every TCP listener of the mesh's processes (services, Ray, its actors) is on loopback (`ss -ltn`)."""
+    pids = {pid for group in groups for pid in group_members(group)}
+    listing = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    ours = [line for line in listing.splitlines() if any(f"pid={pid}," in line for pid in pids)]
+    assert len(ours) >= 4, listing  # three services and Ray at least
+    exposed = [line for line in ours if not line.split()[3].startswith(("127.", "[::ffff:127.", "[::1]"))]
+    assert not exposed, "listeners beyond loopback:\n" + "\n".join(exposed)
 
 
 def _wait_gone(pids: list[int], timeout_s: float) -> list[int]:
@@ -129,6 +165,7 @@ def test_up_starts_again_after_sigterm_and_after_sigkill(tmp_path: Path) -> None
         "MAAS_SHUTDOWN_GRACE_S": "3",
     }
     env.pop("RAY_ADDRESS", None)
+    env.pop("MAAS_INSECURE", None)  # the secure default: TLS, keys, a locked-down Ray
     mesh = None
     try:
         # 1: trains, deploys, serves; SIGTERM stops everything it started.
@@ -144,6 +181,7 @@ def test_up_starts_again_after_sigterm_and_after_sigkill(tmp_path: Path) -> None
         _assert_serves(mesh, gateway, timeout_s=240)
         assert "training digits" not in mesh.output()
         groups = [mesh.process.pid, *mesh.groups()]
+        _assert_loopback_only(groups)
         members = [pid for group in groups for pid in group_members(group)]
         for group in groups:
             os.killpg(group, signal.SIGKILL)
@@ -160,6 +198,7 @@ def test_up_starts_again_after_sigterm_and_after_sigkill(tmp_path: Path) -> None
         # 4: starts again, and a second `maas up` over the same home is refused in one line.
         mesh = Mesh(home, env, 4)
         _assert_serves(mesh, gateway, timeout_s=240)
+        _assert_tritonclient_serves(gateway, home)
         second = subprocess.run(
             [str(Path(sys.executable).with_name("maas")), "up"], env=env, capture_output=True, text=True, timeout=60
         )

@@ -123,14 +123,14 @@ def test_retries_follow_the_protos_idempotency_levels() -> None:
 
 def test_settings_read_environment_and_are_documented(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     monkeypatch.setenv("MAAS_REGISTRY_ADDRESS", "0.0.0.0:7100")
-    monkeypatch.setenv("MAAS_AUTH_TOKENS", '{"t": "alice"}')
+    monkeypatch.setenv("MAAS_INTERNAL_TOKEN", "t" * 40)
     config = tmp_path / "maas.toml"
     config.write_text('registry_max_artifact_bytes = 1234\nregistry_address = "ignored:1"\n')
     monkeypatch.setenv("MAAS_CONFIG_FILE", str(config))
     settings = RegistrySettings()
     assert settings.registry_address == "0.0.0.0:7100"  # the environment wins over the file
     assert settings.registry_max_artifact_bytes == 1234
-    assert settings.auth_tokens == {"t": "alice"}
+    assert settings.internal_token == "t" * 40
     rows = settings_table(RegistrySettings)
     assert all(description for _, _, description in rows)
     assert "MAAS_REGISTRY_DATABASE_URL" in {name for name, _, _ in rows}

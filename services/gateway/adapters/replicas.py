@@ -91,7 +91,10 @@ class ReplicaPool:
         self._hold_after = hold_after if streams else None
         self._workers: dict[str, _Worker] = {}
         self._metadata: dict[int, tuple[tuple[str, str], ...]] = {}
-        self._token = () if settings.client_token is None else (("authorization", f"Bearer {settings.client_token}"),)
+        self._secure = not settings.insecure and (settings.tls_enabled or settings.tls_ca_file is not None)
+        # On TLS the channel carries the token as call credentials (and the certificate identifies us).
+        token = None if self._secure else settings.client_token
+        self._token = () if token is None else (("authorization", f"Bearer {token}"),)
         self._closing: set[asyncio.Task[None]] = set()
 
     def _worker(self, address: str) -> _Worker:
@@ -114,8 +117,8 @@ class ReplicaPool:
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         settings = self._settings
-        if settings.tls_enabled or settings.tls_ca_file is not None:
-            return make_channel(address, settings)
+        if self._secure:
+            return make_channel(address, settings)  # no retry policy: no services named
         options = [
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),

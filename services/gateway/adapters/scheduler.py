@@ -18,6 +18,7 @@ from shared.errors import NotFound
 from shared.grpc.channel import make_channel
 from shared.grpc.status import from_rpc_error
 from shared.kserve.convert import batching_from_pb, signature_from_pb
+from shared.security.access import current_authorization
 from shared.settings import CommonSettings
 
 SERVICE = pb.DESCRIPTOR.services_by_name["SchedulerService"]
@@ -92,9 +93,14 @@ class SchedulerLink:
         *,
         timeout_s: float = 30.0,
         backoff_max_s: float = 5.0,
+        caller_channel: grpc.aio.Channel | None = None,
     ) -> None:
         self._channel = channel
         self._stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+        # Deployment control runs as the gateway's caller (their key, their tenant), on a channel that
+        # carries no credentials of the gateway's own.
+        self._caller_channel = caller_channel
+        self._caller_stub = None if caller_channel is None else scheduler_pb2_grpc.SchedulerServiceStub(caller_channel)
         self._registry = registry
         self._gateway_id = gateway_id
         self._timeout_s = timeout_s
@@ -106,16 +112,30 @@ class SchedulerLink:
     ) -> SchedulerLink:
         registry = RegistryClient.connect(registry_target, settings) if registry_target else None
         channel = make_channel(target, settings, [SERVICE])
-        return cls(channel, registry, gateway_id, timeout_s=settings.rpc_timeout_s, backoff_max_s=backoff_max_s)
+        caller_channel = make_channel(target, settings, [SERVICE], token="")
+        return cls(
+            channel,
+            registry,
+            gateway_id,
+            timeout_s=settings.rpc_timeout_s,
+            backoff_max_s=backoff_max_s,
+            caller_channel=caller_channel,
+        )
 
     async def close(self) -> None:
         await self._channel.close()
+        if self._caller_channel is not None:
+            await self._caller_channel.close()
         if self._registry is not None:
             await self._registry.close()
 
-    async def _call(self, method: str, request: object) -> object:
+    async def _call(self, method: str, request: object, *, as_caller: bool = False) -> object:
+        header = current_authorization.get() if as_caller else None
+        stub, metadata = self._stub, None
+        if header is not None and self._caller_stub is not None:
+            stub, metadata = self._caller_stub, (("authorization", header),)
         try:
-            return await getattr(self._stub, method)(request, timeout=self._timeout_s)
+            return await getattr(stub, method)(request, timeout=self._timeout_s, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from None
 
@@ -161,7 +181,7 @@ class SchedulerLink:
 
     async def _get_pb(self, name: str) -> pb.Deployment | None:
         try:
-            response = await self._call("GetDeployment", pb.GetDeploymentRequest(name=name))
+            response = await self._call("GetDeployment", pb.GetDeploymentRequest(name=name), as_caller=True)
         except NotFound:
             return None
         assert isinstance(response, pb.GetDeploymentResponse)
@@ -171,7 +191,9 @@ class SchedulerLink:
         statuses: list[DeploymentStatus] = []
         token = ""
         while True:
-            response = await self._call("ListDeployments", pb.ListDeploymentsRequest(page_size=100, page_token=token))
+            response = await self._call(
+                "ListDeployments", pb.ListDeploymentsRequest(page_size=100, page_token=token), as_caller=True
+            )
             assert isinstance(response, pb.ListDeploymentsResponse)
             statuses.extend(status_from_pb(d) for d in response.deployments)
             token = response.next_page_token
@@ -196,15 +218,15 @@ class SchedulerLink:
         if options.max_queue_delay_us is not None:
             spec.batching.max_queue_delay_us = options.max_queue_delay_us
         if existing is None:
-            created = await self._call("CreateDeployment", pb.CreateDeploymentRequest(spec=spec))
+            created = await self._call("CreateDeployment", pb.CreateDeploymentRequest(spec=spec), as_caller=True)
             assert isinstance(created, pb.CreateDeploymentResponse)
             return status_from_pb(created.deployment)
-        updated = await self._call("UpdateDeployment", pb.UpdateDeploymentRequest(spec=spec))
+        updated = await self._call("UpdateDeployment", pb.UpdateDeploymentRequest(spec=spec), as_caller=True)
         assert isinstance(updated, pb.UpdateDeploymentResponse)
         return status_from_pb(updated.deployment)
 
     async def delete(self, name: str) -> None:
-        await self._call("DeleteDeployment", pb.DeleteDeploymentRequest(name=name))
+        await self._call("DeleteDeployment", pb.DeleteDeploymentRequest(name=name), as_caller=True)
 
     async def registry_models(self) -> list[str]:
         if self._registry is None:

@@ -25,8 +25,28 @@ from shared.errors import InvalidArgument, MaasError
 from shared.kserve.batching import BatchingSettings
 from shared.kserve.codec import validate_request
 from shared.kserve.convert import model_config_pb, model_metadata_pb
+from shared.security.access import Access, rules
 
 SERVICE_NAME = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+# Who may call what (shared.security.access): an inference key serves and describes models; the
+# repository RPCs change deployments (the ShellTorch pattern when open), so they need a developer.
+AUTHORIZATION = rules(
+    kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"],
+    {
+        "ServerLive": Access.INFERENCE,
+        "ServerReady": Access.INFERENCE,
+        "ModelReady": Access.INFERENCE,
+        "ServerMetadata": Access.INFERENCE,
+        "ModelMetadata": Access.INFERENCE,
+        "ModelInfer": Access.INFERENCE,
+        "ModelStreamInfer": Access.INFERENCE,
+        "ModelConfig": Access.INFERENCE,
+        "ModelStatistics": Access.INFERENCE,
+        "RepositoryIndex": Access.DEVELOPER,
+        "RepositoryModelLoad": Access.DEVELOPER,
+        "RepositoryModelUnload": Access.DEVELOPER,
+    },
+)
 # Only extensions whose semantics the gateway implements (no shared memory, no binary tensor data).
 EXTENSIONS = ("model_repository", "statistics", "model_configuration")
 

@@ -23,8 +23,22 @@ from shared.errors import MaasError, NotFound
 from shared.kserve.codec import decode_inputs, validate_request
 from shared.kserve.convert import batching_from_pb, model_config_pb, model_metadata_pb
 from shared.kserve.metadata import STREAM_ACCEPTED
+from shared.security.access import Access, rules
 
 SERVER_NAME = "maas-inference-worker"
+
+
+# A worker's server is the mesh's alone: the gateway sends it inference, the scheduler loads models.
+AUTHORIZATION = {
+    **rules(
+        kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"],
+        {m.name: Access.INTERNAL for m in kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods},
+    ),
+    **rules(
+        wpb.DESCRIPTOR.services_by_name["InferenceWorker"],
+        {m.name: Access.INTERNAL for m in wpb.DESCRIPTOR.services_by_name["InferenceWorker"].methods},
+    ),
+}
 
 
 class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):

@@ -13,9 +13,17 @@ from services.paramserver.core.host import ShardHost
 from shared.clients.paramserver import TensorAssembler, frame_tensor
 from shared.compression import get_codec
 from shared.errors import InvalidArgument
+from shared.security.access import Access, rules
 
 # Pulls send parameters exactly: raw float32.
 _PULL_CODEC = get_codec("none")
+
+
+# A shard is the mesh's alone: the scheduler initialises it, the job's workers push and pull.
+AUTHORIZATION = rules(
+    pb.DESCRIPTOR.services_by_name["ParameterServer"],
+    {m.name: Access.INTERNAL for m in pb.DESCRIPTOR.services_by_name["ParameterServer"].methods},
+)
 
 
 class ParamServerServicer(paramserver_pb2_grpc.ParameterServerServicer):

@@ -11,8 +11,31 @@ from maas.registry.v1 import registry_pb2_grpc
 from services.registry.api import convert
 from services.registry.core.service import RegistryCore
 from shared.errors import InvalidArgument
+from shared.security.access import Access, rules
 
 _UPDATABLE = {"description", "tags"}
+
+
+# Who may call what (shared.security.access); the tenant of each resource is checked in the core.
+AUTHORIZATION = rules(
+    pb.DESCRIPTOR.services_by_name["RegistryService"],
+    {
+        "CreateModel": Access.DEVELOPER,
+        "GetModel": Access.DEVELOPER,
+        "ListModels": Access.DEVELOPER,
+        "UpdateModel": Access.DEVELOPER,
+        "DeleteModel": Access.DEVELOPER,
+        "UploadVersion": Access.DEVELOPER,
+        "GetVersion": Access.DEVELOPER,
+        "ListVersions": Access.DEVELOPER,
+        "DownloadVersion": Access.DEVELOPER,
+        "DeriveVersion": Access.DEVELOPER,
+        "SetAlias": Access.DEVELOPER,
+        "DeleteAlias": Access.DEVELOPER,
+        "ListAliases": Access.DEVELOPER,
+        "WatchEvents": Access.DEVELOPER,
+    },
+)
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):

@@ -94,10 +94,12 @@ class Gang:
         ).remote()
         return Member(role, index, attempt, actor)
 
-    async def start(self, role: str, index: int, attempt: int, options: dict[str, Any]) -> Member:
+    async def start(
+        self, role: str, index: int, attempt: int, options: dict[str, Any], env: dict[str, str] | None = None
+    ) -> Member:
         member = self._create(role, index, attempt)
         entrypoint = SHARD_ENTRYPOINT if role == "shard" else WORKER_ENTRYPOINT
-        member.address = await member.actor.start.remote(entrypoint, options, {})
+        member.address = await member.actor.start.remote(entrypoint, options, env or {})
         members = self.shards if role == "shard" else self.workers
         while len(members) <= index:
             members.append(member)

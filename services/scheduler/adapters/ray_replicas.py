@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from typing import Any
 
 import ray
 import structlog
 
 from services.scheduler.adapters import ray_cluster
+from services.scheduler.adapters.actor_env import actor_env
 from services.scheduler.adapters.service_host import ServiceHost
 from services.scheduler.core.deployment_ports import FoundReplica, ReplicaHealth, ReplicaSpec
 from services.scheduler.settings import SchedulerSettings
@@ -25,8 +25,6 @@ from shared.errors import MaasError
 log = structlog.get_logger("maas.scheduler.replicas")
 ENTRYPOINT = "services.inference.main:hosted"
 REPLICA_PREFIX = "dep-"
-#: Settings a worker needs to accept the gateway's calls and to call the registry, passed as environment.
-_PASSED_SETTINGS = ("tls_cert_file", "tls_key_file", "tls_ca_file", "auth_tokens", "client_token")
 
 
 def _reason(exc: BaseException) -> str:
@@ -48,15 +46,6 @@ class RayReplicaPool:
 
     async def _connect(self) -> None:
         await asyncio.to_thread(ray_cluster.connect, self._settings)
-
-    def _env(self) -> dict[str, str]:
-        env: dict[str, str] = {}
-        for name in _PASSED_SETTINGS:
-            value = getattr(self._settings, name)
-            if value is None or value == {}:
-                continue
-            env[f"MAAS_{name.upper()}"] = json.dumps(value) if isinstance(value, dict) else str(value)
-        return env
 
     def _options(self, spec: ReplicaSpec) -> dict[str, Any]:
         settings = self._settings
@@ -86,7 +75,7 @@ class RayReplicaPool:
         self._actors[spec.replica_id] = actor
         try:
             address: str = await asyncio.wait_for(
-                actor.start.remote(ENTRYPOINT, self._options(spec), self._env()), timeout_s
+                actor.start.remote(ENTRYPOINT, self._options(spec), actor_env(self._settings)), timeout_s
             )
         except TimeoutError:
             await self._kill_async(spec.replica_id)

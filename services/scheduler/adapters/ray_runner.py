@@ -27,6 +27,7 @@ from maas.training.v1 import training_pb2 as tr
 from maas.training.v1 import training_pb2_grpc
 
 from services.scheduler.adapters import ray_cluster
+from services.scheduler.adapters.actor_env import actor_env
 from services.scheduler.adapters.ray_gang import Gang, Member
 from services.scheduler.core.model import Job, StepMetrics
 from services.scheduler.core.ports import JobReporter
@@ -208,7 +209,7 @@ class RayJobRunner:
         if settings.ray_address:
             # On a cluster the scheduler and the other ranks reach the shard from other hosts.
             options["bind_host"] = "node"
-        member = await gang.start("shard", index, attempt, options)
+        member = await gang.start("shard", index, attempt, options, actor_env(settings))
         spec = job.spec
         config = ps.ShardConfig(
             job_id=job.id,
@@ -281,7 +282,7 @@ class RayJobRunner:
         }
         if settings.ray_address:
             options["bind_host"] = "node"
-        await gang.start("worker", rank, attempt, options)
+        await gang.start("worker", rank, attempt, options, actor_env(settings))
 
     async def _stop_worker(self, member: Member) -> None:
         channel = make_channel(member.address, self._settings, [TRAINING_SERVICE])

@@ -14,6 +14,26 @@ from services.scheduler.api import deployment_convert as dconvert
 from services.scheduler.core.deployments import DeploymentService
 from services.scheduler.core.model import Job
 from services.scheduler.core.service import JobService
+from shared.security.access import Access, rules
+
+# Who may call what (shared.security.access). Endpoint addresses and load reports are the mesh's own.
+AUTHORIZATION = rules(
+    pb.DESCRIPTOR.services_by_name["SchedulerService"],
+    {
+        "SubmitTrainingJob": Access.DEVELOPER,
+        "GetJob": Access.DEVELOPER,
+        "ListJobs": Access.DEVELOPER,
+        "CancelJob": Access.DEVELOPER,
+        "WatchJob": Access.DEVELOPER,
+        "CreateDeployment": Access.DEVELOPER,
+        "GetDeployment": Access.DEVELOPER,
+        "ListDeployments": Access.DEVELOPER,
+        "UpdateDeployment": Access.DEVELOPER,
+        "DeleteDeployment": Access.DEVELOPER,
+        "WatchEndpoints": Access.INTERNAL,
+        "ReportLoad": Access.INTERNAL,
+    },
+)
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):

@@ -10,6 +10,7 @@ from maas.training.v1 import training_pb2_grpc
 
 from services.training.core.loop import StepReport
 from services.training.core.session import WorkerSession, WorkerStatus
+from shared.security.access import Access, rules
 
 
 def status_to_pb(status: WorkerStatus) -> pb.WorkerStatus:
@@ -35,6 +36,13 @@ def progress_to_pb(report: StepReport) -> pb.Progress:
         bytes_sent=report.bytes_sent,
         bytes_received=report.bytes_received,
     )
+
+
+# A rank is the mesh's alone: the scheduler follows and stops it.
+AUTHORIZATION = rules(
+    pb.DESCRIPTOR.services_by_name["TrainingWorker"],
+    {m.name: Access.INTERNAL for m in pb.DESCRIPTOR.services_by_name["TrainingWorker"].methods},
+)
 
 
 class TrainingWorkerServicer(training_pb2_grpc.TrainingWorkerServicer):

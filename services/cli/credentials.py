@@ -1,0 +1,106 @@
+"""What ``maas up`` sets up under ``MAAS_HOME`` so that the mesh starts closed and the CLI still just works.
+
+- ``tls/``: a development CA and one certificate per service (``shared.security.pki``);
+- ``auth/internal.token``: the token the mesh's services present to each other (0600);
+- ``auth/keys.json``: the tenants' API keys, as salted scrypt hashes (``shared.security.keys``);
+- ``credentials.json`` (0600): the local user's admin key and the CA, which the CLI reads; the key is
+  printed once, when it is created.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shared.security.files import ensure_secret, write_atomic
+from shared.security.keys import KeyStore, Role
+from shared.security.pki import MESH_NAME, CertPaths, default_hosts, init_pki
+
+SERVICES = ("registry", "scheduler", "gateway")
+DEFAULT_TENANT = "default"
+ADMIN_KEY_NAME = "local-admin"
+
+
+def credentials_path(home: Path) -> Path:
+    return home / "credentials.json"
+
+
+def read_credentials(home: Path) -> dict[str, Any]:
+    """The CLI's credentials file (``{}`` when there is none or it is unreadable)."""
+    try:
+        data = json.loads(credentials_path(home).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_private(path: Path, text: str) -> None:
+    write_atomic(path, text.encode())
+
+
+@dataclass(frozen=True)
+class MeshCredentials:
+    """Everything a secure local mesh needs, as files under ``MAAS_HOME``."""
+
+    ca_file: Path
+    certs: dict[str, CertPaths]
+    keys_file: Path
+    internal_token: str
+    admin_key: str
+    created_key: bool
+
+    def service_env(self, service: str) -> dict[str, str]:
+        """``MAAS_*`` variables of one service: TLS (callers authenticate with tokens, not certificates),
+        the name every service certificate carries, the key file and the internal token."""
+        cert = self.certs[service]
+        return {
+            "MAAS_INSECURE": "false",
+            "MAAS_TLS_CERT_FILE": str(cert.cert),
+            "MAAS_TLS_KEY_FILE": str(cert.key),
+            "MAAS_TLS_CA_FILE": str(self.ca_file),
+            "MAAS_TLS_REQUIRE_CLIENT_CERT": "false",
+            "MAAS_TLS_SERVER_NAME": MESH_NAME,
+            "MAAS_AUTH_KEYS_FILE": str(self.keys_file),
+            "MAAS_INTERNAL_TOKEN": self.internal_token,
+            "MAAS_CLIENT_TOKEN": self.internal_token,
+        }
+
+
+def init_certificates(home: Path) -> dict[str, CertPaths]:
+    """``maas certs init``: the CA and the services' certificates (kept while valid)."""
+    return init_pki(home / "tls", SERVICES, hosts=default_hosts()).services
+
+
+def ensure_mesh_credentials(home: Path) -> MeshCredentials:
+    """Create what is missing (certificates, internal token, an admin key) and return it all."""
+    home = home.resolve()
+    pki = init_pki(home / "tls", SERVICES, hosts=default_hosts())
+    token = ensure_secret(home / "auth" / "internal.token")
+    store = KeyStore(home / "auth" / "keys.json")
+    saved = read_credentials(home).get("api_key")
+    admin_key, created = (saved, False) if isinstance(saved, str) and store.verify(saved) else ("", True)
+    if created:
+        taken = {k.name for k in store.list(DEFAULT_TENANT, include_revoked=False)}
+        name = next(n for n in (ADMIN_KEY_NAME, *(f"{ADMIN_KEY_NAME}-{i}" for i in range(2, 1000))) if n not in taken)
+        _, admin_key = store.create(DEFAULT_TENANT, Role.ADMIN, name)
+    write_private(
+        credentials_path(home),
+        json.dumps({"api_key": admin_key, "ca_file": str(pki.ca.cert), "insecure": False}, indent=2),
+    )
+    return MeshCredentials(
+        ca_file=pki.ca.cert,
+        certs=pki.services,
+        keys_file=home / "auth" / "keys.json",
+        internal_token=token,
+        admin_key=admin_key,
+        created_key=created,
+    )
+
+
+def mark_insecure(home: Path) -> None:
+    """Record that the mesh runs plaintext (``maas up --insecure``), keeping any key for the next secure run."""
+    data = read_credentials(home)
+    data["insecure"] = True
+    write_private(credentials_path(home), json.dumps(data, indent=2))

@@ -1,0 +1,201 @@
+"""The one authentication and authorization interceptor every maas server installs (unless ``--insecure``).
+
+A caller is identified, in this order, by:
+- the internal token (``authorization: Bearer <internal token>``): one of the mesh's own services calling
+  a server that does not ask for client certificates (registry, scheduler, gateway);
+- an API key (``authorization: Bearer maas_<id>_<secret>``): a tenant's key with its role;
+- a client certificate the server verified against the mesh's CA (mutual TLS, the workers' and shards'
+  servers): the service named by the certificate.
+Then the service's authorization table decides: an RPC without a rule is refused. Every call that may change
+state (a developer's or admin's RPC not marked free of side effects in its proto) is written to the audit
+log, ``maas.audit``: who, which tenant, which RPC, on what, and how it ended.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import AsyncIterator, Awaitable, Iterable
+from typing import Any
+
+import grpc
+import structlog
+from google.protobuf import descriptor_pb2, descriptor_pool
+
+from shared import errors
+from shared.grpc.interceptors import Behavior, wrap_handler
+from shared.security.access import (
+    PUBLIC_SERVICES,
+    Access,
+    AuthorizationTable,
+    Principal,
+    current_authorization,
+    current_principal,
+)
+from shared.security.keys import KeyStore
+
+log = structlog.get_logger("maas.auth")
+audit_log = structlog.get_logger("maas.audit")
+# Request fields that name what a call acts on, in the order the audit log looks for them.
+_TARGET_FIELDS = ("name", "model", "model_name", "job_id", "ref", "spec", "metadata")
+
+
+def _audited(table: AuthorizationTable) -> frozenset[str]:
+    """The RPCs of ``table`` the audit log records: a developer's or admin's, unless its proto says it has
+    no side effects (reads, watches)."""
+    pool = descriptor_pool.Default()
+    audited = set()
+    for path, access in table.items():
+        if access not in (Access.DEVELOPER, Access.ADMIN):
+            continue
+        try:
+            method = pool.FindMethodByName(path.lstrip("/").replace("/", "."))
+        except KeyError:
+            audited.add(path)
+            continue
+        if method.GetOptions().idempotency_level != descriptor_pb2.MethodOptions.NO_SIDE_EFFECTS:
+            audited.add(path)
+    return frozenset(audited)
+
+
+def _target(request: Any) -> str:
+    for field in _TARGET_FIELDS:
+        value = getattr(request, field, None)
+        if isinstance(value, str) and value:
+            return value
+        for inner in ("name", "model", "version"):
+            found = getattr(value, inner, None) if value is not None and not isinstance(value, str) else None
+            if isinstance(found, str) and found:
+                return found
+    return ""
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Authenticates every call and checks the service's authorization table.
+
+    Args:
+        table: ``/pkg.Service/Method`` -> the access it requires.
+        keys: The tenants' API keys (None: no key is accepted).
+        internal_token: The mesh's internal token (None: not accepted).
+        trust_client_certs: The server verifies client certificates against the mesh's CA, so a verified
+            certificate names a mesh service.
+    """
+
+    def __init__(
+        self,
+        table: AuthorizationTable,
+        *,
+        keys: KeyStore | None,
+        internal_token: str | None,
+        trust_client_certs: bool,
+        public: Iterable[str] = PUBLIC_SERVICES,
+    ) -> None:
+        self._table = dict(table)
+        self._audited = _audited(self._table)
+        self._keys = keys
+        self._internal = internal_token.encode() if internal_token else None
+        self._certs = trust_client_certs
+        self._public = tuple(public)
+
+    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        method = details.method
+        if method.lstrip("/").startswith(self._public):
+            return handler
+        access = self._table.get(method)
+        header = next((v for k, v in details.invocation_metadata or () if k == "authorization"), None)
+        principal = self._from_header(header)
+        return wrap_handler(handler, method, lambda b, _rq, rs, m: self._guard(b, rs, m, access, principal, header))
+
+    def _from_header(self, header: object) -> Principal | None:
+        if not isinstance(header, str) or not header.startswith("Bearer "):
+            return None
+        presented = header.removeprefix("Bearer ").strip()
+        # Constant-time: the time taken must not tell how much of the token matched.
+        if self._internal is not None and hmac.compare_digest(self._internal, presented.encode()):
+            return Principal.mesh_service("mesh")
+        if self._keys is not None:
+            key = self._keys.verify(presented)
+            if key is not None:
+                return Principal(name=f"key:{key.key_id}", tenant=key.tenant, role=key.role)
+        return None
+
+    def _from_certificate(self, context: grpc.aio.ServicerContext) -> Principal | None:
+        if not self._certs:
+            return None
+        auth = context.auth_context()
+        names: list[bytes] = list(auth.get("x509_common_name") or [])
+        # The server verified the certificate against the mesh's CA, which issues service certificates only.
+        if auth.get("transport_security_type") != [b"ssl"] or len(names) != 1:
+            return None
+        return Principal.mesh_service(names[0].decode(errors="replace"))
+
+    def _check(
+        self,
+        method: str,
+        access: Access | None,
+        principal: Principal | None,
+        header: object,
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        if principal is None:
+            principal = self._from_certificate(context)
+        if principal is None:
+            raise errors.Unauthenticated(
+                "missing, invalid or revoked credentials: send 'authorization: Bearer <API key>'"
+            )
+        current_principal.set(principal)
+        if access is None:
+            log.warning("rpc_without_authorization_rule", rpc_method=method)
+            raise errors.PermissionDenied(f"{method} is not open to any caller")
+        if not principal.may(access):
+            role = principal.role.value if principal.role is not None else "none"
+            raise errors.PermissionDenied(f"{method} needs the {access.value} role; this key has {role}")
+        current_authorization.set(header if isinstance(header, str) else None)
+
+    def _audit(self, method: str, request: Any, outcome: str) -> None:
+        principal = current_principal.get()
+        audit_log.info(
+            "audit",
+            principal=principal.name if principal else "",
+            tenant=principal.tenant if principal else "",
+            rpc=method,
+            target=_target(request),
+            outcome=outcome,
+        )
+
+    def _guard(
+        self,
+        behavior: Behavior,
+        resp_stream: bool,
+        method: str,
+        access: Access | None,
+        principal: Principal | None,
+        header: object,
+    ) -> Behavior:
+        if resp_stream:
+
+            async def stream_behavior(request: Any, context: Any) -> AsyncIterator[Any]:
+                self._check(method, access, principal, header, context)
+                async for response in behavior(request, context):
+                    yield response
+
+            return stream_behavior
+
+        audited = method in self._audited
+
+        async def unary_behavior(request: Any, context: Any) -> Awaitable[Any]:
+            if not audited:
+                self._check(method, access, principal, header, context)
+                return await behavior(request, context)
+            outcome = "OK"
+            try:
+                # Refusals are recorded too: who tried to change what.
+                self._check(method, access, principal, header, context)
+                return await behavior(request, context)
+            except BaseException as exc:
+                outcome = getattr(exc, "reason", None) or type(exc).__name__
+                raise
+            finally:
+                self._audit(method, request, outcome)
+
+        return unary_behavior
