@@ -493,6 +493,8 @@ def code_fingerprint() -> dict[str, str | None]:
 
 def _server_env(extra: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAAS_")}
+    # Development mode unless the benchmark asks for the secure defaults (benchmarks.security_cost does).
+    env["MAAS_INSECURE"] = os.environ.get("MAAS_INSECURE", "1")
     env.update(extra)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     return env

@@ -49,10 +49,16 @@ def stop_leftovers(home: Path, grace_s: float = 3.0) -> list[str]:
 class Mesh:
     """The three service processes and the clients the benchmark uses to set them up."""
 
-    def __init__(self, workdir: Path, ray_num_cpus: int = 8) -> None:
+    def __init__(self, workdir: Path, ray_num_cpus: int = 8, *, secure: bool = False) -> None:
         self.workdir = workdir
         self.home = workdir / "maas-home"
         self.home.mkdir(parents=True, exist_ok=True)
+        # Secure: what `maas up` sets up (CA, certificates, internal token, an admin key); else plaintext.
+        self.credentials: Any = None
+        if secure:
+            from services.cli.credentials import ensure_mesh_credentials
+
+            self.credentials = ensure_mesh_credentials(self.home)
         self.registry_target = f"127.0.0.1:{free_port()}"
         self.scheduler_target = f"127.0.0.1:{free_port()}"
         self.gateway_target = f"127.0.0.1:{free_port()}"
@@ -71,7 +77,10 @@ class Mesh:
             # Ray forks helpers after gRPC threads exist; gRPC's fork handlers only log noise there.
             "GRPC_ENABLE_FORK_SUPPORT": "false",
             "RAY_DISABLE_USAGE_STATS": "1",
+            "MAAS_INSECURE": "true",
         }
+        if self.credentials is not None:
+            common.update(self.credentials.service_env(name))
         server = Server(
             name, [sys.executable, "-m", module], _server_env({**common, **env}), self.workdir / f"{name}.log"
         )
@@ -84,7 +93,6 @@ class Mesh:
 
         from shared.clients.registry import RegistryClient
         from shared.grpc.channel import make_channel
-        from shared.settings import CommonSettings
 
         registry = self._start(
             "registry",
@@ -116,13 +124,31 @@ class Mesh:
             },
         )
         await wait_healthy(scheduler, self.scheduler_target)
-        settings = CommonSettings()
+        settings = self.client_settings()
         self.registry_client = RegistryClient.connect(self.registry_target, settings)
         channel = make_channel(
             self.scheduler_target, settings, [scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"]]
         )
         self._channels.append(channel)
         self.scheduler = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+
+    def client_settings(self) -> Any:
+        """Settings of this benchmark's own clients: the admin key and the CA when secure."""
+        from shared.settings import CommonSettings
+
+        if self.credentials is None:
+            return CommonSettings(insecure=True)
+        return CommonSettings(
+            insecure=False, tls_ca_file=self.credentials.ca_file, client_token=self.credentials.admin_key
+        )
+
+    def gateway_channel(self, target: str | None = None) -> tuple[grpc.aio.Channel, tuple[tuple[str, str], ...]]:
+        """A channel to the gateway as a KServe client opens it, and the metadata each call carries."""
+        target = target or self.gateway_target
+        if self.credentials is None:
+            return grpc.aio.insecure_channel(target), ()
+        tls = grpc.ssl_channel_credentials(self.credentials.ca_file.read_bytes())
+        return grpc.aio.secure_channel(target, tls), (("authorization", f"Bearer {self.credentials.admin_key}"),)
 
     def server_pids(self) -> list[int]:
         return [s.pid for s in self.servers if s.proc.poll() is None]
@@ -169,12 +195,14 @@ class Mesh:
         from inference import grpc_service_pb2 as pb
         from inference import grpc_service_pb2_grpc
 
-        async with grpc.aio.insecure_channel(target or self.gateway_target) as channel:
+        channel, metadata = self.gateway_channel(target)
+        async with channel:
             stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
             while True:
                 self.check_alive()
                 try:
-                    if (await stub.ModelReady(pb.ModelReadyRequest(name=model), timeout=5)).ready:
+                    reply = await stub.ModelReady(pb.ModelReadyRequest(name=model), timeout=5, metadata=metadata)
+                    if reply.ready:
                         return
                 except grpc.aio.AioRpcError:
                     pass

@@ -17,6 +17,8 @@ TAG_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 RESERVED_ALIASES = frozenset({"latest"})
 MAX_TAG_VALUE = 256
+# Version numbers and counters travel as int64 on the wire and in SQL.
+MAX_INT64 = 2**63 - 1
 MAX_TAGS = 64
 
 
@@ -70,3 +72,19 @@ def check_sha256(value: str, field: str = "sha256") -> str:
     if not SHA256_HEX.fullmatch(value):
         raise InvalidArgument.field(field, "must be 64 lower-case hex characters")
     return value
+
+
+def version_number(text: str, field: str = "version") -> int | None:
+    """The version number ``text`` names, or None when it is no number (empty, an alias).
+
+    Only ASCII digits make a number: ``str.isdigit`` also accepts other scripts' digits and superscripts,
+    which ``int`` then takes or rejects with a ValueError. Raises InvalidArgument for 0 or beyond int64.
+    """
+    if not text or not (text.isascii() and text.isdigit()):
+        return None
+    if len(text) > 19 or int(text) > MAX_INT64:
+        raise InvalidArgument.field(field, f"{_describe(text)} is beyond the largest version number ({MAX_INT64})")
+    number = int(text)
+    if number < 1:
+        raise InvalidArgument.field(field, "version numbers start at 1")
+    return number

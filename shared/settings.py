@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -56,6 +56,11 @@ class CommonSettings(BaseSettings):
         description="The name clients verify in a server's certificate instead of the host they dial (the "
         "mesh's certificates carry mesh.maas.internal, valid on every node).",
     )
+    health_address: str | None = Field(
+        None,
+        description="host:port of a plaintext gRPC server with grpc.health.v1 only, for probes that cannot speak "
+        "TLS (Kubernetes' gRPC probes); None: health is served on the main port only.",
+    )
     auth_keys_file: Path | None = Field(
         None, description="The tenants' API keys (salted scrypt hashes); default MAAS_HOME/auth/keys.json."
     )
@@ -65,6 +70,25 @@ class CommonSettings(BaseSettings):
         "(at least 32 characters; `maas up` generates one).",
     )
     client_token: str | None = Field(None, description="Bearer token this process sends to other services.")
+    rate_limit_inference: str | None = Field(
+        "20000/second",
+        description="Per tenant and server: inference calls allowed (e.g. '500/second'); over it, "
+        "RESOURCE_EXHAUSTED with a retry delay. None: unlimited. The mesh's own services are never limited.",
+    )
+    rate_limit_management: str | None = Field(
+        "100/second",
+        description="Per tenant and server: calls that need a developer or admin key (e.g. '100/second').",
+    )
+
+    @field_validator("rate_limit_inference", "rate_limit_management")
+    @classmethod
+    def _rate_limit(cls, value: str | None) -> str | None:
+        if value is not None:
+            from shared.security.ratelimit import parse_limit
+
+            parse_limit(value)
+        return value
+
     max_message_bytes: int = Field(
         8 * MiB, ge=MiB, description="Largest gRPC message accepted or sent; large payloads are streamed."
     )

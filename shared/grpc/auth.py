@@ -32,6 +32,7 @@ from shared.security.access import (
     current_principal,
 )
 from shared.security.keys import KeyStore
+from shared.security.ratelimit import TenantLimits
 
 log = structlog.get_logger("maas.auth")
 audit_log = structlog.get_logger("maas.audit")
@@ -78,6 +79,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         internal_token: The mesh's internal token (None: not accepted).
         trust_client_certs: The server verifies client certificates against the mesh's CA, so a verified
             certificate names a mesh service.
+        limits: Per-tenant rate limits (None: none).
     """
 
     def __init__(
@@ -87,6 +89,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         keys: KeyStore | None,
         internal_token: str | None,
         trust_client_certs: bool,
+        limits: TenantLimits | None = None,
         public: Iterable[str] = PUBLIC_SERVICES,
     ) -> None:
         self._table = dict(table)
@@ -94,6 +97,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self._keys = keys
         self._internal = internal_token.encode() if internal_token else None
         self._certs = trust_client_certs
+        self._limits = limits
         self._public = tuple(public)
 
     async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
@@ -150,6 +154,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if not principal.may(access):
             role = principal.role.value if principal.role is not None else "none"
             raise errors.PermissionDenied(f"{method} needs the {access.value} role; this key has {role}")
+        if self._limits is not None:
+            self._limits.check(principal, access)
         current_authorization.set(header if isinstance(header, str) else None)
 
     def _audit(self, method: str, request: Any, outcome: str) -> None:

@@ -20,6 +20,7 @@ from shared.heap import settle_after_startup
 from shared.metrics import RpcMetrics, serve_metrics
 from shared.security.access import AuthorizationTable
 from shared.security.keys import KeyStore
+from shared.security.ratelimit import TenantLimits
 from shared.settings import CommonSettings
 
 log = structlog.get_logger("maas.server")
@@ -42,6 +43,8 @@ class ServiceServer:
     on_stopping: list[Callable[[], None]] = field(default_factory=list)
     # The Prometheus endpoint's bound port (0 when the server has none).
     metrics_port: int = 0
+    # The plaintext health-only server's bound port (0 when there is none; settings.health_address).
+    health_port: int = 0
 
     async def stop(self, grace: float) -> None:
         """Report NOT_SERVING first (load balancers stop routing), then drain, then close the core."""
@@ -114,6 +117,7 @@ def _auth_interceptor(settings: CommonSettings, authorization: AuthorizationTabl
         keys=KeyStore(settings.keys_path),
         internal_token=token,
         trust_client_certs=trust_certs,
+        limits=TenantLimits(settings.rate_limit_inference, settings.rate_limit_management),
     )
 
 
@@ -169,7 +173,27 @@ async def start_server(
     for name in ("", *service_names):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving", address=address, port=port, services=list(service_names), tls=credentials is not None)
-    return ServiceServer(server=server, health=health, port=port, service_names=service_names)
+    running = ServiceServer(server=server, health=health, port=port, service_names=service_names)
+    if settings.health_address:
+        await _serve_health(settings.health_address, running)
+    return running
+
+
+async def _serve_health(address: str, running: ServiceServer) -> None:
+    """Health alone, in plaintext, for probes that cannot speak TLS: the same servicer, so the main server's
+    NOT_SERVING at shutdown shows here too. It tells whether the service serves, nothing else."""
+    probe_server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(running.health, probe_server)
+    port = probe_server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind {address}")
+    await probe_server.start()
+    running.health_port = port
+
+    async def stop_probes() -> None:
+        await probe_server.stop(0)
+
+    running.on_close.append(stop_probes)
 
 
 async def start_service(

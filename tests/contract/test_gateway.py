@@ -242,6 +242,9 @@ async def test_unknown_model_and_version_are_not_found(harness: Harness) -> None
     assert code == grpc.StatusCode.NOT_FOUND and "'7'" in message and "served: 1" in message
     code, _ = await _code(harness.stub.ModelMetadata(kpb.ModelMetadataRequest(name="m", version="nope")))
     assert code == grpc.StatusCode.NOT_FOUND
+    for version in ("²", "\u0661", "9" * 40):  # digits int() rejects or takes, and beyond int64
+        code, message = await _code(harness.stub.ModelInfer(infer_request(version=version), timeout=10))
+        assert code == grpc.StatusCode.NOT_FOUND, (version, message)
 
 
 def _bad_requests() -> list[tuple[str, kpb.ModelInferRequest, str]]:

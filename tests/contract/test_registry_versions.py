@@ -265,6 +265,11 @@ async def test_aliases_resolve_move_and_delete(registry_client, tmp_path) -> Non
         return reply.version.number
 
     assert [await resolve(r) for r in ("production", "staging", "", "latest", "2")] == [1, 3, 3, 3, 2]
+    # Digits of other scripts, superscripts and numbers beyond int64 are no version numbers: a precise
+    # answer each, never INTERNAL.
+    for ref, error in (("²", NotFound), ("\u0661", NotFound), ("9" * 19, InvalidArgument), ("9" * 40, InvalidArgument)):
+        with pytest.raises(error):
+            await resolve(ref)
     await registry_client.call("SetAlias", pb.SetAliasRequest(model="ranker", alias="production", version=2))
     assert await resolve("production") == 2
     model = (await registry_client.call("GetModel", pb.GetModelRequest(name="ranker"))).model

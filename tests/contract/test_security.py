@@ -381,3 +381,62 @@ async def test_servers_refuse_to_start_open_or_with_a_guessable_token(mesh: Mesh
     with pytest.raises(InsecureConfiguration, match="development or short token"):
         await start_server(weak, "127.0.0.1:0", [], [])
     await asyncio.sleep(0)
+
+
+async def test_a_plaintext_health_port_for_probes_serves_health_only(mesh: Mesh) -> None:
+    # Kubernetes' gRPC probes cannot speak TLS: health (and only health) on a plaintext port of its own.
+    from services.registry.main import start
+    from services.registry.settings import RegistrySettings
+
+    settings = RegistrySettings(
+        **mesh.server_settings("registry", mtls=False),
+        registry_address="127.0.0.1:0",
+        registry_metrics_address="127.0.0.1:0",
+        health_address="127.0.0.1:0",
+    )
+    running = await start(settings)
+    try:
+        assert running.server.health_port
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.server.health_port}") as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as other:
+                await registry_pb2_grpc.RegistryServiceStub(channel).ListModels(rpb.ListModelsRequest(), timeout=5)
+            assert other.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        await running.server.stop(0.2)
+
+
+async def test_rate_limits_are_per_tenant_with_a_retry_delay(mesh: Mesh) -> None:
+    from services.registry.main import start
+    from services.registry.settings import RegistrySettings
+    from shared.grpc.status import from_rpc_error
+
+    _, other_tenant = mesh.keys.create("team-b", Role.DEVELOPER, "b-dev")
+    settings = RegistrySettings(
+        **mesh.server_settings("registry", mtls=False),
+        registry_address="127.0.0.1:0",
+        registry_metrics_address="127.0.0.1:0",
+        rate_limit_management="3/minute",
+    )
+    running = await start(settings)
+    try:
+        async with grpc.aio.secure_channel(f"127.0.0.1:{running.server.port}", _client_credentials(mesh)) as channel:
+            stub = registry_pb2_grpc.RegistryServiceStub(channel)
+
+            async def list_as(token: str) -> None:
+                await stub.ListModels(rpb.ListModelsRequest(), metadata=(("authorization", f"Bearer {token}"),))
+
+            for _ in range(3):
+                await list_as(mesh.tokens["developer"])
+            with pytest.raises(grpc.aio.AioRpcError) as limited:
+                await list_as(mesh.tokens["admin"])  # the same tenant, another key: the same budget
+            assert limited.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            error = from_rpc_error(limited.value)
+            assert error.retry_after_s is not None and 0 < error.retry_after_s <= 60
+            assert "team-a" in error.message
+            await list_as(other_tenant)  # another tenant is not held back
+            for _ in range(5):
+                await list_as(INTERNAL_TOKEN)  # the mesh's own calls are never limited
+    finally:
+        await running.server.stop(0.2)

@@ -41,6 +41,17 @@ def test_a_name_that_passes_is_a_safe_path_component(text: str) -> None:
     assert "/" not in text and not text.startswith(".") and text.isascii()
 
 
+def test_version_numbers_are_ascii_digits_within_int64() -> None:
+    from shared.names import MAX_INT64, version_number
+
+    assert [version_number(t) for t in ("1", "42", str(MAX_INT64))] == [1, 42, MAX_INT64]
+    # Other scripts' digits and superscripts are no numbers (int() would take some, reject others).
+    assert [version_number(t) for t in ("", "prod", "\u0661\u0662", "²", "1.5", " 1")] == [None] * 6
+    for bad in ("0", str(MAX_INT64 + 1), "9" * 4000):
+        with pytest.raises(errors.InvalidArgument, match="version"):
+            version_number(bad)
+
+
 def test_aliases_exclude_numbers_and_latest() -> None:
     assert names.check_alias("production") == "production"
     for bad in ("3", "latest", "Prod", ""):

@@ -14,12 +14,17 @@ _INT_PARAMETERS = ("min_replicas", "max_replicas", "max_batch_size", "max_queue_
 LOAD_PARAMETERS = ("version", *_INT_PARAMETERS)
 
 
+def _ascii_digits(text: str) -> bool:
+    # Only ASCII digits, and no more than int64 holds (str.isdigit takes any script's digits).
+    return text.isascii() and text.isdigit() and len(text) <= 18
+
+
 def _int_parameter(key: str, parameter: kpb.ModelRepositoryParameter) -> int:
     choice = parameter.WhichOneof("parameter_choice")
     if choice == "int64_param":
         value = parameter.int64_param
-    elif choice == "string_param" and parameter.string_param.strip().isdigit():
-        value = int(parameter.string_param)
+    elif choice == "string_param" and _ascii_digits(text := parameter.string_param.strip()):
+        value = int(text)
     else:
         raise InvalidArgument.field(f"parameters.{key}", "must be a non-negative integer (int64 or digits)")
     if value < 0:

@@ -102,7 +102,7 @@ def served_version(deployment: Deployment, version: str, rand: Callable[[], floa
                 f"model '{deployment.name}' has no version ready to serve yet", metadata={"model": deployment.name}
             )
         return served
-    if version.isdigit():
+    if version.isascii() and version.isdigit():
         served = versions.get(int(version))
         if served is not None:
             return served

@@ -14,6 +14,7 @@ from shared.errors import InvalidArgument
 from shared.kserve.codec import request_parameters
 from shared.kserve.convert import batching_to_pb, signature_to_pb
 from shared.kserve.metadata import VERSION_KEY
+from shared.names import version_number
 
 FINAL = "triton_final_response"
 
@@ -71,9 +72,10 @@ def pinned_version(metadata: Sequence[tuple[str, str | bytes]] | None) -> int | 
     for key, value in metadata or ():
         if key == VERSION_KEY:
             text = value.decode() if isinstance(value, bytes) else value
-            if not text.isdigit() or int(text) < 1:
-                raise InvalidArgument(f"metadata {VERSION_KEY} must be a version number, got {text!r}")
-            return int(text)
+            number = version_number(text, VERSION_KEY)
+            if number is None:
+                raise InvalidArgument(f"metadata {VERSION_KEY} must be a version number, got {text[:40]!r}")
+            return number
     return None
 
 

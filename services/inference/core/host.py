@@ -255,7 +255,7 @@ class ModelHost:
             NotFound: If that version is not loaded, or the choice is ambiguous; the message lists what is.
         """
         number = pinned
-        if number is None and version.isdigit():
+        if number is None and version.isascii() and version.isdigit() and len(version) <= 18:
             number = int(version)
         if number is None:
             candidates = [v for (m, v), s in self._versions.items() if m == model and not s.closing]

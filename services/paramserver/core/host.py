@@ -196,12 +196,12 @@ def build_optimizer(config: ShardConfig) -> Optimizer:
 def checkpoint_path(root: Path, config: ShardConfig) -> Path:
     """Where the shard's checkpoint lives: ``<checkpoint_dir>/<job_id>/shard-<index>.safetensors``.
 
-    A relative (or empty) ``checkpoint_dir`` resolves inside ``root`` and may not leave it; an absolute
-    one (shared storage) must be normalised. The job id is a validated name, so it adds one plain
-    path component.
+    A relative (or empty) ``checkpoint_dir`` resolves inside ``root``; an absolute one must lie inside it
+    too (a caller that could name any directory could make the shard read or overwrite any file it may).
+    The job id is a validated name, so it adds one plain path component. Messages never show server paths.
 
     Raises:
-        InvalidArgument: On a bad job id or a checkpoint_dir that escapes ``root`` or is not normalised.
+        InvalidArgument: On a bad job id or a checkpoint_dir outside ``root`` or not normalised.
     """
     check_name(config.job_id, "config.job_id")
     raw = config.checkpoint_dir
@@ -210,15 +210,12 @@ def checkpoint_path(root: Path, config: ShardConfig) -> Path:
     path = Path(raw)
     if ".." in path.parts:
         raise InvalidArgument.field("config.checkpoint_dir", f"{_describe(raw)} must not contain '..'")
-    if path.is_absolute():
-        base = path
-    else:
-        top = root.resolve()
-        base = (top / path).resolve()
-        if not base.is_relative_to(top):
-            raise InvalidArgument.field(
-                "config.checkpoint_dir", f"{_describe(raw)} resolves outside the checkpoint root {top}"
-            )
+    top = root.resolve()
+    base = (top / path).resolve()  # an absolute path replaces top
+    if not base.is_relative_to(top):
+        raise InvalidArgument.field(
+            "config.checkpoint_dir", f"{_describe(raw)} is outside this shard's checkpoint root"
+        )
     return base / config.job_id / f"shard-{config.shard_index}.safetensors"
 
 
@@ -482,7 +479,10 @@ class ShardHost:
         """
         job = self._require(job_id)
         step = await self._write_checkpoint(job)
-        return CheckpointResult(step=step, path=str(job.path))
+        # Relative to the checkpoint root: where this host keeps its files is not the caller's business.
+        root = self.checkpoint_root.resolve()
+        path = job.path.relative_to(root) if job.path.is_relative_to(root) else Path(job.path.name)
+        return CheckpointResult(step=step, path=str(path))
 
     async def status(self, job_id: str) -> ShardStatus:
         job = self._require(job_id)

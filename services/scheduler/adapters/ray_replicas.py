@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from typing import Any
 
 import ray
@@ -28,13 +29,15 @@ REPLICA_PREFIX = "dep-"
 
 
 def _reason(exc: BaseException) -> str:
-    """A failure's text fit for a deployment's message: domain errors as they are, others by type."""
+    """A failure's text fit for a deployment's message: domain errors as they are (written for clients);
+    others by type and an id that finds the full text in the scheduler's log (it may hold paths)."""
     cause = getattr(exc, "cause", None)
     if isinstance(cause, MaasError):
         return cause.message
-    if isinstance(cause, BaseException):
-        return f"{type(cause).__name__} in the replica: {str(cause).splitlines()[0][:200] if str(cause) else ''}"
-    return type(exc).__name__
+    error_id = uuid.uuid4().hex[:12]
+    failed = cause if isinstance(cause, BaseException) else exc
+    log.warning("replica_start_failed", error_id=error_id, error=str(failed)[:2000], error_type=type(failed).__name__)
+    return f"{type(failed).__name__} in the replica (scheduler log error_id={error_id})"
 
 
 class RayReplicaPool:

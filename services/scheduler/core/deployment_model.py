@@ -320,9 +320,11 @@ def validate_deployment_spec(spec: DeploymentSpec, default_cpus: float) -> Deplo
 def _check_version(value: str, field_name: str, violations: list[FieldViolation]) -> None:
     if not value or value == "latest":
         return
-    if value.isdigit():
-        if int(value) < 1:
-            violations.append(FieldViolation(field_name, "version numbers start at 1"))
+    try:
+        if names.version_number(value, field_name) is not None:
+            return
+    except InvalidArgument as exc:
+        violations.extend(exc.violations)
         return
     try:
         names.check_alias(value, field_name)

@@ -25,6 +25,7 @@ import asyncio
 import math
 import secrets
 import time
+import uuid
 from collections import Counter, deque
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -47,7 +48,7 @@ from services.scheduler.core.model import (
 from services.scheduler.core.ports import JobReporter, JobRepository, JobRunner
 from services.scheduler.core.validation import validate_spec
 from shared import names
-from shared.errors import FailedPrecondition, Unavailable
+from shared.errors import FailedPrecondition, MaasError, Unavailable
 from shared.paging import encode_token, parse_page
 
 T = TypeVar("T")
@@ -369,9 +370,16 @@ class JobService:
         self._started.add(job.id)
         try:
             await fn(job, self)
+        except MaasError as exc:
+            # Domain errors carry messages written for clients.
+            log.warning("runner_failed", job_id=job.id, error=exc.message)
+            reason = f"runner error: {exc.message}"
         except Exception as exc:
-            log.exception("runner_failed", job_id=job.id)
-            reason = f"runner error: {exc}"
+            # Anything else may carry paths and stack text of this host: the client gets a stable reason
+            # and an id that finds the full error in the scheduler's log.
+            error_id = uuid.uuid4().hex[:12]
+            log.exception("runner_failed", job_id=job.id, error_id=error_id)
+            reason = f"runner error: {type(exc).__name__} (scheduler log error_id={error_id})"
         else:
             reason = "the runner returned without reporting an outcome"
         # A no-op when the runner reported an outcome (the job is no longer PLACING/RUNNING).

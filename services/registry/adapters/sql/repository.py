@@ -10,7 +10,8 @@ import sqlalchemy as sa
 
 from services.registry.adapters.sql.tables import aliases, events, model_tags, models, versions
 from services.registry.core.model import Alias, Event, EventType, Lineage, Model, NewVersion, Version
-from shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from shared.errors import AlreadyExists, FailedPrecondition, NotFound
+from shared.names import version_number
 
 
 def _now() -> datetime:
@@ -212,10 +213,8 @@ class SqlRepository:
                 if row.latest_version == 0:
                     raise NotFound(f"model {model!r} has no versions yet", reason="VERSION_NOT_FOUND")
                 return int(row.latest_version)
-            if ref.isdigit():
-                number = int(ref)
-                if number <= 0:
-                    raise InvalidArgument.field("version", "version numbers start at 1")
+            number = version_number(ref)
+            if number is not None:
                 return number
             aliased: int | None = conn.execute(
                 sa.select(aliases.c.version).where(aliases.c.model_id == row.id, aliases.c.name == ref)
