@@ -3,12 +3,18 @@
 Offline and fast: kubernetes-validate ships the Kubernetes JSON schemas; nothing here needs Docker, a
 cluster or the network. The RayCluster is a KubeRay custom resource without a built-in schema, so its
 structure is checked by hand.
+
+Security contract: the manifests carry no credential (every Secret is created out of band, is required,
+and the command that creates it is written down), the services run with TLS and authentication and are
+probed on a plaintext health-only port; compose runs maas in development mode, explicitly, and takes every
+password and token from a required variable.
 """
 
 from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +28,8 @@ from services.paramserver.settings import ParamServerSettings
 from services.registry.settings import RegistrySettings
 from services.scheduler.settings import SchedulerSettings
 from services.training.settings import TrainingSettings
+from shared.security.pki import MESH_NAME
+from shared.settings import CommonSettings
 
 ROOT = Path(__file__).parents[2]
 DEPLOY = ROOT / "deploy"
@@ -33,7 +41,21 @@ K8S_VERSIONS = ["1.29", kubernetes_validate.latest_version()]
 CUSTOM_KINDS = {"RayCluster"}
 # The maas services: compose service / Kubernetes Deployment name -> (gRPC port, metrics port).
 SERVICES = {"gateway": (8001, 9001), "registry": (7001, 9002), "scheduler": (7002, 9003)}
-SETTINGS = [
+# Their plaintext grpc.health.v1-only ports on Kubernetes (MAAS_HEALTH_ADDRESS), which the probes call.
+HEALTH_PORTS = {"gateway": 9011, "registry": 9012, "scheduler": 9013}
+# Secrets a pod may reference as optional: their absence must open nothing. registry-s3 only chooses the
+# S3 artifact store over the local volume.
+OPTIONAL_SECRETS = {"registry-s3"}
+# Variables whose value is a credential: never a literal in a manifest or in compose.
+CREDENTIAL_NAME = re.compile(r"TOKEN|PASSWORD|SECRET|DATABASE_URL")
+# A URL with a password, scheme://user:password@host; the password may be a ${...} expression.
+URL_PASSWORD = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s:@]+:((?:\$\{[^}]*\}|[^@\s])+)@")
+# Compose's required-variable interpolation, ${VAR:?message}: compose refuses to start while VAR is unset or
+# empty. The message may not hold "$" (it is interpolated too) nor "}".
+REQUIRED_VARIABLE = re.compile(r"\$\{([A-Z][A-Z0-9_]*):\?[^}$]+\}")
+# Credentials the deployment files once published: none may come back.
+DEVELOPMENT_CREDENTIALS = ["maas-dev-ray-token", "maas-dev-secret", "maas:maas@"]
+SETTINGS: list[type[CommonSettings]] = [
     RegistrySettings,
     SchedulerSettings,
     GatewaySettings,
@@ -59,10 +81,13 @@ def _find(kind: str, name: str) -> dict[str, Any]:
     return matches[0]
 
 
-def _pod_specs() -> list[tuple[str, dict[str, Any], set[str]]]:
-    """(owner, pod spec, volume claim template names) of every workload, the RayCluster's groups included."""
+def _pod_specs(
+    resources: Iterable[dict[str, Any]] | None = None,
+) -> list[tuple[str, dict[str, Any], set[str]]]:
+    """(owner, pod spec, volume claim template names) of every workload, the RayCluster's groups included
+    (of ``resources``, default: every manifest's)."""
     specs = []
-    for doc in _all_resources():
+    for doc in _all_resources() if resources is None else resources:
         name = f"{doc['kind']} {doc['metadata']['name']}"
         if doc["kind"] in {"Deployment", "StatefulSet"}:
             templates = {t["metadata"]["name"] for t in doc["spec"].get("volumeClaimTemplates", [])}
@@ -94,6 +119,72 @@ def _known_maas_variables() -> set[str]:
         prefix = settings.model_config.get("env_prefix", "")
         names |= {f"{prefix}{field}".upper() for field in settings.model_fields}
     return names
+
+
+def _strings(node: Any) -> Iterator[str]:
+    """Every string value in a parsed YAML tree."""
+    if isinstance(node, str):
+        yield node
+    elif isinstance(node, dict):
+        for value in node.values():
+            yield from _strings(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _strings(value)
+
+
+def _comments(path: Path) -> str:
+    """The text of a file's comment lines, without their ``#``."""
+    lines = path.read_text().splitlines()
+    return "\n".join(line.strip().lstrip("#").strip() for line in lines if line.lstrip().startswith("#"))
+
+
+def _secret_refs(pod: dict[str, Any]) -> list[tuple[str, bool]]:
+    """(Secret name, optional) of every Secret a pod spec uses: env, envFrom and volumes."""
+    refs = []
+    for container in [*pod.get("initContainers", []), *pod["containers"]]:
+        for env in container.get("env", []):
+            ref = env.get("valueFrom", {}).get("secretKeyRef")
+            if ref:
+                refs.append((ref["name"], bool(ref.get("optional"))))
+        for source in container.get("envFrom", []):
+            if "secretRef" in source:
+                refs.append((source["secretRef"]["name"], bool(source["secretRef"].get("optional"))))
+    for volume in pod.get("volumes", []):
+        if "secret" in volume:
+            refs.append((volume["secret"]["secretName"], bool(volume["secret"].get("optional"))))
+        for source in volume.get("projected", {}).get("sources", []):
+            if "secret" in source:
+                refs.append((source["secret"]["name"], bool(source["secret"].get("optional"))))
+    return refs
+
+
+def _secret_file(pod: dict[str, Any], container: dict[str, Any], path: str) -> tuple[str, str]:
+    """(Secret, key) the file ``path`` of ``container`` comes from, through a read-only Secret volume."""
+    directory, _, filename = path.rpartition("/")
+    mounts = [m for m in container.get("volumeMounts", []) if m["mountPath"].rstrip("/") == directory]
+    assert len(mounts) == 1, f"{path}: expected one volume mounted at {directory}, found {len(mounts)}"
+    (mount,) = mounts
+    assert mount.get("readOnly") is True, f"{directory} is mounted writable"
+    # A subPath mount never sees the Secret's updates (key revocation), and it hides the directory's others.
+    assert "subPath" not in mount and "subPathExpr" not in mount, f"{directory} is a subPath mount"
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    secret = volume.get("secret")
+    assert secret, f"{directory} is not a Secret volume"
+    items = {item["path"]: item["key"] for item in secret.get("items", [])}
+    return secret["secretName"], items[filename] if items else filename
+
+
+def _is_true(value: Any) -> bool:
+    """How pydantic reads a boolean setting from the environment (true, 1, yes, on)."""
+    return str(value).strip().lower() in {"1", "true", "t", "yes", "y", "on"}
+
+
+def _required_variable(value: str) -> str:
+    """The variable of ``value``, which must be one compose required-variable expression, ${VAR:?message}."""
+    match = REQUIRED_VARIABLE.fullmatch(value)
+    assert match, f"{value!r} is a literal, not a required variable ${{VAR:?message}}"
+    return match.group(1)
 
 
 # Kubernetes ----------------------------------------------------------------------------------------------
@@ -165,14 +256,18 @@ def test_service_deployment(name: str) -> None:
     (container,) = pod["containers"]
     assert _python_m(container["command"]) == [f"services.{name}"]
     assert _module_exists(f"services.{name}")
+    health_port = HEALTH_PORTS[name]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": grpc_port, "metrics": metrics_port}
+    assert ports == {"grpc": grpc_port, "metrics": metrics_port, "health": health_port}
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env[f"MAAS_{name.upper()}_ADDRESS"] == f"0.0.0.0:{grpc_port}"
     assert env[f"MAAS_{name.upper()}_METRICS_ADDRESS"] == f"0.0.0.0:{metrics_port}"
-    # Native gRPC probes on the gRPC port (grpc.health.v1).
+    assert env["MAAS_HEALTH_ADDRESS"] == f"0.0.0.0:{health_port}"
+    # Native gRPC probes (grpc.health.v1) on the plaintext health-only port: they cannot speak TLS, and the
+    # gRPC port speaks nothing else.
+    probed = int(env["MAAS_HEALTH_ADDRESS"].rpartition(":")[2])
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["grpc"]["port"] == grpc_port, probe
+        assert container[probe]["grpc"]["port"] == probed == health_port, probe
     assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] == 10001
@@ -180,13 +275,13 @@ def test_service_deployment(name: str) -> None:
     assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
     service = _find("Service", name)
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
-    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == ports
+    # The health port stays out of the Service: only the kubelet dials it.
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {"grpc": grpc_port, "metrics": metrics_port}
     assert service["metadata"]["annotations"]["prometheus.io/port"] == str(metrics_port)
 
 
 def test_pods_reference_what_exists() -> None:
     resources = _all_resources()
-    secrets = {d["metadata"]["name"] for d in resources if d["kind"] == "Secret"}
     claims = {d["metadata"]["name"] for d in resources if d["kind"] == "PersistentVolumeClaim"}
     known = _known_maas_variables()
     for owner, pod, claim_templates in _pod_specs():
@@ -198,14 +293,108 @@ def test_pods_reference_what_exists() -> None:
             for mount in container.get("volumeMounts", []):
                 assert mount["name"] in volumes.keys() | claim_templates, f"{owner}: no volume {mount['name']}"
             for env in container.get("env", []):
-                ref = env.get("valueFrom", {}).get("secretKeyRef")
-                # Optional Secrets are the operator's to create (auth tokens, S3 credentials).
-                if ref and not ref.get("optional"):
-                    assert ref["name"] in secrets, f"{owner}: Secret {ref['name']} is not in the manifests"
                 if env["name"].startswith("MAAS_"):
                     assert env["name"] in known, f"{owner}: {env['name']} is no maas setting"
             for module in _python_m(container.get("command")):
                 assert _module_exists(module), f"{owner}: no module {module}"
+
+
+# Kubernetes: security ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_service_security(name: str) -> None:
+    pod = _find("Deployment", name)["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    values = {variable: e.get("value") for variable, e in env.items()}
+    # Secure by default: MAAS_INSECURE unset or false, so the service refuses to start without TLS.
+    assert not _is_true(values.get("MAAS_INSECURE", "false"))
+    # TLS and the key file from the Secrets, mounted read-only, as directories (so key revocation reaches
+    # the running services).
+    files = {
+        "MAAS_TLS_CERT_FILE": ("maas-tls", "tls.crt"),
+        "MAAS_TLS_KEY_FILE": ("maas-tls", "tls.key"),
+        "MAAS_TLS_CA_FILE": ("maas-tls", "ca.crt"),
+        "MAAS_AUTH_KEYS_FILE": ("maas-api-keys", "keys.json"),
+    }
+    for variable, source in files.items():
+        assert _secret_file(pod, container, values[variable]) == source, variable
+    # Users authenticate with keys, not certificates; every service verifies the mesh's certificate name.
+    assert values["MAAS_TLS_REQUIRE_CLIENT_CERT"] == "false"
+    assert values["MAAS_TLS_SERVER_NAME"] == MESH_NAME
+    # The internal token the services accept from each other is the one they send.
+    for variable in ("MAAS_INTERNAL_TOKEN", "MAAS_CLIENT_TOKEN"):
+        ref = env[variable]["valueFrom"]["secretKeyRef"]
+        assert (ref["name"], ref["key"], ref.get("optional", False)) == ("maas-internal", "token", False)
+
+
+def test_nothing_runs_insecure() -> None:
+    for owner, pod, _ in _pod_specs():
+        for container in pod["containers"]:
+            env = {e["name"]: e for e in container.get("env", [])}
+            assert "MAAS_AUTH_TOKENS" not in env, f"{owner}: MAAS_AUTH_TOKENS no longer exists"
+            insecure = env.get("MAAS_INSECURE", {})
+            assert "valueFrom" not in insecure and not _is_true(insecure.get("value")), f"{owner}: MAAS_INSECURE"
+
+
+def test_no_credential_in_the_manifests() -> None:
+    for path in [*MANIFESTS, K8S / "kustomization.yaml"]:
+        text = path.read_text()
+        for credential in DEVELOPMENT_CREDENTIALS:
+            assert credential not in text, f"{path.name} holds the development credential {credential!r}"
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert not kustomization.get("secretGenerator"), "Secrets are created out of band, not generated from files"
+    for doc in _all_resources():
+        name = f"{doc['kind']} {doc['metadata']['name']}"
+        # A Secret with a value in the repository is a published credential.
+        if doc["kind"] == "Secret":
+            assert not doc.get("data") and not doc.get("stringData"), f"{name} holds a value"
+        for string in _strings(doc):
+            assert not URL_PASSWORD.search(string), f"{name}: a URL with a password"
+    for owner, pod, _ in _pod_specs():
+        for container in pod["containers"]:
+            for env in container.get("env", []):
+                if CREDENTIAL_NAME.search(env["name"]):
+                    assert "value" not in env, f"{owner}: {env['name']} is a literal; take it from a Secret"
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_secrets_are_required_and_created_out_of_band(path: Path) -> None:
+    comments = _comments(path)
+    readme = (DEPLOY / "README.md").read_text()
+    for owner, pod, _ in _pod_specs(_documents(path)):
+        for secret, optional in _secret_refs(pod):
+            # An optional credential would let a pod start without it; only a Secret whose absence opens
+            # nothing may be optional.
+            assert not optional or secret in OPTIONAL_SECRETS, f"{owner}: Secret {secret} is optional"
+            created = re.compile(rf"kubectl -n maas create secret \w+ {re.escape(secret)}(?![\w-])")
+            assert created.search(comments), f"{path.name} does not say how to create the Secret {secret}"
+            assert created.search(readme), f"deploy/README.md does not say how to create the Secret {secret}"
+        for volume in pod.get("volumes", []):
+            if "secret" in volume:
+                # The default, 0644, would let any user of the container read keys.
+                assert volume["secret"].get("defaultMode", 0o644) & 0o007 == 0, f"{owner}: {volume['name']}"
+
+
+def test_ray_pods_hold_the_files_the_scheduler_hands_its_actors() -> None:
+    # The scheduler passes its TLS and key file paths to its actors (their servers require mutual TLS):
+    # every Ray pod must hold the same Secrets at the same paths.
+    scheduler_pod = _find("Deployment", "scheduler")["spec"]["template"]["spec"]
+    (scheduler,) = scheduler_pod["containers"]
+    scheduler_env = {e["name"]: e for e in scheduler["env"]}
+    ray_pods = [(owner, pod) for owner, pod, _ in _pod_specs() if owner.startswith("RayCluster ")]
+    assert ray_pods
+    for owner, pod in ray_pods:
+        container = pod["containers"][0]
+        for variable in ("MAAS_TLS_CERT_FILE", "MAAS_TLS_KEY_FILE", "MAAS_TLS_CA_FILE", "MAAS_AUTH_KEYS_FILE"):
+            path = scheduler_env[variable]["value"]
+            assert _secret_file(pod, container, path) == _secret_file(scheduler_pod, scheduler, path), owner
+        # Ray's own token authentication, with the scheduler's token.
+        env = {e["name"]: e for e in container["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == scheduler_env["RAY_AUTH_MODE"]["value"] == "token"
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"] == scheduler_env["RAY_AUTH_TOKEN"]["valueFrom"]
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "ray-auth"
 
 
 # Docker Compose ------------------------------------------------------------------------------------------
@@ -297,6 +486,43 @@ def test_compose_services(compose: dict[str, Any]) -> None:
     assert registry_env["MAAS_REGISTRY_ARTIFACT_URL"].startswith("s3://")
     assert registry_env["AWS_ACCESS_KEY_ID"] == services["minio"]["environment"]["MINIO_ROOT_USER"]
     assert registry_env["AWS_SECRET_ACCESS_KEY"] == services["minio"]["environment"]["MINIO_ROOT_PASSWORD"]
+
+
+def test_compose_runs_maas_in_development_mode(compose: dict[str, Any]) -> None:
+    # Compose is for local development: maas's development mode is set explicitly, never implied, and the
+    # ports it serves are on loopback only (test_compose_host_ports_do_not_collide).
+    for name in SERVICES:
+        environment = compose["services"][name]["environment"]
+        assert environment["MAAS_INSECURE"] == "true", name
+    for name, service in compose["services"].items():
+        assert "MAAS_AUTH_TOKENS" not in service.get("environment", {}), f"{name}: MAAS_AUTH_TOKENS no longer exists"
+
+
+def test_compose_holds_no_credential(compose: dict[str, Any]) -> None:
+    text = (DEPLOY / "compose.yaml").read_text()
+    for credential in DEVELOPMENT_CREDENTIALS:
+        assert credential not in text, f"compose.yaml holds the development credential {credential!r}"
+    # Every password in a URL, anywhere (environment, commands, health checks), is a required variable.
+    for string in _strings(compose):
+        for password in URL_PASSWORD.findall(string):
+            _required_variable(password)
+    services = compose["services"]
+    for name, service in services.items():
+        environment = service.get("environment", {})
+        assert isinstance(environment, dict), f"{name}: write the environment as a mapping"
+        for variable, value in environment.items():
+            if CREDENTIAL_NAME.search(variable) and not URL_PASSWORD.search(str(value)):
+                assert _required_variable(str(value)), f"{name}: {variable}"
+    # One variable per secret, wherever it is used.
+    postgres = _required_variable(services["postgres"]["environment"]["POSTGRES_PASSWORD"])
+    for name in ("registry", "scheduler"):
+        (password,) = URL_PASSWORD.findall(services[name]["environment"][f"MAAS_{name.upper()}_DATABASE_URL"])
+        assert _required_variable(password) == postgres, name
+    minio = _required_variable(services["minio"]["environment"]["MINIO_ROOT_PASSWORD"])
+    (password,) = URL_PASSWORD.findall(services["minio-init"]["environment"]["MC_HOST_maas"])
+    assert _required_variable(password) == minio
+    assert _required_variable(services["registry"]["environment"]["AWS_SECRET_ACCESS_KEY"]) == minio
+    assert _required_variable(services["scheduler"]["environment"]["RAY_AUTH_TOKEN"]) not in {postgres, minio}
 
 
 def test_dockerfile_default_command_exists() -> None:

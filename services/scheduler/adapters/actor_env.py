@@ -35,6 +35,8 @@ def actor_env(settings: CommonSettings) -> dict[str, str]:
         if isinstance(value, bool):
             value = str(value).lower()
         elif name.endswith("_file"):
-            value = str(value.resolve())
+            # Absolute, not resolved: a mounted Kubernetes Secret is a symlink into a timestamped directory
+            # that exists on this pod only (the actors mount the same Secret at the same path).
+            value = str(value.absolute())
         env[f"MAAS_{name.upper()}"] = json.dumps(value) if isinstance(value, dict) else str(value)
     return env
