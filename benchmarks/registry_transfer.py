@@ -317,12 +317,15 @@ class Server:
         self._log.close()
 
 
-async def wait_healthy(server: Server, target: str, timeout_s: float = 120.0) -> None:
-    """Polls grpc.health.v1 Check until the registry answers SERVING."""
+async def wait_healthy(
+    server: Server, target: str, timeout_s: float = 120.0, credentials: grpc.ChannelCredentials | None = None
+) -> None:
+    """Polls grpc.health.v1 Check until the server answers SERVING (over TLS with ``credentials``)."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     deadline = time.monotonic() + timeout_s
-    async with grpc.aio.insecure_channel(target) as channel:
+    channel = grpc.aio.insecure_channel(target) if credentials is None else grpc.aio.secure_channel(target, credentials)
+    async with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             server.check_alive()

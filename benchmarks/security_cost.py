@@ -52,7 +52,12 @@ async def measure(secure: bool, workdir: Path, plan: Plan) -> dict[int, Point]:
                     plan.time_cap_s,
                     machine_busy_seconds,
                 )
-                print(f"  {point.system:9} c={c:<3} {point.throughput:8.1f} req/s  {point.to_dict()}", flush=True)
+                figures = point.to_json()
+                print(
+                    f"  {point.system:9} c={c:<3} {point.throughput:8.1f} req/s  p50 {figures['p50_ms']} ms  "
+                    f"p99 {figures['p99_ms']} ms  errors {point.errors}",
+                    flush=True,
+                )
                 points[c] = point
     finally:
         await mesh.stop()
@@ -68,8 +73,8 @@ def summarize(rounds: list[dict[str, dict[int, Point]]]) -> dict[str, Any]:
             points = [r[system][c] for r in rounds]
             row[system] = {
                 "requests_per_s": round(statistics.median(p.throughput for p in points), 1),
-                "p50_ms": round(statistics.median(p.to_dict()["p50_ms"] for p in points), 3),
-                "p99_ms": round(statistics.median(p.to_dict()["p99_ms"] for p in points), 3),
+                "p50_ms": round(statistics.median(p.percentile(50) or 0.0 for p in points), 3),
+                "p99_ms": round(statistics.median(p.percentile(99) or 0.0 for p in points), 3),
                 "errors": sum(p.errors for p in points),
             }
         row["throughput_secure_over_insecure"] = round(

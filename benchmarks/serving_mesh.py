@@ -99,7 +99,7 @@ class Mesh:
             "services.registry",
             {"MAAS_REGISTRY_ADDRESS": self.registry_target, "MAAS_REGISTRY_METRICS_ADDRESS": "127.0.0.1:0"},
         )
-        await wait_healthy(registry, self.registry_target)
+        await wait_healthy(registry, self.registry_target, credentials=self._tls())
         # The gateway binds before the scheduler starts Ray, whose processes take ephemeral ports (a port
         # picked free earlier was seen taken by then); it follows the scheduler once that is up.
         gateway = self._start(
@@ -112,7 +112,7 @@ class Mesh:
                 "MAAS_GATEWAY_REGISTRY_ADDRESS": self.registry_target,
             },
         )
-        await wait_healthy(gateway, self.gateway_target)
+        await wait_healthy(gateway, self.gateway_target, credentials=self._tls())
         scheduler = self._start(
             "scheduler",
             "services.scheduler",
@@ -123,7 +123,7 @@ class Mesh:
                 "MAAS_RAY_NUM_CPUS": str(self.ray_num_cpus),
             },
         )
-        await wait_healthy(scheduler, self.scheduler_target)
+        await wait_healthy(scheduler, self.scheduler_target, credentials=self._tls())
         settings = self.client_settings()
         self.registry_client = RegistryClient.connect(self.registry_target, settings)
         channel = make_channel(
@@ -142,12 +142,18 @@ class Mesh:
             insecure=False, tls_ca_file=self.credentials.ca_file, client_token=self.credentials.admin_key
         )
 
+    def _tls(self) -> grpc.ChannelCredentials | None:
+        if self.credentials is None:
+            return None
+        return grpc.ssl_channel_credentials(self.credentials.ca_file.read_bytes())
+
     def gateway_channel(self, target: str | None = None) -> tuple[grpc.aio.Channel, tuple[tuple[str, str], ...]]:
         """A channel to the gateway as a KServe client opens it, and the metadata each call carries."""
         target = target or self.gateway_target
         if self.credentials is None:
             return grpc.aio.insecure_channel(target), ()
-        tls = grpc.ssl_channel_credentials(self.credentials.ca_file.read_bytes())
+        tls = self._tls()
+        assert tls is not None
         return grpc.aio.secure_channel(target, tls), (("authorization", f"Bearer {self.credentials.admin_key}"),)
 
     def server_pids(self) -> list[int]:

@@ -92,6 +92,12 @@ class CommonSettings(BaseSettings):
     max_message_bytes: int = Field(
         8 * MiB, ge=MiB, description="Largest gRPC message accepted or sent; large payloads are streamed."
     )
+    max_concurrent_rpcs: int = Field(
+        2000,
+        ge=1,
+        description="RPCs a server runs at once (streams included); beyond it, new calls get RESOURCE_EXHAUSTED "
+        "instead of queueing without bound.",
+    )
     shutdown_grace_s: float = Field(10.0, ge=0, description="Seconds in-flight RPCs get to finish on shutdown.")
     rpc_timeout_s: float = Field(30.0, gt=0, description="Default deadline of a unary call made by a client.")
 

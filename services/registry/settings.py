@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from shared.names import ALIAS_NAME
 from shared.settings import CommonSettings, MiB
 
 
@@ -40,6 +41,21 @@ class RegistrySettings(CommonSettings):
     registry_watch_poll_s: float = Field(
         2.0, gt=0, description="How often watchers re-read the change feed for changes made by other replicas."
     )
+
+    registry_protected_aliases: list[str] = Field(
+        default_factory=lambda: ["production"],
+        description="Aliases only an admin key (or the mesh's services) may set, move or delete; a developer "
+        'gets PERMISSION_DENIED. A JSON list, e.g. \'["production", "stable"]\'.',
+    )
+
+    @field_validator("registry_protected_aliases")
+    @classmethod
+    def _valid_aliases(cls, value: list[str]) -> list[str]:
+        # A typo here would protect nothing, silently: refuse to start instead.
+        bad = [alias for alias in value if not ALIAS_NAME.fullmatch(alias)]
+        if bad:
+            raise ValueError(f"not valid alias names: {', '.join(map(repr, bad))}")
+        return value
 
     def database_url(self) -> str:
         if self.registry_database_url:

@@ -89,7 +89,9 @@ async def hosted(options: dict[str, Any]) -> RunningWorker:
     registry = RegistryClient.connect(options["registry_address"], settings)
     lineage = registry_pb2.Lineage()
     lineage.ParseFromString(bytes.fromhex(options.get("lineage_hex", "")))
-    sink = RegistrySink(registry, options["target_model"], lineage, dict(options.get("tags", {})))
+    sink = RegistrySink(
+        registry, options["target_model"], lineage, dict(options.get("tags", {})), tenant=options.get("tenant")
+    )
     session = WorkerSession(spec, [GrpcShard(c) for c in shard_clients], sink, resume=bool(options.get("resume")))
     servicer = TrainingWorkerServicer(session)
     server = await start_service(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,8 @@ from shared.settings import CommonSettings
 
 CHUNK_BYTES = 1024 * 1024
 Progress = Callable[[int], None]
+# Extra call metadata, e.g. ``maas-tenant``: a mesh service acting within one tenant.
+Metadata = Sequence[tuple[str, str]]
 SERVICE = pb.DESCRIPTOR.services_by_name["RegistryService"]
 
 
@@ -55,10 +57,12 @@ class RegistryClient:
     async def close(self) -> None:
         await self.channel.close()
 
-    async def call(self, method: str, request: object, timeout: float | None = None) -> Any:
+    async def call(
+        self, method: str, request: object, timeout: float | None = None, *, metadata: Metadata | None = None
+    ) -> Any:
         """Call a unary method by name; failures raise the matching ``shared.errors`` exception."""
         try:
-            return await getattr(self.stub, method)(request, timeout=timeout or self.timeout_s)
+            return await getattr(self.stub, method)(request, timeout=timeout or self.timeout_s, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from None
 
@@ -73,10 +77,11 @@ class RegistryClient:
         create_model: bool = True,
         progress: Progress | None = None,
         chunk_bytes: int = CHUNK_BYTES,
+        metadata: Metadata | None = None,
     ) -> pb.Version:
         """Upload ``path`` as a new version of ``model``; returns the version the registry created."""
         size = path.stat().st_size
-        metadata = pb.UploadMetadata(
+        upload = pb.UploadMetadata(
             model=model,
             manifest_json=manifest_json,
             sha256=await asyncio.to_thread(sha256_file, path),
@@ -87,7 +92,7 @@ class RegistryClient:
         )
 
         async def messages() -> AsyncIterator[pb.UploadVersionRequest]:
-            yield pb.UploadVersionRequest(metadata=metadata)
+            yield pb.UploadVersionRequest(metadata=upload)
             with path.open("rb") as fh:
                 while chunk := await asyncio.to_thread(fh.read, chunk_bytes):
                     yield pb.UploadVersionRequest(chunk=chunk)
@@ -95,7 +100,7 @@ class RegistryClient:
                         progress(len(chunk))
 
         try:
-            response = await self.stub.UploadVersion(messages())
+            response = await self.stub.UploadVersion(messages(), metadata=metadata)
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from None
         return response.version

@@ -13,6 +13,7 @@ log, ``maas.audit``: who, which tenant, which RPC, on what, and how it ended.
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 from collections.abc import AsyncIterator, Awaitable, Iterable
 from typing import Any
@@ -23,8 +24,10 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 
 from shared import errors
 from shared.grpc.interceptors import Behavior, wrap_handler
+from shared.names import check_name
 from shared.security.access import (
     PUBLIC_SERVICES,
+    TENANT_METADATA,
     Access,
     AuthorizationTable,
     Principal,
@@ -70,6 +73,17 @@ def _target(request: Any) -> str:
     return ""
 
 
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    """What the interceptor learned of a call before it runs (its checks run inside the call)."""
+
+    method: str
+    access: Access | None
+    principal: Principal | None
+    header: object
+    acting_for: str | None
+
+
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Authenticates every call and checks the service's authorization table.
 
@@ -106,9 +120,13 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if method.lstrip("/").startswith(self._public):
             return handler
         access = self._table.get(method)
-        header = next((v for k, v in details.invocation_metadata or () if k == "authorization"), None)
+        metadata = details.invocation_metadata or ()
+        header = next((v for k, v in metadata if k == "authorization"), None)
         principal = self._from_header(header)
-        return wrap_handler(handler, method, lambda b, _rq, rs, m: self._guard(b, rs, m, access, principal, header))
+        # Checked in the call: an error raised here would not reach the client as a status.
+        acting_for = next((v for k, v in metadata if k == TENANT_METADATA), None)
+        call = _Call(method, access, principal, header, acting_for if isinstance(acting_for, str) else None)
+        return wrap_handler(handler, method, lambda b, _rq, rs, _m: self._guard(b, rs, call))
 
     def _from_header(self, header: object) -> Principal | None:
         if not isinstance(header, str) or not header.startswith("Bearer "):
@@ -133,20 +151,16 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return None
         return Principal.mesh_service(names[0].decode(errors="replace"))
 
-    def _check(
-        self,
-        method: str,
-        access: Access | None,
-        principal: Principal | None,
-        header: object,
-        context: grpc.aio.ServicerContext,
-    ) -> None:
-        if principal is None:
-            principal = self._from_certificate(context)
+    def _check(self, call: _Call, context: grpc.aio.ServicerContext) -> None:
+        method, access = call.method, call.access
+        principal = call.principal or self._from_certificate(context)
         if principal is None:
             raise errors.Unauthenticated(
                 "missing, invalid or revoked credentials: send 'authorization: Bearer <API key>'"
             )
+        if call.acting_for is not None and principal.is_admin:
+            # The mesh's services and admin keys may act within one tenant; other keys are their tenant.
+            principal = dataclasses.replace(principal, acting_for=check_name(call.acting_for, TENANT_METADATA))
         current_principal.set(principal)
         if access is None:
             log.warning("rpc_without_authorization_rule", rpc_method=method)
@@ -156,7 +170,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             raise errors.PermissionDenied(f"{method} needs the {access.value} role; this key has {role}")
         if self._limits is not None:
             self._limits.check(principal, access)
-        current_authorization.set(header if isinstance(header, str) else None)
+        current_authorization.set(call.header if isinstance(call.header, str) else None)
 
     def _audit(self, method: str, request: Any, outcome: str) -> None:
         principal = current_principal.get()
@@ -169,19 +183,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             outcome=outcome,
         )
 
-    def _guard(
-        self,
-        behavior: Behavior,
-        resp_stream: bool,
-        method: str,
-        access: Access | None,
-        principal: Principal | None,
-        header: object,
-    ) -> Behavior:
+    def _guard(self, behavior: Behavior, resp_stream: bool, call: _Call) -> Behavior:
+        method = call.method
         if resp_stream:
 
             async def stream_behavior(request: Any, context: Any) -> AsyncIterator[Any]:
-                self._check(method, access, principal, header, context)
+                self._check(call, context)
                 async for response in behavior(request, context):
                     yield response
 
@@ -191,12 +198,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
         async def unary_behavior(request: Any, context: Any) -> Awaitable[Any]:
             if not audited:
-                self._check(method, access, principal, header, context)
+                self._check(call, context)
                 return await behavior(request, context)
             outcome = "OK"
             try:
                 # Refusals are recorded too: who tried to change what.
-                self._check(method, access, principal, header, context)
+                self._check(call, context)
                 return await behavior(request, context)
             except BaseException as exc:
                 outcome = getattr(exc, "reason", None) or type(exc).__name__

@@ -32,8 +32,39 @@ Behavior = Callable[..., Any]
 Wrapper = Callable[[Behavior, bool, bool, str], Behavior]
 
 
-def wrap_handler(handler: grpc.RpcMethodHandler | None, method: str, wrapper: Wrapper) -> Any:
-    """Return ``handler`` with its behaviour wrapped by ``wrapper(behavior, req_stream, resp_stream, method)``."""
+# What a request that does not parse becomes (see ``safe_decoding``): the behaviour answers INVALID_ARGUMENT.
+UNDECODABLE = object()
+
+
+def safe_decoding(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """``deserializer`` returning :data:`UNDECODABLE` instead of raising: gRPC would answer a parse error
+    raised in its deserializer with INTERNAL (or UNKNOWN), which bad input must never get."""
+    if deserializer is None:
+        return None
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:  # noqa: BLE001 - any parse failure is the client's bad input
+            return UNDECODABLE
+
+    return decode
+
+
+def _undecodable(method: str) -> errors.InvalidArgument:
+    return errors.InvalidArgument(f"the request is not a valid message for {method}", reason="UNDECODABLE_REQUEST")
+
+
+async def _checked_stream(requests: AsyncIterator[Any], method: str) -> AsyncIterator[Any]:
+    async for request in requests:
+        if request is UNDECODABLE:
+            raise _undecodable(method)
+        yield request
+
+
+def wrap_handler(handler: grpc.RpcMethodHandler | None, method: str, wrapper: Wrapper, *, safe: bool = False) -> Any:
+    """Return ``handler`` with its behaviour wrapped by ``wrapper(behavior, req_stream, resp_stream, method)``;
+    ``safe``: requests that do not parse arrive as :data:`UNDECODABLE` (see :func:`safe_decoding`)."""
     if handler is None:
         return None
     if handler.unary_unary:
@@ -45,11 +76,8 @@ def wrap_handler(handler: grpc.RpcMethodHandler | None, method: str, wrapper: Wr
     else:
         factory, behavior = grpc.stream_stream_rpc_method_handler, handler.stream_stream
     wrapped = wrapper(behavior, handler.request_streaming, handler.response_streaming, method)
-    return factory(
-        wrapped,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
+    deserializer = safe_decoding(handler.request_deserializer) if safe else handler.request_deserializer
+    return factory(wrapped, request_deserializer=deserializer, response_serializer=handler.response_serializer)
 
 
 class RequestInterceptor(grpc.aio.ServerInterceptor):
@@ -82,20 +110,29 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         # that wraps per call (authentication) yields a new one, which is wrapped afresh.
         if cached is not None and cached[0] is handler:
             return cached[1]
-        wrapped = wrap_handler(handler, method, self._wrap)
+        wrapped = wrap_handler(handler, method, self._wrap, safe=True)
         self._wrapped[method] = (handler, wrapped)
         return wrapped
 
-    def _wrap(self, behavior: Behavior, _req_stream: bool, resp_stream: bool, method: str) -> Behavior:
+    def _wrap(self, behavior: Behavior, req_stream: bool, resp_stream: bool, method: str) -> Behavior:
         service, _, name = method.lstrip("/").rpartition("/")
         attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+
+        def checked(request: Any) -> Any:
+            # A request that did not parse (see safe_decoding) is the client's error, answered as such.
+            if req_stream:
+                return _checked_stream(request, method)
+            if request is UNDECODABLE:
+                raise _undecodable(method)
+            return request
+
         if resp_stream:
 
             async def stream_behavior(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 span, token, started = self._begin(method, attributes, context)
                 code = grpc.StatusCode.OK
                 try:
-                    async for response in behavior(request, context):
+                    async for response in behavior(checked(request), context):
                         yield response
                 except BaseException as exc:  # noqa: BLE001 - classified and re-raised or mapped below
                     code = await self._handle(exc, context, method)
@@ -108,7 +145,7 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
             span, token, started = self._begin(method, attributes, context)
             code = grpc.StatusCode.OK
             try:
-                return await behavior(request, context)
+                return await behavior(checked(request), context)
             except BaseException as exc:  # noqa: BLE001 - classified and re-raised or mapped below
                 code = await self._handle(exc, context, method)
             finally:

@@ -148,6 +148,7 @@ async def start_server(
     interceptors.extend(extra_interceptors)
     server = grpc.aio.server(
         interceptors=interceptors,
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),

@@ -20,6 +20,11 @@ from shared.security.keys import Role
 PUBLIC_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.")
 # The tenant of the mesh's own services (they act for every tenant).
 MESH_TENANT = "*"
+# Where a resource belongs when no tenant is known (development mode, the mesh acting for nobody).
+DEFAULT_TENANT = "default"
+# Metadata by which the mesh's services (and admin keys) act within one tenant: a training rank uploads
+# the model of its job's tenant, the scheduler checks a deployment's model as its tenant sees it.
+TENANT_METADATA = "maas-tenant"
 
 
 class Access(StrEnum):
@@ -40,6 +45,8 @@ class Principal:
     tenant: str
     role: Role | None = None
     service: str | None = None
+    # The tenant a service or an admin acts within for this call (TENANT_METADATA); None: its own view.
+    acting_for: str | None = None
 
     @classmethod
     def mesh_service(cls, service: str) -> Principal:
@@ -61,6 +68,32 @@ class Principal:
         if access is Access.INTERNAL or self.role is None:
             return False
         return self.role.allows(Role(access.value))
+
+
+def tenant_scope(principal: Principal | None) -> str | None:
+    """The tenant whose resources a call may see and touch; None: every tenant.
+
+    None for development mode (no principal), the mesh's services and admin keys, unless they act for one
+    tenant; a developer's or inference key's own tenant otherwise.
+    """
+    if principal is None:
+        return None
+    if principal.acting_for is not None:
+        return principal.acting_for
+    if principal.is_admin:
+        return None
+    return principal.tenant
+
+
+def owner_tenant(principal: Principal | None) -> str:
+    """The tenant a resource created by this call belongs to."""
+    if principal is None:
+        return DEFAULT_TENANT
+    if principal.acting_for is not None:
+        return principal.acting_for
+    if principal.is_service:
+        return DEFAULT_TENANT
+    return principal.tenant
 
 
 # The caller of the RPC being served (None: authentication is off, ``--insecure``).

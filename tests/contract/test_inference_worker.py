@@ -274,6 +274,8 @@ async def test_queue_full_health_and_lru(
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await load(channel, "b")
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # Sized from the manifest on the meta device: refused before its weights were ever allocated.
+    assert "refused before loading" in (info.value.details() or "")
 
 
 async def test_hosted_loads_models_before_returning(registry: Any, registry_client: Any, tmp_path: Path) -> None:
@@ -518,3 +520,47 @@ async def test_infer_stream_ends_itself_when_the_worker_stops(
             await running.stop(0.5)
         elif not stopping.done():
             await asyncio.wait_for(stopping, 35)
+
+
+async def test_generations_are_bounded_by_the_queue_limit(
+    registry_client: Any, channel: grpc.aio.Channel, tmp_path: Path
+) -> None:
+    # Each generation takes the compute thread once per token: they count against the version's queue limit,
+    # so a burst of streams cannot pile up without bound.
+    await push(registry_client, tmp_path, "lm", "decoder-lm", LM)
+    await load(channel, "lm", max_queue_size=2)
+
+    def request(rid: str) -> kpb.ModelInferRequest:
+        message = kpb.ModelInferRequest(model_name="lm", id=rid)
+        message.inputs.add(name="input_ids", datatype="INT64", shape=[1, 3])
+        message.raw_input_contents.append(np.array([1, 2, 3], "<i8").tobytes())
+        message.parameters["max_tokens"].int64_param = 30
+        return message
+
+    stub = kserve(channel)
+    release = asyncio.Event()
+
+    async def hold(rid: str, first: asyncio.Event) -> None:
+        async def one() -> AsyncIterator[kpb.ModelInferRequest]:
+            yield request(rid)
+            await release.wait()
+
+        async for response in stub.ModelStreamInfer(one(), timeout=30):
+            assert not response.error_message, response.error_message
+            first.set()
+            await release.wait()
+            return
+
+    firsts = [asyncio.Event(), asyncio.Event()]
+    holders = [asyncio.create_task(hold(f"h{i}", firsts[i])) for i in range(2)]
+    await asyncio.wait_for(asyncio.gather(*(f.wait() for f in firsts)), 30)
+
+    async def third() -> AsyncIterator[kpb.ModelInferRequest]:
+        yield request("x")
+
+    errors = [r.error_message async for r in stub.ModelStreamInfer(third(), timeout=30) if r.error_message]
+    assert errors and "generations running, the limit is 2" in errors[0]
+    release.set()
+    for task in holders:
+        task.cancel()
+    await asyncio.gather(*holders, return_exceptions=True)

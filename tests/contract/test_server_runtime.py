@@ -112,6 +112,32 @@ async def test_channels_give_unary_calls_a_default_deadline() -> None:
         await server.stop(0)
 
 
+async def test_servers_bound_the_rpcs_they_run_at_once() -> None:
+    release = asyncio.Event()
+
+    async def held(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        await release.wait()
+        return b"done"
+
+    handler = grpc.method_handlers_generic_handler("test.Held", {"Wait": grpc.unary_unary_rpc_method_handler(held)})
+    settings = CommonSettings(max_concurrent_rpcs=2)
+    server = await start_server(settings, "127.0.0.1:0", [lambda s: s.add_generic_rpc_handlers((handler,))], [])
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    try:
+        call = channel.unary_unary("/test.Held/Wait")
+        running = [asyncio.ensure_future(call(b"", timeout=10)) for _ in range(2)]
+        await asyncio.sleep(0.3)
+        # A third call beyond the bound is refused at once, not queued.
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call(b"", timeout=10)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        release.set()
+        assert await asyncio.gather(*running) == [b"done", b"done"]
+    finally:
+        await channel.close()
+        await server.stop(0)
+
+
 @sqlite_only
 async def test_one_trace_follows_a_request_across_the_hop(registry) -> None:
     provider = configure_tracing("tests")

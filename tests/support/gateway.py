@@ -22,3 +22,17 @@ class NoControl:
 
     async def registry_models(self) -> list[str]:
         return []
+
+
+class NoScheduler(NoControl):
+    """A ``DeploymentControl`` as a gateway sees an unreachable scheduler: changes answer UNAVAILABLE."""
+
+    async def apply(self, options: Any) -> Any:
+        from shared.errors import Unavailable
+
+        raise Unavailable("no scheduler in this test")
+
+    async def delete(self, name: str) -> None:
+        from shared.errors import Unavailable
+
+        raise Unavailable("no scheduler in this test")

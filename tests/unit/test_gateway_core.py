@@ -304,3 +304,58 @@ async def test_statistics_skip_replicas_that_fail() -> None:
     assert stats.inference_count == 4 and stats.last_inference == len("bb:1")
     with pytest.raises(NotFound):
         await gateway.statistics("nope", "", 1.0)
+
+
+# -- tenants ----------------------------------------------------------------------------------------------
+
+
+def _not_deployed(call: object, *args: object) -> str:
+    with pytest.raises(NotFound) as info:
+        call(*args)  # type: ignore[operator]
+    return info.value.message
+
+
+async def test_another_tenants_deployment_is_a_model_not_deployed() -> None:
+    gateway, _ = make(deployment("m", tenant="a"), deployment("n", ("b:1",), tenant="b"))
+    # To tenant b, "m" is exactly a model nobody deployed: the same words, and never listed.
+    unknown = _not_deployed(gateway.resolve, "zzz", "", "b")
+    assert unknown == "model 'zzz' is not deployed (deployed: n)"
+    assert _not_deployed(gateway.resolve, "m", "", "b") == unknown.replace("zzz", "m")
+    assert _not_deployed(gateway.lookup, "m", "", "b") == unknown.replace("zzz", "m")
+    assert not gateway.model_ready("m", "", "b") and gateway.model_ready("n", "", "b")
+    with pytest.raises(NotFound):
+        await gateway.statistics("m", "", 1.0, "b")
+    assert [s.name for s in await gateway.statistics("", "", 1.0, "b")] == ["n"]
+    with pytest.raises(NotFound):
+        await gateway.route("m", "", 1.0, "b")  # in sync: at once
+    # The owner and the unscoped (admin, mesh, development mode) see it.
+    assert gateway.resolve("m", "", "a").deployment.name == "m"
+    assert gateway.resolve("m", "").deployment.name == "m"
+    assert [s.name for s in await gateway.statistics("", "", 1.0)] == ["m", "n"]
+
+
+async def test_another_tenants_model_is_held_like_an_unknown_one_while_out_of_sync() -> None:
+    gateway, _ = make(deployment("m", tenant="a"), max_hold_s=0.05)
+    gateway.table.mark_stale()
+    # Answering at once would tell tenant b that "m" exists: it waits for a current snapshot as for "zzz".
+    for name in ("m", "zzz"):
+        with pytest.raises(Unavailable, match="not known to the gateway yet"):
+            await gateway.route(name, "", None, "b")
+        with pytest.raises(Unavailable, match="not known to the gateway yet"):
+            await gateway.describe(name, "", None, "b")
+    assert (await gateway.route("m", "", None, "a")).deployment.name == "m"
+    held = asyncio.create_task(gateway.route("m", "", 5.0, "b"))
+    await asyncio.sleep(0.01)
+    gateway.apply_snapshot([deployment("m", tenant="a")])
+    with pytest.raises(NotFound, match=r"model 'm' is not deployed \(deployed: none\)"):
+        await held
+
+
+async def test_a_held_request_stays_with_its_tenant() -> None:
+    gateway, _ = make(deployment("m", addresses=(), tenant="a"))
+    call = asyncio.create_task(gateway.infer(gateway.resolve("m", "", "a"), b"p", 5.0))
+    await asyncio.sleep(0.01)
+    # "m" was deleted and created again by tenant b while the request waited: it is not a's to use.
+    gateway.apply_snapshot([deployment("m", addresses=("b:1",), tenant="b")])
+    with pytest.raises(NotFound, match="model 'm' is not deployed"):
+        await call

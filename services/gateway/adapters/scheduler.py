@@ -18,7 +18,7 @@ from shared.errors import NotFound
 from shared.grpc.channel import make_channel
 from shared.grpc.status import from_rpc_error
 from shared.kserve.convert import batching_from_pb, signature_from_pb
-from shared.security.access import current_authorization
+from shared.security.access import TENANT_METADATA, current_authorization, current_principal, tenant_scope
 from shared.settings import CommonSettings
 
 SERVICE = pb.DESCRIPTOR.services_by_name["SchedulerService"]
@@ -59,7 +59,18 @@ def deployment_from_pb(message: pb.DeploymentEndpoints) -> Deployment:
         state=_STATES.get(message.state, m.UNSPECIFIED),
         target_replicas=message.target_replicas,
         max_replicas=message.max_replicas,
+        # A scheduler older than tenants names none: its deployments are the default tenant's.
+        tenant=message.tenant or m.DEFAULT_TENANT,
     )
+
+
+def _acting_for() -> tuple[tuple[str, str], ...]:
+    """The caller's ``maas-tenant`` when it (an admin) acts within one tenant here: a call made on its behalf
+    does so too (the tenant a deployment it loads belongs to, what it lists)."""
+    principal = current_principal.get()
+    if principal is None or principal.acting_for is None:
+        return ()
+    return ((TENANT_METADATA, principal.acting_for),)
 
 
 def status_from_pb(message: pb.Deployment) -> DeploymentStatus:
@@ -71,6 +82,7 @@ def status_from_pb(message: pb.Deployment) -> DeploymentStatus:
         version=message.version,
         generation=message.generation,
         min_replicas=message.spec.min_replicas,
+        tenant=message.tenant or m.DEFAULT_TENANT,
     )
 
 
@@ -133,7 +145,7 @@ class SchedulerLink:
         header = current_authorization.get() if as_caller else None
         stub, metadata = self._stub, None
         if header is not None and self._caller_stub is not None:
-            stub, metadata = self._caller_stub, (("authorization", header),)
+            stub, metadata = self._caller_stub, (("authorization", header), *_acting_for())
         try:
             return await getattr(stub, method)(request, timeout=self._timeout_s, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
@@ -231,11 +243,14 @@ class SchedulerLink:
     async def registry_models(self) -> list[str]:
         if self._registry is None:
             return []
+        # The gateway's own credentials see every tenant: list as the caller's tenant sees the registry.
+        scope = tenant_scope(current_principal.get())
+        metadata = None if scope is None else ((TENANT_METADATA, scope),)
         names: list[str] = []
         token = ""
         while True:
             response = await self._registry.call(
-                "ListModels", registry_pb2.ListModelsRequest(page_size=100, page_token=token)
+                "ListModels", registry_pb2.ListModelsRequest(page_size=100, page_token=token), metadata=metadata
             )
             names.extend(model.name for model in response.models)
             token = response.next_page_token

@@ -4,6 +4,9 @@ The handlers are registered by hand (a generic handler) rather than through the 
 that ModelInfer and ModelStreamInfer receive and return raw bytes: the request is parsed once (to route
 and validate it) and the original bytes are forwarded; the worker's response bytes go back untouched.
 The other RPCs use the generated messages as usual. The project's interceptor chain applies to all.
+
+Every model RPC passes the caller's scope (``tenant_scope``: its key's tenant, None for admin keys, the mesh
+and development mode) to the core: another tenant's deployment is, to the caller, a model not deployed.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from shared.errors import InvalidArgument, MaasError
 from shared.kserve.batching import BatchingSettings
 from shared.kserve.codec import validate_request
 from shared.kserve.convert import model_config_pb, model_metadata_pb
-from shared.security.access import Access, rules
+from shared.security.access import Access, current_principal, rules, tenant_scope
 
 SERVICE_NAME = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 # Who may call what (shared.security.access): an inference key serves and describes models; the
@@ -56,6 +59,10 @@ def _version() -> str:
         return metadata.version("maas")
     except metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree without metadata
         return "0"
+
+
+def _scope() -> str | None:
+    return tenant_scope(current_principal.get())
 
 
 def _parse_infer(data: bytes) -> kpb.ModelInferRequest:
@@ -91,7 +98,7 @@ class InferenceServicer:
         return kpb.ServerReadyResponse(ready=self._gateway.ready)
 
     async def ModelReady(self, request: kpb.ModelReadyRequest, context: Any) -> kpb.ModelReadyResponse:
-        return kpb.ModelReadyResponse(ready=self._gateway.model_ready(request.name, request.version))
+        return kpb.ModelReadyResponse(ready=self._gateway.model_ready(request.name, request.version, _scope()))
 
     async def ServerMetadata(self, request: kpb.ServerMetadataRequest, context: Any) -> kpb.ServerMetadataResponse:
         return self._metadata
@@ -99,14 +106,14 @@ class InferenceServicer:
     async def ModelMetadata(
         self, request: kpb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> kpb.ModelMetadataResponse:
-        route = await self._gateway.describe(request.name, request.version, context.time_remaining())
+        route = await self._gateway.describe(request.name, request.version, context.time_remaining(), _scope())
         versions = sorted(route.deployment.versions)
         return model_metadata_pb(route.deployment.name, versions, route.served.signature)
 
     async def ModelConfig(
         self, request: kpb.ModelConfigRequest, context: grpc.aio.ServicerContext
     ) -> kpb.ModelConfigResponse:
-        route = await self._gateway.describe(request.name, request.version, context.time_remaining())
+        route = await self._gateway.describe(request.name, request.version, context.time_remaining(), _scope())
         served = route.served
         replicas = len(route.deployment.ready(served.version))
         batching = served.batching or BatchingSettings(max_batch_size=max(served.max_batch_size, 1))
@@ -114,13 +121,13 @@ class InferenceServicer:
         return kpb.ModelConfigResponse(config=config)
 
     async def ModelStatistics(self, request: kpb.ModelStatisticsRequest, context: Any) -> kpb.ModelStatisticsResponse:
-        stats = await self._gateway.statistics(request.name, request.version, self._statistics_timeout_s)
+        stats = await self._gateway.statistics(request.name, request.version, self._statistics_timeout_s, _scope())
         return convert.stats_to_pb(stats)
 
     async def ModelInfer(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
         request = _parse_infer(data)
         timeout = context.time_remaining()
-        route = await self._gateway.route(request.model_name, request.model_version, timeout)
+        route = await self._gateway.route(request.model_name, request.model_version, timeout, _scope())
         validate_request(request, route.served.signature, route.served.max_batch_size)
         return await self._gateway.infer(route, data, context.time_remaining())
 
@@ -133,12 +140,15 @@ class InferenceServicer:
         convention). When the client goes away, every worker stream is cancelled.
         """
         queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        scope = _scope()
 
         async def one(data: bytes) -> None:
             request = None
             try:
                 request = _parse_infer(data)
-                route = await self._gateway.route(request.model_name, request.model_version, context.time_remaining())
+                route = await self._gateway.route(
+                    request.model_name, request.model_version, context.time_remaining(), scope
+                )
                 validate_request(request, route.served.signature, route.served.max_batch_size)
                 async for message in self._gateway.stream(route, data, context.time_remaining()):
                     queue.put_nowait(message)
@@ -168,7 +178,7 @@ class InferenceServicer:
                     await reader
 
     async def RepositoryIndex(self, request: kpb.RepositoryIndexRequest, context: Any) -> kpb.RepositoryIndexResponse:
-        return convert.index_to_pb(await self._repository.index(request.ready))
+        return convert.index_to_pb(await self._repository.index(request.ready, _scope()))
 
     async def RepositoryModelLoad(
         self, request: kpb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext

@@ -96,9 +96,14 @@ class Repository:
         while self._table.get(name) is not None and (remaining := deadline - self._clock()) > 0:
             await self._table.wait_changed(remaining)
 
-    async def index(self, ready_only: bool) -> list[IndexEntry]:
-        """Deployments with their state, then registry models that are not deployed (UNAVAILABLE)."""
-        deployments = await self._control.list_deployments()
+    async def index(self, ready_only: bool, scope: str | None = None) -> list[IndexEntry]:
+        """Deployments with their state, then registry models that are not deployed (UNAVAILABLE); only
+        the tenant ``scope``'s (None: every tenant's).
+
+        The control runs as the caller (the scheduler and the registry list what the caller may see); the
+        deployments are filtered here too, so that a control that lists more never shows another tenant's.
+        """
+        deployments = [d for d in await self._control.list_deployments() if scope is None or d.tenant == scope]
         models = await self._control.registry_models()
         entries = []
         deployed: set[str] = set()

@@ -16,6 +16,9 @@ DEGRADED = "DEGRADED"
 FAILED = "FAILED"
 DELETING = "DELETING"
 UNSPECIFIED = "UNSPECIFIED"
+#: The tenant of a deployment whose snapshot names none (as ``shared.security.access.DEFAULT_TENANT``,
+#: which a core cannot import: that module depends on protobuf).
+DEFAULT_TENANT = "default"
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,7 @@ class Deployment:
         state: One of the state names of this module.
         target_replicas: Replicas the autoscaler wants now.
         max_replicas: Upper bound of the deployment's replicas.
+        tenant: The tenant it belongs to: only that tenant's keys (and admin keys) see it.
     """
 
     name: str
@@ -76,6 +80,7 @@ class Deployment:
     state: str = READY
     target_replicas: int = 0
     max_replicas: int = 0
+    tenant: str = DEFAULT_TENANT
     _by_version: dict[int, tuple[Endpoint, ...]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -121,6 +126,7 @@ class DeploymentStatus:
     version: int = 0
     generation: int = 0
     min_replicas: int = 1
+    tenant: str = DEFAULT_TENANT
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,8 @@ class LoadSink(Protocol):
 
 
 class DeploymentControl(Protocol):
-    """The scheduler's deployment API and the registry's model list, for the repository RPCs."""
+    """The scheduler's deployment API and the registry's model list, for the repository RPCs; each call
+    acts as the caller of the RPC being served (its key, so its tenant)."""
 
     async def get(self, name: str) -> DeploymentStatus | None:
         """The deployment called ``name``, None if there is none."""
@@ -65,5 +66,5 @@ class DeploymentControl(Protocol):
     async def delete(self, name: str) -> None: ...
 
     async def registry_models(self) -> list[str]:
-        """Names of every model in the registry."""
+        """Names of every model in the registry the caller may see (the models of its tenant)."""
         ...

@@ -41,6 +41,9 @@ class _Attempts:
 class Gateway:
     """Routes inference requests over the endpoint table.
 
+    The lookups take the caller's *scope* (see :class:`EndpointTable`): a deployment of another tenant is,
+    to the caller, a model that is not deployed.
+
     Args:
         table: The endpoint table (fed by an endpoint source).
         replicas: The workers' data plane.
@@ -81,34 +84,36 @@ class Gateway:
         one, nor while the stream to the scheduler is being re-established."""
         return self.table.in_sync
 
-    def resolve(self, name: str, version: str) -> Route:
+    def resolve(self, name: str, version: str, scope: str | None = None) -> Route:
         """See :meth:`EndpointTable.resolve`."""
-        return self.table.resolve(name, version)
+        return self.table.resolve(name, version, scope)
 
-    async def route(self, name: str, version: str, timeout: float | None) -> Route:
+    async def route(self, name: str, version: str, timeout: float | None, scope: str | None = None) -> Route:
         """:meth:`resolve`, holding a model the table does not know while the table is not current.
 
         Between a gateway's start (or a lost scheduler stream) and the next snapshot, an unknown model may
         well be deployed: the request waits for the snapshot (up to ``timeout``, or ``max_hold_s`` without
-        one) as a request waits for a replica, instead of failing with NOT_FOUND.
+        one) as a request waits for a replica, instead of failing with NOT_FOUND. Another tenant's model
+        is unknown to the caller: held alike while out of sync (answering at once would tell it exists),
+        NOT_FOUND at once when in sync.
         """
         try:
-            return self.table.resolve(name, version)
+            return self.table.resolve(name, version, scope)
         except NotFound:
             if self.table.in_sync:
                 raise
-        await self._await_current(name, timeout)
-        return self.table.resolve(name, version)
+        await self._await_current(name, timeout, scope)
+        return self.table.resolve(name, version, scope)
 
-    async def describe(self, name: str, version: str, timeout: float | None) -> Route:
+    async def describe(self, name: str, version: str, timeout: float | None, scope: str | None = None) -> Route:
         """:meth:`lookup` (ModelMetadata, ModelConfig), holding like :meth:`route`."""
-        if self.table.get(name) is None and not self.table.in_sync:
-            await self._await_current(name, timeout)
-        return self.lookup(name, version)
+        if self.table.get(name, scope) is None and not self.table.in_sync:
+            await self._await_current(name, timeout, scope)
+        return self.lookup(name, version, scope)
 
-    async def _await_current(self, name: str, timeout: float | None) -> None:
+    async def _await_current(self, name: str, timeout: float | None, scope: str | None) -> None:
         deadline = self._clock() + (self._max_hold_s if timeout is None else timeout)
-        while not self.table.in_sync and self.table.get(name) is None:
+        while not self.table.in_sync and self.table.get(name, scope) is None:
             if not await self.table.wait_changed(deadline - self._clock()):
                 raise Unavailable(
                     f"model '{name}' is not known to the gateway yet: it is still learning the scheduler's "
@@ -116,15 +121,15 @@ class Gateway:
                     retry_after_s=1.0,
                 )
 
-    def lookup(self, name: str, version: str) -> Route:
+    def lookup(self, name: str, version: str, scope: str | None = None) -> Route:
         """Like :meth:`resolve` without the canary split: an empty version is the default version
         (what ModelMetadata, ModelConfig and ModelReady describe)."""
-        deployment = self.table.deployment(name)
+        deployment = self.table.deployment(name, scope)
         return Route(deployment, served_version(deployment, version, rand=_NO_CANARY), version)
 
-    def model_ready(self, name: str, version: str) -> bool:
+    def model_ready(self, name: str, version: str, scope: str | None = None) -> bool:
         """True when the version (empty: the default) has at least one ready replica."""
-        deployment = self.table.get(name)
+        deployment = self.table.get(name, scope)
         if deployment is None:
             return False
         try:
@@ -243,13 +248,14 @@ class Gateway:
             retry_after_s=1.0,
         )
 
-    async def statistics(self, name: str, version: str, timeout: float) -> list[VersionStats]:
-        """Statistics summed over the ready replicas of one deployment (or all), one entry per version.
+    async def statistics(self, name: str, version: str, timeout: float, scope: str | None = None) -> list[VersionStats]:
+        """Statistics summed over the ready replicas of one deployment (or all of ``scope``'s), one entry
+        per version.
 
         Raises:
-            NotFound: ``name`` is not deployed, or does not serve ``version``.
+            NotFound: ``name`` is not deployed (for ``scope``), or does not serve ``version``.
         """
-        deployments = [self.table.deployment(name)] if name else self.table.deployments()
+        deployments = [self.table.deployment(name, scope)] if name else self.table.deployments(scope)
         results: list[VersionStats] = []
         for deployment in sorted(deployments, key=lambda d: d.name):
             if version:

@@ -17,6 +17,10 @@ class EndpointTable:
     for a replica, which then looks again. The table is *in sync* from a snapshot until its source reports
     the stream lost (``mark_stale``): a table out of sync still routes to the replicas it knows, but a model it
     does not know may exist at the scheduler, so callers hold such requests instead of answering NOT_FOUND.
+
+    Lookups take the caller's *scope*: the tenant whose deployments it may see (None: every tenant). A
+    deployment of another tenant is, to that caller, exactly a model that is not deployed: same answer, same
+    message, and it is never named in the list of deployed models.
     """
 
     def __init__(self, rand: Callable[[], float] = random.random) -> None:
@@ -36,11 +40,16 @@ class EndpointTable:
         """The snapshot stream was lost: keep the deployments, but stop vouching that they are all there is."""
         self.in_sync = False
 
-    def get(self, name: str) -> Deployment | None:
-        return self._deployments.get(name)
+    def get(self, name: str, scope: str | None = None) -> Deployment | None:
+        """The deployment called ``name``; None if there is none, or it is not of the tenant ``scope``."""
+        deployment = self._deployments.get(name)
+        if deployment is None or (scope is not None and deployment.tenant != scope):
+            return None
+        return deployment
 
-    def deployments(self) -> list[Deployment]:
-        return list(self._deployments.values())
+    def deployments(self, scope: str | None = None) -> list[Deployment]:
+        """Every deployment (of the tenant ``scope``)."""
+        return [d for d in self._deployments.values() if scope is None or d.tenant == scope]
 
     def addresses(self) -> set[str]:
         """Every ready endpoint's address."""
@@ -57,35 +66,44 @@ class EndpointTable:
             return False
         return True
 
-    def deployment(self, name: str) -> Deployment:
-        """The deployment called ``name``; NotFound naming the deployed ones otherwise."""
+    def deployment(self, name: str, scope: str | None = None) -> Deployment:
+        """The deployment called ``name`` (of the tenant ``scope``); NotFound naming the deployed ones the
+        caller may see otherwise."""
+        # Every request passes here: the tenant check is one comparison, inline (no call, no allocation).
         deployment = self._deployments.get(name)
-        if deployment is None:
-            deployed = ", ".join(sorted(self._deployments)) or "none"
+        if deployment is None or (scope is not None and deployment.tenant != scope):
+            deployed = ", ".join(sorted(d.name for d in self.deployments(scope))) or "none"
             raise NotFound(f"model '{name}' is not deployed (deployed: {deployed})", metadata={"model": name})
         return deployment
 
-    def resolve(self, name: str, version: str) -> Route:
+    def resolve(self, name: str, version: str, scope: str | None = None) -> Route:
         """Choose the version a request for ``name`` at ``version`` goes to.
 
         ``version`` is a number, an alias (a served version whose aliases include it) or empty: the
         default version, or the canary for its share of requests. A named version is never split.
 
         Raises:
-            NotFound: The model is not deployed or does not serve that version.
+            NotFound: The model is not deployed (for the tenant ``scope``) or does not serve that version.
         """
-        deployment = self.deployment(name)
+        deployment = self.deployment(name, scope)
         return Route(deployment, served_version(deployment, version, self._rand), version)
 
     def current(self, route: Route) -> Route:
         """``route`` against the latest snapshot: the same version while it is still served, else resolved
-        again (a rolling update replaced it while the request waited)."""
+        again (a rolling update replaced it while the request waited). The request stays with the
+        deployment's tenant: should the name now be another tenant's (deleted and created again while the
+        request waited), it is not deployed any more."""
         deployment = self._deployments.get(route.deployment.name)
         if deployment is route.deployment:
-            return route
-        if deployment is not None and (served := deployment.versions.get(route.version)) is not None:
+            return route  # the common case, on every attempt: nothing more to check
+        tenant = route.deployment.tenant
+        if (
+            deployment is not None
+            and deployment.tenant == tenant
+            and (served := deployment.versions.get(route.version)) is not None
+        ):
             return Route(deployment, served, route.requested)
-        return self.resolve(route.deployment.name, route.requested)
+        return self.resolve(route.deployment.name, route.requested, tenant)
 
 
 def served_version(deployment: Deployment, version: str, rand: Callable[[], float] = random.random) -> ServedVersion:

@@ -22,7 +22,7 @@ from services.inference.core.batcher import DynamicBatcher
 from services.inference.core.observer import NULL_HOST_OBSERVER, HostObserver
 from services.inference.core.runner import TorchRunner, model_bytes
 from services.inference.core.stats import BatchTimings, VersionStats
-from shared.artifacts import ArtifactError, Manifest, Signature, load_artifact, read_manifest
+from shared.artifacts import ArtifactError, Manifest, Signature, build_model, load_artifact, read_manifest
 from shared.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from shared.kserve.batching import BatchingSettings
 
@@ -84,6 +84,15 @@ class ServedVersion:
     def ongoing(self) -> int:
         """Requests queued or running now (batched requests plus open generation streams)."""
         return self.batcher.ongoing + self.streams
+
+
+def _planned_bytes(path: Path) -> int:
+    """What the artifact's model will take once loaded, from its manifest alone: built on the meta device
+    (shapes and dtypes, no memory), so an oversized model is refused before anything is allocated."""
+    try:
+        return model_bytes(build_model(read_manifest(path), device="meta"))
+    except ArtifactError as exc:
+        raise InvalidArgument(f"the artifact cannot be loaded: {exc}") from None
 
 
 def _load(path: Path, device: str) -> tuple[Manifest, nn.Module]:
@@ -157,6 +166,12 @@ class ModelHost:
                 served.batcher.update(batching)
                 return served
             path = await self.source.fetch(model, version)
+            planned = await asyncio.to_thread(_planned_bytes, path)
+            if planned > self.memory_budget_bytes:
+                raise ResourceExhausted(
+                    f"model {model}:{version} needs {planned} bytes, more than the worker's memory budget of "
+                    f"{self.memory_budget_bytes}; refused before loading"
+                )
             manifest, module = await asyncio.to_thread(_load, path, self.device)
             size = model_bytes(module)
             await self._make_room(model, version, size)
@@ -315,9 +330,18 @@ class ModelHost:
 
         Raises:
             Unavailable: If the version is being unloaded.
+            ResourceExhausted: If the version already runs as many generations and batched requests as its
+                queue may hold (each generation takes the compute thread once per token).
         """
         if served.closing:
             raise Unavailable(f"model {served.model}:{served.version} is being unloaded")
+        limit = served.batcher.settings.max_queue_size
+        if served.streams + served.batcher.ongoing >= limit:
+            served.stats.record_rejected()
+            raise ResourceExhausted(
+                f"model {served.model}:{served.version}: {served.streams} generations running, the limit is {limit}",
+                retry_after_s=0.1,
+            )
         served.last_used = time.monotonic()
         served.streams += 1
         served.streams_idle.clear()

@@ -21,6 +21,7 @@ def timestamp(value: datetime) -> Timestamp:
 def model_to_pb(model: Model) -> pb.Model:
     return pb.Model(
         name=model.name,
+        tenant=model.tenant,
         description=model.description,
         tags=model.tags,
         latest_version=model.latest_version,

@@ -1,4 +1,8 @@
-"""``maas.registry.v1.RegistryService``: each RPC converts, awaits the core, converts back."""
+"""``maas.registry.v1.RegistryService``: each RPC converts, awaits the core, converts back.
+
+The tenant comes from the authenticated principal (``current_principal``, set by the auth interceptor),
+never from a request field; the servicer hands it to the core explicitly, which never reads credentials.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from maas.registry.v1 import registry_pb2_grpc
 from services.registry.api import convert
 from services.registry.core.service import RegistryCore
 from shared.errors import InvalidArgument
-from shared.security.access import Access, rules
+from shared.security.access import Access, current_principal, owner_tenant, rules, tenant_scope
 
 _UPDATABLE = {"description", "tags"}
 
@@ -38,6 +42,22 @@ AUTHORIZATION = rules(
 )
 
 
+def _scope() -> str | None:
+    """The tenant whose models this call sees (None: every tenant's)."""
+    return tenant_scope(current_principal.get())
+
+
+def _owner() -> str:
+    """The tenant a model this call creates belongs to."""
+    return owner_tenant(current_principal.get())
+
+
+def _may_move_protected() -> bool:
+    """Admin keys and the mesh's services; everyone in development mode (no principal)."""
+    principal = current_principal.get()
+    return principal is None or principal.is_admin
+
+
 class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     def __init__(self, core: RegistryCore) -> None:
         self._core = core
@@ -45,17 +65,18 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def CreateModel(
         self, request: pb.CreateModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateModelResponse:
-        model = await self._core.create_model(request.name, request.description, dict(request.tags))
+        model = await self._core.create_model(request.name, request.description, dict(request.tags), owner=_owner())
         return pb.CreateModelResponse(model=convert.model_to_pb(model))
 
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.GetModelResponse:
-        return pb.GetModelResponse(model=convert.model_to_pb(await self._core.get_model(request.name)))
+        model = await self._core.get_model(request.name, tenant=_scope())
+        return pb.GetModelResponse(model=convert.model_to_pb(model))
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
         page = await self._core.list_models(
-            request.page_size, request.page_token, request.name_prefix, dict(request.tags)
+            request.page_size, request.page_token, request.name_prefix, dict(request.tags), tenant=_scope()
         )
         return pb.ListModelsResponse(
             models=[convert.model_to_pb(m) for m in page.items], next_page_token=page.next_page_token
@@ -73,13 +94,16 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             request.name,
             request.description if "description" in mask else None,
             dict(request.tags) if "tags" in mask else None,
+            tenant=_scope(),
         )
         return pb.UpdateModelResponse(model=convert.model_to_pb(model))
 
     async def DeleteModel(
         self, request: pb.DeleteModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteModelResponse:
-        await self._core.delete_model(request.name, request.force)
+        await self._core.delete_model(
+            request.name, request.force, tenant=_scope(), may_move_protected=_may_move_protected()
+        )
         return pb.DeleteModelResponse()
 
     async def UploadVersion(
@@ -95,19 +119,21 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                     raise InvalidArgument.field("metadata", "only the first message may carry metadata")
                 yield message.chunk
 
-        version = await self._core.upload_version(convert.upload_from_pb(first.metadata), chunks())
+        version = await self._core.upload_version(
+            convert.upload_from_pb(first.metadata), chunks(), tenant=_scope(), owner=_owner()
+        )
         return pb.UploadVersionResponse(version=convert.version_to_pb(version))
 
     async def GetVersion(
         self, request: pb.GetVersionRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetVersionResponse:
-        version = await self._core.get_version(request.ref.model, request.ref.version)
+        version = await self._core.get_version(request.ref.model, request.ref.version, tenant=_scope())
         return pb.GetVersionResponse(version=convert.version_to_pb(version))
 
     async def ListVersions(
         self, request: pb.ListVersionsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListVersionsResponse:
-        page = await self._core.list_versions(request.model, request.page_size, request.page_token)
+        page = await self._core.list_versions(request.model, request.page_size, request.page_token, tenant=_scope())
         return pb.ListVersionsResponse(
             versions=[convert.version_to_pb(v) for v in page.items], next_page_token=page.next_page_token
         )
@@ -116,7 +142,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         self, request: pb.DownloadVersionRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.DownloadVersionResponse]:
         version, chunks = await self._core.download(
-            request.ref.model, request.ref.version, request.offset, request.chunk_size
+            request.ref.model, request.ref.version, request.offset, request.chunk_size, tenant=_scope()
         )
         yield pb.DownloadVersionResponse(version=convert.version_to_pb(version), offset=request.offset)
         offset = request.offset
@@ -128,28 +154,37 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         self, request: pb.DeriveVersionRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeriveVersionResponse:
         version = await self._core.derive_version(
-            request.ref.model, request.ref.version, request.variant, dict(request.tags)
+            request.ref.model, request.ref.version, request.variant, dict(request.tags), tenant=_scope()
         )
         return pb.DeriveVersionResponse(version=convert.version_to_pb(version))
 
     async def SetAlias(self, request: pb.SetAliasRequest, context: grpc.aio.ServicerContext) -> pb.SetAliasResponse:
-        alias = await self._core.set_alias(request.model, request.alias, request.version, request.create_only)
+        alias = await self._core.set_alias(
+            request.model,
+            request.alias,
+            request.version,
+            request.create_only,
+            tenant=_scope(),
+            may_move_protected=_may_move_protected(),
+        )
         return pb.SetAliasResponse(alias=convert.alias_to_pb(alias))
 
     async def DeleteAlias(
         self, request: pb.DeleteAliasRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteAliasResponse:
-        await self._core.delete_alias(request.model, request.alias)
+        await self._core.delete_alias(
+            request.model, request.alias, tenant=_scope(), may_move_protected=_may_move_protected()
+        )
         return pb.DeleteAliasResponse()
 
     async def ListAliases(
         self, request: pb.ListAliasesRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListAliasesResponse:
-        aliases = await self._core.list_aliases(request.model)
+        aliases = await self._core.list_aliases(request.model, tenant=_scope())
         return pb.ListAliasesResponse(aliases=[convert.alias_to_pb(a) for a in aliases])
 
     async def WatchEvents(
         self, request: pb.WatchEventsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WatchEventsResponse]:
-        async for event in self._core.watch(request.after_sequence, list(request.models)):
+        async for event in self._core.watch(request.after_sequence, list(request.models), tenant=_scope()):
             yield pb.WatchEventsResponse(event=convert.event_to_pb(event))

@@ -27,6 +27,8 @@ class Lineage:
 @dataclass(frozen=True)
 class Model:
     name: str
+    # The tenant that owns the model (and its versions and aliases).
+    tenant: str
     description: str
     tags: dict[str, str]
     latest_version: int

@@ -3,13 +3,17 @@
 Every blocking call (SQL, file I/O, hashing, tensor conversion) runs in a worker thread so the event loop
 stays free; steps that make data durable are shielded from cancellation so that a client hanging up can
 never leave a version row without its bytes, or bytes without their cleanup.
+
+Every use case takes the caller's tenant scope explicitly (``tenant``; None: every tenant), and those that
+create a model its ``owner`` (see ``tenancy``): they are keyword-only and have no default, so a new call
+site cannot forget them and silently see every tenant.
 """
 
 from __future__ import annotations
 
 import asyncio
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,6 +31,7 @@ from services.registry.core.model import (
 )
 from services.registry.core.pipeline import BackgroundWriter
 from services.registry.core.ports import ArtifactStore, ArtifactWriter, Repository
+from services.registry.core.tenancy import ProtectedAliases, model_not_found, name_taken, visible
 from shared import names
 from shared.artifacts import ArtifactError, Manifest, derive_variant
 from shared.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
@@ -58,6 +63,7 @@ class RegistryCore:
         max_artifact_bytes: int,
         download_chunk_bytes: int = 1024 * 1024,
         watch_poll_s: float = 2.0,
+        protected_aliases: Iterable[str] = ("production",),
     ) -> None:
         self._repo = repository
         self._store = store
@@ -65,14 +71,15 @@ class RegistryCore:
         self._chunk = download_chunk_bytes
         self._changes = ChangeSignal()
         self._watch_poll_s = watch_poll_s
+        self._protected = ProtectedAliases(protected_aliases)
         # Serialises commit/cleanup of one digest, so deleting an orphan never races a new reference.
         self._digest_locks: dict[str, asyncio.Lock] = {}
 
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.to_thread(fn, *args)
+    async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await asyncio.to_thread(fn, *args, **kwargs)
 
-    async def _mutate(self, fn: Callable[..., T], *args: Any) -> T:
-        result = await _durable(self._run(fn, *args))
+    async def _mutate(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        result = await _durable(self._run(fn, *args, **kwargs))
         self._changes.notify()
         return result
 
@@ -83,41 +90,69 @@ class RegistryCore:
 
     # Models -------------------------------------------------------------------------------------------
 
-    async def create_model(self, name: str, description: str = "", tags: dict[str, str] | None = None) -> Model:
+    async def create_model(
+        self, name: str, description: str = "", tags: dict[str, str] | None = None, *, owner: str
+    ) -> Model:
+        """A new model of ``owner``; a name any tenant holds is ALREADY_EXISTS (names are global)."""
         names.check_name(name)
-        return await self._mutate(self._repo.create_model, name, description, names.check_tags(tags or {}))
+        return await self._mutate(self._repo.create_model, name, description, names.check_tags(tags or {}), owner=owner)
 
-    async def get_model(self, name: str) -> Model:
-        return await self._run(self._repo.get_model, names.check_name(name))
+    async def get_model(self, name: str, *, tenant: str | None) -> Model:
+        return await self._run(self._repo.get_model, names.check_name(name), tenant=tenant)
 
     async def list_models(
-        self, page_size: int, page_token: str, name_prefix: str = "", tags: dict[str, str] | None = None
+        self,
+        page_size: int,
+        page_token: str,
+        name_prefix: str = "",
+        tags: dict[str, str] | None = None,
+        *,
+        tenant: str | None,
     ) -> Page[Model]:
+        """The models of ``tenant`` (every tenant's when None)."""
         tags = names.check_tags(tags or {})
         if len(name_prefix) > 63:
             raise InvalidArgument.field("name_prefix", "is longer than any name")
-        page = parse_page(page_size, page_token, {"prefix": name_prefix, "tags": tags})
-        models = await self._run(self._repo.list_models, name_prefix, tags, page.after, page.size + 1)
-        return self._page(models, page.size, lambda m: m.name, {"prefix": name_prefix, "tags": tags})
+        # The scope is part of the filter: a token is only good for the view that issued it.
+        query = {"prefix": name_prefix, "tags": tags, "tenant": tenant}
+        page = parse_page(page_size, page_token, query)
+        models = await self._run(self._repo.list_models, name_prefix, tags, page.after, page.size + 1, tenant=tenant)
+        return self._page(models, page.size, lambda m: m.name, query)
 
-    async def update_model(self, name: str, description: str | None, tags: dict[str, str] | None) -> Model:
+    async def update_model(
+        self, name: str, description: str | None, tags: dict[str, str] | None, *, tenant: str | None
+    ) -> Model:
         names.check_name(name)
         if tags is not None:
             names.check_tags(tags)
-        return await self._mutate(self._repo.update_model, name, description, tags)
+        return await self._mutate(self._repo.update_model, name, description, tags, tenant=tenant)
 
-    async def delete_model(self, name: str, force: bool = False) -> None:
-        digests = await self._mutate(self._repo.delete_model, names.check_name(name), force)
+    async def delete_model(
+        self, name: str, force: bool = False, *, tenant: str | None, may_move_protected: bool
+    ) -> None:
+        """Delete the model; ``force`` also removes its aliases, except protected ones the caller may not move."""
+        digests = await self._mutate(
+            self._repo.delete_model,
+            names.check_name(name),
+            force,
+            tenant=tenant,
+            held_back=self._protected.held_back(may_move_protected),
+        )
         for digest in digests:
             await self._release(digest)
 
     # Versions -----------------------------------------------------------------------------------------
 
-    async def upload_version(self, request: UploadRequest, chunks: AsyncIterator[bytes]) -> Version:
-        """Store a new version from streamed bytes; visible only once verified and durable."""
+    async def upload_version(
+        self, request: UploadRequest, chunks: AsyncIterator[bytes], *, tenant: str | None, owner: str
+    ) -> Version:
+        """Store a new version from streamed bytes; visible only once verified and durable.
+
+        The model must be one the caller sees; with ``create_model`` a missing one is created for ``owner``.
+        """
         manifest = self._check_upload(request)
-        if not request.create_model:
-            await self.get_model(request.model)
+        # Checked before any byte is received (the repository checks again in the committing transaction).
+        await self._check_upload_target(request, tenant)
         writer = await self._run(self._store.writer)
         background = BackgroundWriter(writer.write)
         committed = False
@@ -153,7 +188,9 @@ class RegistryCore:
                 committed = True
                 try:
                     new = self._new_version(request, manifest, digest)
-                    version = await self._mutate(self._repo.add_version, new, request.create_model)
+                    version = await self._mutate(
+                        self._repo.add_version, new, request.create_model, tenant=tenant, owner=owner
+                    )
                 except BaseException:
                     await _durable(self._release_locked(digest))
                     raise
@@ -161,6 +198,15 @@ class RegistryCore:
         finally:
             if not committed:
                 await _durable(self._discard(background, writer))
+
+    async def _check_upload_target(self, request: UploadRequest, tenant: str | None) -> None:
+        holder = await self._run(self._repo.model_owner, request.model)
+        if holder is None:
+            if not request.create_model:
+                raise model_not_found(request.model)
+        elif not visible(holder, tenant):
+            # Another tenant's model is missing to this caller; creating it fails as any taken name does.
+            raise name_taken(request.model) if request.create_model else model_not_found(request.model)
 
     async def _discard(self, background: BackgroundWriter, writer: ArtifactWriter) -> None:
         await background.abort()
@@ -196,26 +242,26 @@ class RegistryCore:
             lineage=request.lineage,
         )
 
-    async def get_version(self, model: str, ref: str = "") -> Version:
+    async def get_version(self, model: str, ref: str = "", *, tenant: str | None) -> Version:
         names.check_name(model, "model")
-        number = await self._run(self._repo.resolve, model, ref)
-        return await self._run(self._repo.get_version, model, number)
+        number = await self._run(self._repo.resolve, model, ref, tenant=tenant)
+        return await self._run(self._repo.get_version, model, number, tenant=tenant)
 
-    async def list_versions(self, model: str, page_size: int, page_token: str) -> Page[Version]:
+    async def list_versions(self, model: str, page_size: int, page_token: str, *, tenant: str | None) -> Page[Version]:
         names.check_name(model, "model")
         page = parse_page(page_size, page_token, {"model": model}, cursor_type=int)
-        versions = await self._run(self._repo.list_versions, model, page.after, page.size + 1)
+        versions = await self._run(self._repo.list_versions, model, page.after, page.size + 1, tenant=tenant)
         return self._page(versions, page.size, lambda v: v.number, {"model": model})
 
     async def download(
-        self, model: str, ref: str, offset: int, chunk_size: int
+        self, model: str, ref: str, offset: int, chunk_size: int, *, tenant: str | None
     ) -> tuple[Version, AsyncIterator[bytes]]:
         """The version and an iterator over its bytes from ``offset``."""
         if offset < 0:
             raise InvalidArgument.field("offset", "must not be negative")
         if chunk_size < 0 or chunk_size > MAX_CHUNK_BYTES:
             raise InvalidArgument.field("chunk_size", f"must be between 0 and {MAX_CHUNK_BYTES}")
-        version = await self.get_version(model, ref)
+        version = await self.get_version(model, ref, tenant=tenant)
         if offset > version.size_bytes:
             raise InvalidArgument.field("offset", f"is past the end of the {version.size_bytes}-byte artifact")
         return version, self._stream(version.sha256, offset, chunk_size or self._chunk)
@@ -231,11 +277,16 @@ class RegistryCore:
         finally:
             reader.close()  # type: ignore[attr-defined]
 
-    async def derive_version(self, model: str, ref: str, variant: str, tags: dict[str, str] | None = None) -> Version:
-        """A compressed variant of a version, registered as a new version whose lineage names its parent."""
+    async def derive_version(
+        self, model: str, ref: str, variant: str, tags: dict[str, str] | None = None, *, tenant: str | None
+    ) -> Version:
+        """A compressed variant of a version, registered as a new version whose lineage names its parent.
+
+        The variant joins the parent's model, and so its tenant, whoever derives it.
+        """
         if variant not in VARIANTS:
             raise InvalidArgument.field("variant", f"{variant!r} is not one of {', '.join(VARIANTS)}")
-        parent = await self.get_version(model, ref)
+        parent = await self.get_version(model, ref, tenant=tenant)
         manifest = Manifest.from_json(parent.manifest_json)
         if manifest.quantization or manifest.dtype != "float32":
             raise FailedPrecondition(
@@ -264,7 +315,9 @@ class RegistryCore:
                     source=f"derived from {model}@{parent.number}",
                 ),
             )
-            return await self.upload_version(request, _file_chunks(dest, MAX_CHUNK_BYTES))
+            # Never creates a model (create_model is False), so the owner is never used.
+            chunks = _file_chunks(dest, MAX_CHUNK_BYTES)
+            return await self.upload_version(request, chunks, tenant=tenant, owner="")
 
     def _derive_file(self, digest: str, manifest: Manifest, variant: str, dest: Path) -> Manifest:
         # One thread for fetch and conversion: a remote store's local copy is a download.
@@ -273,25 +326,40 @@ class RegistryCore:
 
     # Aliases ------------------------------------------------------------------------------------------
 
-    async def set_alias(self, model: str, alias: str, version: int, create_only: bool = False) -> Alias:
+    async def set_alias(
+        self,
+        model: str,
+        alias: str,
+        version: int,
+        create_only: bool = False,
+        *,
+        tenant: str | None,
+        may_move_protected: bool,
+    ) -> Alias:
         names.check_name(model, "model")
         names.check_alias(alias)
         if version <= 0:
             raise InvalidArgument.field("version", "must be a positive version number")
-        return await self._mutate(self._repo.set_alias, model, alias, version, create_only)
+        # Before any lookup: the refusal depends on the alias and the caller only, so it reveals no model.
+        self._protected.check(alias, may_move_protected)
+        return await self._mutate(self._repo.set_alias, model, alias, version, create_only, tenant=tenant)
 
-    async def delete_alias(self, model: str, alias: str) -> None:
+    async def delete_alias(self, model: str, alias: str, *, tenant: str | None, may_move_protected: bool) -> None:
         names.check_name(model, "model")
         names.check_alias(alias)
-        await self._mutate(self._repo.delete_alias, model, alias)
+        self._protected.check(alias, may_move_protected)
+        await self._mutate(self._repo.delete_alias, model, alias, tenant=tenant)
 
-    async def list_aliases(self, model: str) -> list[Alias]:
-        return await self._run(self._repo.list_aliases, names.check_name(model, "model"))
+    async def list_aliases(self, model: str, *, tenant: str | None) -> list[Alias]:
+        return await self._run(self._repo.list_aliases, names.check_name(model, "model"), tenant=tenant)
 
     # Events -------------------------------------------------------------------------------------------
 
-    async def watch(self, after_sequence: int, models: list[str]) -> AsyncIterator[Event]:
-        """Recorded events after ``after_sequence`` (0: only new ones), then live ones, forever."""
+    async def watch(self, after_sequence: int, models: list[str], *, tenant: str | None) -> AsyncIterator[Event]:
+        """Recorded events after ``after_sequence`` (0: only new ones), then live ones, forever.
+
+        Only events of ``tenant``'s models (every tenant's when None); sequence numbers are global.
+        """
         if after_sequence < 0:
             raise InvalidArgument.field("after_sequence", "must not be negative")
         for name in models:
@@ -299,7 +367,7 @@ class RegistryCore:
         cursor = after_sequence or await self._run(self._repo.last_sequence)
         while True:
             seen = self._changes.generation
-            events = await self._run(self._repo.events_after, cursor, models, 500)
+            events = await self._run(self._repo.events_after, cursor, models, 500, tenant=tenant)
             for event in events:
                 cursor = event.sequence
                 yield event

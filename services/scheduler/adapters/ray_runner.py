@@ -276,6 +276,8 @@ class RayJobRunner:
             "resume": resume,
             "registry_address": settings.scheduler_registry_address,
             "target_model": spec.target_model,
+            # The trained model belongs to the job's tenant: the rank uploads acting for it.
+            "tenant": spec.tenant,
             "lineage_hex": lineage.SerializeToString().hex(),
             "tags": {"job": job.id, "codec": spec.codec, "consistency": spec.consistency},
             "settings": {"log_level": settings.log_level, "log_format": "json"},

@@ -1,4 +1,5 @@
-"""The deployment core's ModelResolver on the registry's ``GetVersion``."""
+"""The deployment core's ModelResolver on the registry's ``GetVersion``, acting for the deployment's tenant
+(``maas-tenant`` metadata beside the mesh's internal token)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from maas.registry.v1 import registry_pb2 as rpb
 from services.scheduler.core.deployment_model import ResolvedVersion
 from shared.clients.registry import RegistryClient
 from shared.kserve.convert import signature_from_pb
+from shared.security.access import TENANT_METADATA
 from shared.settings import CommonSettings
 
 
@@ -20,9 +22,12 @@ class RegistryModelResolver:
     def connect(cls, target: str, settings: CommonSettings) -> RegistryModelResolver:
         return cls(RegistryClient.connect(target, settings))
 
-    async def resolve(self, model: str, version: str) -> ResolvedVersion:
+    async def resolve(self, model: str, version: str, tenant: str) -> ResolvedVersion:
+        # As the deployment's tenant sees the registry: another tenant's model is NOT_FOUND there.
         response = await self._client.call(
-            "GetVersion", rpb.GetVersionRequest(ref=rpb.VersionRef(model=model, version=version))
+            "GetVersion",
+            rpb.GetVersionRequest(ref=rpb.VersionRef(model=model, version=version)),
+            metadata=((TENANT_METADATA, tenant),),
         )
         found = response.version
         return ResolvedVersion(

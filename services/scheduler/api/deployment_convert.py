@@ -110,6 +110,7 @@ def deployment_to_pb(deployment: Deployment) -> pb.Deployment:
             for r in deployment.replicas
         ],
         generation=deployment.generation,
+        tenant=deployment.tenant,
     )
     if deployment.create_time is not None:
         message.create_time.CopyFrom(timestamp(deployment.create_time))
@@ -139,4 +140,5 @@ def endpoints_to_pb(item: DeploymentEndpoints) -> pb.DeploymentEndpoints:
         endpoints=[pb.Endpoint(replica_id=e.replica_id, address=e.address, version=e.version) for e in item.endpoints],
         target_replicas=item.target_replicas,
         max_replicas=item.max_replicas,
+        tenant=item.tenant,
     )

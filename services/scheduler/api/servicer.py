@@ -1,8 +1,14 @@
-"""``maas.scheduler.v1.SchedulerService``: each RPC converts, awaits the core, converts back."""
+"""``maas.scheduler.v1.SchedulerService``: each RPC converts, awaits the core, converts back.
+
+The tenant comes from the caller, never from a request field: each RPC hands the core the caller's scope
+(``tenant_scope``: the tenant it may see, None for admins, the mesh and development mode) or, when it
+creates something, the owner (``owner_tenant``).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator
 
 import grpc
@@ -14,7 +20,7 @@ from services.scheduler.api import deployment_convert as dconvert
 from services.scheduler.core.deployments import DeploymentService
 from services.scheduler.core.model import Job
 from services.scheduler.core.service import JobService
-from shared.security.access import Access, rules
+from shared.security.access import Access, current_principal, owner_tenant, rules, tenant_scope
 
 # Who may call what (shared.security.access). Endpoint addresses and load reports are the mesh's own.
 AUTHORIZATION = rules(
@@ -36,6 +42,10 @@ AUTHORIZATION = rules(
 )
 
 
+def _scope() -> str | None:
+    return tenant_scope(current_principal.get())
+
+
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     def __init__(self, service: JobService, deployments: DeploymentService) -> None:
         self._service = service
@@ -44,27 +54,36 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     async def SubmitTrainingJob(
         self, request: pb.SubmitTrainingJobRequest, context: grpc.aio.ServicerContext
     ) -> pb.SubmitTrainingJobResponse:
-        job = await self._service.submit(convert.spec_from_pb(request.spec))
+        principal = current_principal.get()
+        spec = convert.spec_from_pb(request.spec)
+        # A tenant's key submits for its tenant whatever the request says; the mesh and admin keys (and
+        # development mode) may name any tenant (admission fairness is per tenant), their own by default.
+        tenant = tenant_scope(principal) or spec.tenant or owner_tenant(principal)
+        job = await self._service.submit(dataclasses.replace(spec, tenant=tenant))
         return pb.SubmitTrainingJobResponse(job=convert.job_to_pb(job))
 
     async def GetJob(self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext) -> pb.GetJobResponse:
-        return pb.GetJobResponse(job=convert.job_to_pb(await self._service.get(request.id)))
+        return pb.GetJobResponse(job=convert.job_to_pb(await self._service.get(request.id, _scope())))
 
     async def ListJobs(self, request: pb.ListJobsRequest, context: grpc.aio.ServicerContext) -> pb.ListJobsResponse:
         page = await self._service.list_jobs(
-            request.page_size, request.page_token, convert.states_from_pb(list(request.states)), request.tenant
+            request.page_size,
+            request.page_token,
+            convert.states_from_pb(list(request.states)),
+            request.tenant,
+            scope=_scope(),
         )
         return pb.ListJobsResponse(
             jobs=[convert.job_to_pb(j) for j in page.items], next_page_token=page.next_page_token
         )
 
     async def CancelJob(self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext) -> pb.CancelJobResponse:
-        return pb.CancelJobResponse(job=convert.job_to_pb(await self._service.cancel(request.id)))
+        return pb.CancelJobResponse(job=convert.job_to_pb(await self._service.cancel(request.id, _scope())))
 
     async def WatchJob(
         self, request: pb.WatchJobRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WatchJobResponse]:
-        async with contextlib.aclosing(self._service.watch(request.id)) as events:
+        async with contextlib.aclosing(self._service.watch(request.id, _scope())) as events:
             async for event in events:
                 if isinstance(event, Job):
                     yield pb.WatchJobResponse(job=convert.job_to_pb(event))
@@ -76,19 +95,20 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     async def CreateDeployment(
         self, request: pb.CreateDeploymentRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateDeploymentResponse:
-        deployment = await self._deployments.create(dconvert.deployment_spec_from_pb(request.spec))
+        spec = dconvert.deployment_spec_from_pb(request.spec)
+        deployment = await self._deployments.create(spec, owner_tenant(current_principal.get()))
         return pb.CreateDeploymentResponse(deployment=dconvert.deployment_to_pb(deployment))
 
     async def GetDeployment(
         self, request: pb.GetDeploymentRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetDeploymentResponse:
-        deployment = await self._deployments.get(request.name)
+        deployment = await self._deployments.get(request.name, _scope())
         return pb.GetDeploymentResponse(deployment=dconvert.deployment_to_pb(deployment))
 
     async def ListDeployments(
         self, request: pb.ListDeploymentsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListDeploymentsResponse:
-        page = await self._deployments.list_deployments(request.page_size, request.page_token)
+        page = await self._deployments.list_deployments(request.page_size, request.page_token, _scope())
         return pb.ListDeploymentsResponse(
             deployments=[dconvert.deployment_to_pb(d) for d in page.items], next_page_token=page.next_page_token
         )
@@ -96,13 +116,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     async def UpdateDeployment(
         self, request: pb.UpdateDeploymentRequest, context: grpc.aio.ServicerContext
     ) -> pb.UpdateDeploymentResponse:
-        deployment = await self._deployments.update(dconvert.deployment_spec_from_pb(request.spec))
+        deployment = await self._deployments.update(dconvert.deployment_spec_from_pb(request.spec), _scope())
         return pb.UpdateDeploymentResponse(deployment=dconvert.deployment_to_pb(deployment))
 
     async def DeleteDeployment(
         self, request: pb.DeleteDeploymentRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteDeploymentResponse:
-        await self._deployments.delete(request.name)
+        await self._deployments.delete(request.name, _scope())
         return pb.DeleteDeploymentResponse()
 
     async def WatchEndpoints(

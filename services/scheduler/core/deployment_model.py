@@ -14,10 +14,10 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from services.scheduler.core.model import ResourceRequest
+from services.scheduler.core.model import DEFAULT_TENANT, ResourceRequest
 from shared import names
 from shared.artifacts import Signature
-from shared.errors import FieldViolation, InvalidArgument
+from shared.errors import FieldViolation, InvalidArgument, NotFound
 from shared.kserve.batching import DEFAULT_MAX_BATCH_SIZE
 
 MAX_BATCH_SIZE = 1024
@@ -179,13 +179,15 @@ class Replica:
 
 @dataclass(frozen=True)
 class Deployment:
-    """A stored deployment; ``replicas`` is filled in from the live replica set when read."""
+    """A stored deployment; ``replicas`` is filled in from the live replica set when read. ``tenant`` is
+    the tenant it belongs to (its creator's), also the one whose models it may serve."""
 
     name: str
     spec: DeploymentSpec
     state: DeploymentState
     resolved: ResolvedVersion
     canary: ResolvedVersion | None = None
+    tenant: str = DEFAULT_TENANT
     message: str = ""
     target_replicas: int = 0
     generation: int = 1
@@ -233,6 +235,13 @@ class DeploymentEndpoints:
     endpoints: tuple[Endpoint, ...]
     target_replicas: int
     max_replicas: int
+    tenant: str = DEFAULT_TENANT
+
+
+def deployment_not_found(name: str) -> NotFound:
+    """The error for a deployment that does not exist, and for one of another tenant: the same words, so
+    that a caller cannot tell the two apart."""
+    return NotFound(f"deployment {name!r} not found", reason="DEPLOYMENT_NOT_FOUND")
 
 
 def needs_new_generation(old: Deployment, new: Deployment) -> bool:

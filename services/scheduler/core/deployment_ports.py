@@ -26,8 +26,8 @@ class DeploymentRepository(Protocol):
         """The deployment; NotFound if there is none."""
         ...
 
-    def list_deployments(self, after: str | None, limit: int) -> list[Deployment]:
-        """Deployments by name, after ``after``."""
+    def list_deployments(self, after: str | None, limit: int, tenant: str | None = None) -> list[Deployment]:
+        """Deployments by name, after ``after``, of ``tenant`` (None: every tenant)."""
         ...
 
     def all(self) -> list[Deployment]: ...
@@ -91,6 +91,7 @@ class ReplicaPool(Protocol):
 class ModelResolver(Protocol):
     """Resolves a model and a version (number, alias or empty: the latest) in the registry."""
 
-    async def resolve(self, model: str, version: str) -> ResolvedVersion:
-        """NotFound if the model or version does not exist."""
+    async def resolve(self, model: str, version: str, tenant: str) -> ResolvedVersion:
+        """Resolve as ``tenant`` sees the registry (the deployment's tenant: a deployment serves its own
+        tenant's models only). NotFound if the model or version does not exist, or is another tenant's."""
         ...

@@ -5,6 +5,11 @@ registry (a :class:`ModelResolver`) and runs one :class:`~services.scheduler.cor
 per deployment over a :class:`ReplicaPool`. The replica set is the pool's truth: at start the service
 re-attaches to the replicas a previous process left (and stops those of deleted deployments).
 
+Tenants: a deployment belongs to the tenant that created it and serves that tenant's models only (versions
+are resolved as that tenant sees the registry). The other use cases take the caller's *scope* (the tenant it
+may see, None: every tenant), given by the API layer; a deployment of another tenant is reported exactly as
+a missing one. Names stay unique across tenants: the gateway routes by name.
+
 Endpoint watchers follow a sequence number bumped at every change: each gets the snapshot as it is when it
 looks, so a slow watcher skips intermediate snapshots instead of building a backlog.
 """
@@ -30,14 +35,15 @@ from services.scheduler.core.deployment_model import (
     Endpoint,
     ResolvedVersion,
     ServedVersion,
+    deployment_not_found,
     needs_new_generation,
     validate_deployment_spec,
 )
 from services.scheduler.core.deployment_ports import DeploymentRepository, ModelResolver, ReplicaPool
-from services.scheduler.core.model import Page
+from services.scheduler.core.model import Page, visible_to
 from services.scheduler.core.reconciler import Reconciler, ReconcilerConfig, parse_replica_id
 from shared import names
-from shared.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from shared.errors import FailedPrecondition, InvalidArgument, Unavailable
 from shared.paging import encode_token, parse_page
 
 T = TypeVar("T")
@@ -149,11 +155,12 @@ class DeploymentService:
 
     # Use cases ----------------------------------------------------------------------------------------
 
-    async def create(self, spec: DeploymentSpec) -> Deployment:
-        """Validate, resolve the versions, store as DEPLOYING and start reconciling."""
+    async def create(self, spec: DeploymentSpec, tenant: str) -> Deployment:
+        """Validate, resolve the versions (in ``tenant``'s models), store as DEPLOYING for ``tenant`` and
+        start reconciling."""
         spec = validate_deployment_spec(spec, self._default_cpus)
-        resolved = await self._resolver.resolve(spec.model, spec.version)
-        canary = await self._resolve_canary(spec, resolved)
+        resolved = await self._resolver.resolve(spec.model, spec.version, tenant)
+        canary = await self._resolve_canary(spec, resolved, tenant)
         now = datetime.now(UTC)
         deployment = Deployment(
             name=spec.name,
@@ -161,36 +168,45 @@ class DeploymentService:
             state=DeploymentState.DEPLOYING,
             resolved=resolved,
             canary=canary,
+            tenant=tenant,
             message="starting replicas",
             create_time=now,
             update_time=now,
         )
         stored = await self._run(self._repo.insert, deployment)
-        log.info("deployment_created", deployment=stored.name, version=stored.version)
+        log.info("deployment_created", deployment=stored.name, tenant=tenant, version=stored.version)
         self._reconciler(stored).start()
         self._publish()
         return stored
 
-    async def _resolve_canary(self, spec: DeploymentSpec, default: ResolvedVersion) -> ResolvedVersion | None:
+    async def _resolve_canary(
+        self, spec: DeploymentSpec, default: ResolvedVersion, tenant: str
+    ) -> ResolvedVersion | None:
         if spec.canary is None:
             return None
-        canary = await self._resolver.resolve(spec.model, spec.canary.version)
+        canary = await self._resolver.resolve(spec.model, spec.canary.version, tenant)
         if canary.version == default.version:
             raise InvalidArgument.field("spec.canary.version", f"resolves to the default version {canary.version}")
         return canary
 
-    async def get(self, name: str) -> Deployment:
-        names.check_name(name, "name")
+    async def _visible(self, name: str, scope: str | None) -> Deployment:
+        """The deployment called ``name`` as the caller of ``scope`` may see it (live if served here);
+        NotFound, as for a missing one, if it is another tenant's."""
         reconciler = self._reconcilers.get(name)
-        if reconciler is None:
-            return await self._run(self._repo.get, name)
-        return reconciler.deployment.with_changes(replicas=reconciler.replicas())
+        deployment = reconciler.deployment if reconciler is not None else await self._run(self._repo.get, name)
+        if not visible_to(deployment.tenant, scope):
+            raise deployment_not_found(name)
+        return deployment
 
-    async def list_deployments(self, page_size: int, page_token: str) -> Page[Deployment]:
-        """Deployments by name."""
+    async def get(self, name: str, scope: str | None = None) -> Deployment:
+        names.check_name(name, "name")
+        return self._live(await self._visible(name, scope))
+
+    async def list_deployments(self, page_size: int, page_token: str, scope: str | None = None) -> Page[Deployment]:
+        """Deployments by name (only those of the tenant ``scope``, None: every tenant)."""
         query: dict[str, Any] = {}
         page = parse_page(page_size, page_token, query)
-        stored = await self._run(self._repo.list_deployments, page.after, page.size + 1)
+        stored = await self._run(self._repo.list_deployments, page.after, page.size + 1, scope)
         items = [self._live(d) for d in stored]
         if len(items) <= page.size:
             return Page(items=items)
@@ -203,17 +219,20 @@ class DeploymentService:
             return deployment
         return reconciler.deployment.with_changes(replicas=reconciler.replicas())
 
-    async def update(self, spec: DeploymentSpec) -> Deployment:
-        """Replace the spec: a rolling update when versions, batching or resources change."""
+    async def update(self, spec: DeploymentSpec, scope: str | None = None) -> Deployment:
+        """Replace the spec: a rolling update when versions, batching or resources change. The deployment
+        keeps its tenant, whose models the new versions must be."""
         spec = validate_deployment_spec(spec, self._default_cpus)
+        # Before anything that would tell that it exists: NotFound for another tenant's.
+        tenant = (await self._visible(spec.name, scope)).tenant
         reconciler = self._reconcilers.get(spec.name)
         if reconciler is None:
-            await self._run(self._repo.get, spec.name)  # NotFound, or stored but not served by this process
+            # Stored but not served by this process (yet).
             raise Unavailable(f"deployment {spec.name} is not loaded yet; try again", retry_after_s=1.0)
         if reconciler.deleting or reconciler.deployment.state is DeploymentState.DELETING:
             raise FailedPrecondition(f"deployment {spec.name} is being deleted", reason="DEPLOYMENT_DELETING")
-        resolved = await self._resolver.resolve(spec.model, spec.version)
-        canary = await self._resolve_canary(spec, resolved)
+        resolved = await self._resolver.resolve(spec.model, spec.version, tenant)
+        canary = await self._resolve_canary(spec, resolved, tenant)
         async with reconciler.lock:
             if reconciler.deleting:
                 raise FailedPrecondition(f"deployment {spec.name} is being deleted", reason="DEPLOYMENT_DELETING")
@@ -227,9 +246,11 @@ class DeploymentService:
         self._publish()
         return stored.with_changes(replicas=reconciler.replicas())
 
-    async def delete(self, name: str) -> None:
-        """Take the deployment out of the endpoints, drain and stop its replicas, forget it. Idempotent."""
+    async def delete(self, name: str, scope: str | None = None) -> None:
+        """Take the deployment out of the endpoints, drain and stop its replicas, forget it. Idempotent
+        (NotFound once it is gone, and for another tenant's)."""
         names.check_name(name, "name")
+        await self._visible(name, scope)
         task = self._deletions.get(name)
         if task is None:
             reconciler = self._reconcilers.get(name)
@@ -313,6 +334,7 @@ class DeploymentService:
                     endpoints=endpoints,
                     target_replicas=reconciler.target,
                     max_replicas=d.spec.replica_bounds[1],
+                    tenant=d.tenant,
                 )
             )
         return tuple(items)
@@ -320,5 +342,5 @@ class DeploymentService:
     def get_reconciler(self, name: str) -> Reconciler:
         reconciler = self._reconcilers.get(name)
         if reconciler is None:
-            raise NotFound(f"deployment {name} not found")
+            raise deployment_not_found(name)
         return reconciler

@@ -17,10 +17,14 @@ from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 from shared.datasets import DatasetSpec
-from shared.errors import InvalidArgument
+from shared.errors import InvalidArgument, NotFound
 from shared.optim import Optimizer, make_optimizer
 
 T = TypeVar("T")
+
+#: Where a job or deployment belongs when no tenant is known (as ``shared.security.access.DEFAULT_TENANT``,
+#: which a core cannot import: that module depends on protobuf).
+DEFAULT_TENANT = "default"
 
 #: Hyperparameters that travel as doubles but are booleans (0 or 1) for :func:`shared.optim.make_optimizer`.
 BOOL_HYPERPARAMETERS = ("nesterov", "amsgrad", "decoupled_weight_decay")
@@ -153,7 +157,7 @@ class TrainingJobSpec:
     codec_options: dict[str, float] = field(default_factory=dict)
     checkpoint_interval: int = 0
     priority: int = 0
-    tenant: str = "default"
+    tenant: str = DEFAULT_TENANT
     target_model: str = ""
     worker_resources: ResourceRequest = field(default_factory=ResourceRequest)
     shard_resources: ResourceRequest = field(default_factory=ResourceRequest)
@@ -240,6 +244,17 @@ class Job:
     dataset_fingerprint: str = ""
     failures: int = 0
     revision: int = 0
+
+
+def job_not_found(job_id: str) -> NotFound:
+    """The error for a job that does not exist, and for one of another tenant: the same words, so that a
+    caller cannot tell the two apart."""
+    return NotFound(f"job {job_id!r} not found", reason="JOB_NOT_FOUND")
+
+
+def visible_to(tenant: str, scope: str | None) -> bool:
+    """Whether a resource of ``tenant`` is visible to a caller whose scope is ``scope`` (None: every tenant)."""
+    return scope is None or tenant == scope
 
 
 @dataclass(frozen=True)

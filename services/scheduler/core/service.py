@@ -14,6 +14,10 @@ State changes are stored with a condition on the current state, so terminal stat
 order reports arrive in. Step metrics are kept in memory, published to watchers at once and stored at most
 once a second per job (and with every state change).
 
+Tenants: every job belongs to ``spec.tenant``. The read and cancel use cases take the caller's *scope*
+(the tenant it may see, None: every tenant), given by the API layer; a job of another tenant is reported
+exactly as a missing one, so that a caller cannot learn that it exists.
+
 Watchers get the job, then every stored change of it (a bounded, per-watcher queue in this process); step
 metrics are dropped for a watcher that has more than ``watch_queue_size`` of them pending, state changes
 never are.
@@ -44,6 +48,8 @@ from services.scheduler.core.model import (
     Page,
     StepMetrics,
     TrainingJobSpec,
+    job_not_found,
+    visible_to,
 )
 from services.scheduler.core.ports import JobReporter, JobRepository, JobRunner
 from services.scheduler.core.validation import validate_spec
@@ -246,30 +252,44 @@ class JobService:
         self._wake.set()
         return stored
 
-    async def get(self, job_id: str) -> Job:
-        return await self._run(self._repo.get, names.check_name(job_id, "id"))
+    async def get(self, job_id: str, scope: str | None = None) -> Job:
+        """The job; NotFound if there is none or it is not of the tenant ``scope`` (None: any tenant)."""
+        job = await self._run(self._repo.get, names.check_name(job_id, "id"))
+        if not visible_to(job.spec.tenant, scope):
+            raise job_not_found(job_id)
+        return job
 
     async def list_jobs(
-        self, page_size: int, page_token: str, states: Iterable[JobState] = (), tenant: str = ""
+        self,
+        page_size: int,
+        page_token: str,
+        states: Iterable[JobState] = (),
+        tenant: str = "",
+        scope: str | None = None,
     ) -> Page[Job]:
-        """Jobs newest first (by submission), optionally only in ``states`` and of ``tenant``."""
+        """Jobs newest first (by submission), optionally only in ``states`` and of ``tenant``, and never of
+        a tenant other than ``scope`` (None: any tenant)."""
         if tenant:
             names.check_name(tenant, "tenant")
         wanted = frozenset(states)
         query = {"states": sorted(s.value for s in wanted), "tenant": tenant}
         page = parse_page(page_size, page_token, query)
+        if scope is not None:
+            if tenant and tenant != scope:
+                return Page(items=[])  # another tenant's jobs: none the caller may see
+            tenant = scope
         jobs = await self._run(self._repo.list_jobs, wanted, tenant, page.after, page.size + 1)
         if len(jobs) <= page.size:
             return Page(items=jobs)
         kept = jobs[: page.size]
         return Page(items=kept, next_page_token=encode_token(kept[-1].id, query))
 
-    async def cancel(self, job_id: str) -> Job:
+    async def cancel(self, job_id: str, scope: str | None = None) -> Job:
         """QUEUED: cancelled at once. PLACING/RUNNING: ``runner.cancel`` first, then CANCELLED. An ended
-        job is FailedPrecondition."""
+        job is FailedPrecondition; one of another tenant than ``scope`` is NotFound."""
         names.check_name(job_id, "id")
         for _ in range(_CANCEL_ATTEMPTS):
-            job = await self.get(job_id)
+            job = await self.get(job_id, scope)
             if job.state.terminal:
                 raise FailedPrecondition(f"job {job_id} has already ended ({job.state.value})", reason="JOB_ENDED")
             if job.state is JobState.QUEUED:
@@ -295,14 +315,15 @@ class JobService:
             if self._cancelling[job_id] <= 0:
                 del self._cancelling[job_id]
 
-    async def watch(self, job_id: str) -> AsyncGenerator[WatchEvent, None]:
-        """The job now, then each stored change of it and its step metrics, until it ends."""
+    async def watch(self, job_id: str, scope: str | None = None) -> AsyncGenerator[WatchEvent, None]:
+        """The job now, then each stored change of it and its step metrics, until it ends (NotFound for a
+        job of another tenant than ``scope``)."""
         names.check_name(job_id, "id")
         watcher = _Watcher(self._watch_queue_size)
         watchers = self._watchers.setdefault(job_id, set())
         watchers.add(watcher)
         try:
-            job = await self.get(job_id)
+            job = await self.get(job_id, scope)
             yield job
             revision = job.revision
             while not job.state.terminal:

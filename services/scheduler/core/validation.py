@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.scheduler.core.model import OptimizerSpec, ResourceRequest, TrainingJobSpec
+from services.scheduler.core.model import DEFAULT_TENANT, OptimizerSpec, ResourceRequest, TrainingJobSpec
 from shared import names
 from shared.artifacts import ArtifactError, Manifest, build_model, get_architecture
 from shared.artifacts.zoo import MAX_ELEMENTS
@@ -32,7 +32,6 @@ from shared.sharding import plan_for_state
 CONSISTENCY_MODES = ("bsp", "asp", "ssp")
 MAX_PRIORITY = 1000
 DEFAULT_VALIDATION_FRACTION = 0.2
-DEFAULT_TENANT = "default"
 _INT32_MAX = 2**31 - 1
 
 

@@ -1,4 +1,9 @@
-"""The registry's Repository on SQLAlchemy Core: SQLite and PostgreSQL through the same statements."""
+"""The registry's Repository on SQLAlchemy Core: SQLite and PostgreSQL through the same statements.
+
+Tenancy is enforced in the statements themselves: a scoped caller's lookups filter on the model's tenant, in
+the same transaction as the change, so a model of another tenant is never touched and is reported with the
+very error a missing model gets.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import sqlalchemy as sa
 
 from services.registry.adapters.sql.tables import aliases, events, model_tags, models, versions
 from services.registry.core.model import Alias, Event, EventType, Lineage, Model, NewVersion, Version
+from services.registry.core.tenancy import ProtectedAliases, model_exists, model_not_found, name_taken, visible
 from shared.errors import AlreadyExists, FailedPrecondition, NotFound
 from shared.names import version_number
 
@@ -36,19 +42,28 @@ class SqlRepository:
         return self._engine.connect().execution_options(maas_readonly=True)
 
     @staticmethod
-    def _model_row(conn: sa.Connection, name: str, *, lock: bool = False) -> sa.Row[Any]:
+    def _model_row(conn: sa.Connection, name: str, tenant: str | None, *, lock: bool = False) -> sa.Row[Any]:
         query = sa.select(models).where(models.c.name == name)
+        if tenant is not None:
+            query = query.where(models.c.tenant == tenant)
         if lock:
             query = query.with_for_update()
         row = conn.execute(query).first()
         if row is None:
-            raise NotFound(f"model {name!r} not found", reason="MODEL_NOT_FOUND")
+            raise model_not_found(name)
         return row
 
     @staticmethod
-    def _event(conn: sa.Connection, type_: EventType, model: str, version: int = 0, alias: str = "") -> None:
+    def _event(conn: sa.Connection, type_: EventType, model: sa.Row[Any], version: int = 0, alias: str = "") -> None:
         conn.execute(
-            events.insert().values(type=type_.value, model=model, version=version, alias=alias, created_at=_now())
+            events.insert().values(
+                type=type_.value,
+                model=model.name,
+                tenant=model.tenant,
+                version=version,
+                alias=alias,
+                created_at=_now(),
+            )
         )
 
     @staticmethod
@@ -61,6 +76,7 @@ class SqlRepository:
         )
         return Model(
             name=row.name,
+            tenant=row.tenant,
             description=row.description,
             tags=tags,
             latest_version=row.latest_version,
@@ -94,33 +110,46 @@ class SqlRepository:
         if tags:
             conn.execute(model_tags.insert(), [{"model_id": model_id, "key": k, "value": v} for k, v in tags.items()])
 
-    def _insert_model(self, conn: sa.Connection, name: str, description: str, tags: dict[str, str]) -> int:
+    def _insert_model(
+        self, conn: sa.Connection, name: str, description: str, tags: dict[str, str], owner: str
+    ) -> sa.Row[Any]:
         now = _now()
         try:
             with conn.begin_nested():
-                result = conn.execute(
-                    models.insert().values(name=name, description=description, created_at=now, updated_at=now)
+                conn.execute(
+                    models.insert().values(
+                        name=name, tenant=owner, description=description, created_at=now, updated_at=now
+                    )
                 )
-                model_id = result.inserted_primary_key[0]  # type: ignore[index]
         except sa.exc.IntegrityError as exc:
-            raise AlreadyExists(f"model {name!r} already exists", reason="MODEL_EXISTS") from exc
-        self._set_tags(conn, model_id, tags)
-        self._event(conn, EventType.MODEL_CREATED, name)
-        return int(model_id)
+            holder = conn.execute(sa.select(models.c.tenant).where(models.c.name == name)).scalar()
+            raise (model_exists(name) if holder == owner else name_taken(name)) from exc
+        row = self._model_row(conn, name, owner)
+        self._set_tags(conn, row.id, tags)
+        self._event(conn, EventType.MODEL_CREATED, row)
+        return row
 
     # Models -------------------------------------------------------------------------------------------
 
-    def create_model(self, name: str, description: str, tags: dict[str, str]) -> Model:
+    def create_model(self, name: str, description: str, tags: dict[str, str], *, owner: str) -> Model:
         with self._engine.begin() as conn:
-            self._insert_model(conn, name, description, tags)
-            return self._to_model(conn, self._model_row(conn, name))
+            return self._to_model(conn, self._insert_model(conn, name, description, tags, owner))
 
-    def get_model(self, name: str) -> Model:
+    def get_model(self, name: str, *, tenant: str | None) -> Model:
         with self._read() as conn:
-            return self._to_model(conn, self._model_row(conn, name))
+            return self._to_model(conn, self._model_row(conn, name, tenant))
 
-    def list_models(self, prefix: str, tags: dict[str, str], after: str | None, limit: int) -> list[Model]:
+    def model_owner(self, name: str) -> str | None:
+        with self._read() as conn:
+            owner: str | None = conn.execute(sa.select(models.c.tenant).where(models.c.name == name)).scalar()
+            return owner
+
+    def list_models(
+        self, prefix: str, tags: dict[str, str], after: str | None, limit: int, *, tenant: str | None
+    ) -> list[Model]:
         query = sa.select(models).order_by(models.c.name).limit(limit)
+        if tenant is not None:
+            query = query.where(models.c.tenant == tenant)
         if prefix:
             # Compared as a range, not LIKE, so '%' and '_' in a prefix match themselves.
             query = query.where(models.c.name >= prefix, models.c.name < prefix + "\U0010ffff")
@@ -135,22 +164,26 @@ class SqlRepository:
         with self._read() as conn:
             return [self._to_model(conn, row) for row in conn.execute(query).all()]
 
-    def update_model(self, name: str, description: str | None, tags: dict[str, str] | None) -> Model:
+    def update_model(
+        self, name: str, description: str | None, tags: dict[str, str] | None, *, tenant: str | None
+    ) -> Model:
         with self._engine.begin() as conn:
-            row = self._model_row(conn, name, lock=True)
+            row = self._model_row(conn, name, tenant, lock=True)
             values: dict[str, Any] = {"updated_at": _now()}
             if description is not None:
                 values["description"] = description
             conn.execute(models.update().where(models.c.id == row.id).values(**values))
             if tags is not None:
                 self._set_tags(conn, row.id, tags)
-            self._event(conn, EventType.MODEL_UPDATED, name)
-            return self._to_model(conn, self._model_row(conn, name))
+            self._event(conn, EventType.MODEL_UPDATED, row)
+            return self._to_model(conn, self._model_row(conn, name, tenant))
 
-    def delete_model(self, name: str, force: bool) -> set[str]:
+    def delete_model(self, name: str, force: bool, *, tenant: str | None, held_back: frozenset[str]) -> set[str]:
         with self._engine.begin() as conn:
-            row = self._model_row(conn, name, lock=True)
+            row = self._model_row(conn, name, tenant, lock=True)
             held = conn.execute(sa.select(aliases.c.name).where(aliases.c.model_id == row.id)).scalars().all()
+            if force and (kept := sorted(held_back.intersection(held))):
+                raise ProtectedAliases.denied(kept[0])
             if held and not force:
                 raise FailedPrecondition(
                     f"model {name!r} has aliases ({', '.join(sorted(held))}); delete them first or set force",
@@ -160,18 +193,20 @@ class SqlRepository:
             for table in (aliases, versions, model_tags):
                 conn.execute(table.delete().where(table.c.model_id == row.id))
             conn.execute(models.delete().where(models.c.id == row.id))
-            self._event(conn, EventType.MODEL_DELETED, name)
+            self._event(conn, EventType.MODEL_DELETED, row)
             return digests
 
     # Versions -----------------------------------------------------------------------------------------
 
-    def add_version(self, new: NewVersion, create_model: bool) -> Version:
+    def add_version(self, new: NewVersion, create_model: bool, *, tenant: str | None, owner: str) -> Version:
         with self._engine.begin() as conn:
-            exists = conn.execute(sa.select(models.c.id).where(models.c.name == new.model)).first()
-            if exists is None and create_model:
-                self._insert_model(conn, new.model, "", {})
+            holder = conn.execute(sa.select(models.c.tenant).where(models.c.name == new.model)).scalar()
+            if holder is None and create_model:
+                self._insert_model(conn, new.model, "", {}, owner)
+            elif holder is not None and create_model and not visible(holder, tenant):
+                raise name_taken(new.model)
             # The row lock (PostgreSQL) or the write lock (SQLite) serialises allocation per model.
-            row = self._model_row(conn, new.model, lock=True)
+            row = self._model_row(conn, new.model, tenant, lock=True)
             number = row.latest_version + 1
             now = _now()
             conn.execute(models.update().where(models.c.id == row.id).values(latest_version=number, updated_at=now))
@@ -190,11 +225,11 @@ class SqlRepository:
                     created_at=now,
                 )
             )
-            self._event(conn, EventType.VERSION_CREATED, new.model, version=number)
-            return self._get_version(conn, new.model, number)
+            self._event(conn, EventType.VERSION_CREATED, row, version=number)
+            return self._get_version(conn, new.model, number, tenant)
 
-    def _get_version(self, conn: sa.Connection, model: str, number: int) -> Version:
-        model_row = self._model_row(conn, model)
+    def _get_version(self, conn: sa.Connection, model: str, number: int, tenant: str | None) -> Version:
+        model_row = self._model_row(conn, model, tenant)
         row = conn.execute(
             sa.select(versions).where(versions.c.model_id == model_row.id, versions.c.number == number)
         ).first()
@@ -202,13 +237,13 @@ class SqlRepository:
             raise NotFound(f"model {model!r} has no version {number}", reason="VERSION_NOT_FOUND")
         return self._to_version(conn, model, model_row.id, row)
 
-    def get_version(self, model: str, number: int) -> Version:
+    def get_version(self, model: str, number: int, *, tenant: str | None) -> Version:
         with self._read() as conn:
-            return self._get_version(conn, model, number)
+            return self._get_version(conn, model, number, tenant)
 
-    def resolve(self, model: str, ref: str) -> int:
+    def resolve(self, model: str, ref: str, *, tenant: str | None) -> int:
         with self._read() as conn:
-            row = self._model_row(conn, model)
+            row = self._model_row(conn, model, tenant)
             if ref in ("", "latest"):
                 if row.latest_version == 0:
                     raise NotFound(f"model {model!r} has no versions yet", reason="VERSION_NOT_FOUND")
@@ -223,9 +258,9 @@ class SqlRepository:
                 raise NotFound(f"model {model!r} has no alias {ref!r}", reason="ALIAS_NOT_FOUND")
             return int(aliased)
 
-    def list_versions(self, model: str, after: int | None, limit: int) -> list[Version]:
+    def list_versions(self, model: str, after: int | None, limit: int, *, tenant: str | None) -> list[Version]:
         with self._read() as conn:
-            row = self._model_row(conn, model)
+            row = self._model_row(conn, model, tenant)
             query = sa.select(versions).where(versions.c.model_id == row.id).order_by(versions.c.number).limit(limit)
             if after is not None:
                 query = query.where(versions.c.number > after)
@@ -233,9 +268,9 @@ class SqlRepository:
 
     # Aliases ------------------------------------------------------------------------------------------
 
-    def set_alias(self, model: str, alias: str, version: int, create_only: bool) -> Alias:
+    def set_alias(self, model: str, alias: str, version: int, create_only: bool, *, tenant: str | None) -> Alias:
         with self._engine.begin() as conn:
-            row = self._model_row(conn, model, lock=True)
+            row = self._model_row(conn, model, tenant, lock=True)
             found = conn.execute(
                 sa.select(versions.c.id).where(versions.c.model_id == row.id, versions.c.number == version)
             ).first()
@@ -256,31 +291,33 @@ class SqlRepository:
             ).rowcount
             if not updated:
                 conn.execute(aliases.insert().values(model_id=row.id, name=alias, version=version, updated_at=now))
-            self._event(conn, EventType.ALIAS_SET, model, version=version, alias=alias)
+            self._event(conn, EventType.ALIAS_SET, row, version=version, alias=alias)
             return Alias(model=model, name=alias, version=version, update_time=now)
 
-    def delete_alias(self, model: str, alias: str) -> None:
+    def delete_alias(self, model: str, alias: str, *, tenant: str | None) -> None:
         with self._engine.begin() as conn:
-            row = self._model_row(conn, model, lock=True)
+            row = self._model_row(conn, model, tenant, lock=True)
             deleted = conn.execute(
                 aliases.delete().where(aliases.c.model_id == row.id, aliases.c.name == alias)
             ).rowcount
             if not deleted:
                 raise NotFound(f"model {model!r} has no alias {alias!r}", reason="ALIAS_NOT_FOUND")
-            self._event(conn, EventType.ALIAS_DELETED, model, alias=alias)
+            self._event(conn, EventType.ALIAS_DELETED, row, alias=alias)
 
-    def list_aliases(self, model: str) -> list[Alias]:
+    def list_aliases(self, model: str, *, tenant: str | None) -> list[Alias]:
         with self._read() as conn:
-            row = self._model_row(conn, model)
+            row = self._model_row(conn, model, tenant)
             rows = conn.execute(sa.select(aliases).where(aliases.c.model_id == row.id).order_by(aliases.c.name)).all()
             return [Alias(model=model, name=r.name, version=r.version, update_time=_utc(r.updated_at)) for r in rows]
 
     # Events and artifacts -----------------------------------------------------------------------------
 
-    def events_after(self, sequence: int, models_: list[str], limit: int) -> list[Event]:
+    def events_after(self, sequence: int, models_: list[str], limit: int, *, tenant: str | None) -> list[Event]:
         query = sa.select(events).where(events.c.sequence > sequence).order_by(events.c.sequence).limit(limit)
         if models_:
             query = query.where(events.c.model.in_(models_))
+        if tenant is not None:
+            query = query.where(events.c.tenant == tenant)
         with self._read() as conn:
             return [
                 Event(

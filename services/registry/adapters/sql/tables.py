@@ -21,7 +21,10 @@ models = sa.Table(
     "models",
     metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    # Unique across tenants (as S3 bucket names): the gateway routes by name alone.
     sa.Column("name", sa.String(63), nullable=False, unique=True),
+    # The owner; every query of a tenant-scoped caller filters on it.
+    sa.Column("tenant", sa.String(63), nullable=False, server_default="default", index=True),
     sa.Column("description", sa.Text, nullable=False, server_default=""),
     # Version numbers are allocated from this counter under the model row's lock: no gaps, no duplicates.
     sa.Column("latest_version", sa.Integer, nullable=False, server_default="0"),
@@ -72,6 +75,9 @@ events = sa.Table(
     sa.Column("sequence", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("type", sa.String(31), nullable=False),
     sa.Column("model", sa.String(63), nullable=False, index=True),
+    # The model's tenant when the event happened: watchers of one tenant filter here, without a join (the
+    # model of a MODEL_DELETED event is gone).
+    sa.Column("tenant", sa.String(63), nullable=False, server_default="default", index=True),
     sa.Column("version", sa.Integer, nullable=False, server_default="0"),
     sa.Column("alias", sa.String(63), nullable=False, server_default=""),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),

@@ -8,8 +8,14 @@ from typing import Any
 import sqlalchemy as sa
 
 from services.scheduler.adapters.sql.tables import deployments
-from services.scheduler.core.deployment_model import Deployment, DeploymentSpec, DeploymentState, ResolvedVersion
-from shared.errors import AlreadyExists, NotFound
+from services.scheduler.core.deployment_model import (
+    Deployment,
+    DeploymentSpec,
+    DeploymentState,
+    ResolvedVersion,
+    deployment_not_found,
+)
+from shared.errors import AlreadyExists
 
 
 def _utc(value: datetime) -> datetime:
@@ -24,6 +30,7 @@ def _to_deployment(row: sa.Row[Any]) -> Deployment:
         state=DeploymentState(row.state),
         resolved=ResolvedVersion.from_dict(row.resolved),
         canary=ResolvedVersion.from_dict(row.canary) if row.canary else None,
+        tenant=row.tenant,
         message=row.message,
         target_replicas=row.target_replicas,
         generation=row.generation,
@@ -59,7 +66,7 @@ class SqlDeploymentRepository:
     def _row(conn: sa.Connection, name: str) -> sa.Row[Any]:
         row = conn.execute(sa.select(deployments).where(deployments.c.name == name)).first()
         if row is None:
-            raise NotFound(f"deployment {name!r} not found", reason="DEPLOYMENT_NOT_FOUND")
+            raise deployment_not_found(name)
         return row
 
     def insert(self, deployment: Deployment) -> Deployment:
@@ -69,6 +76,8 @@ class SqlDeploymentRepository:
                 conn.execute(
                     deployments.insert().values(
                         name=deployment.name,
+                        # The owner never changes: set here only, not by save().
+                        tenant=deployment.tenant,
                         created_at=deployment.create_time or now,
                         updated_at=deployment.update_time or now,
                         **_values(deployment),
@@ -82,10 +91,12 @@ class SqlDeploymentRepository:
         with self._read() as conn:
             return _to_deployment(self._row(conn, name))
 
-    def list_deployments(self, after: str | None, limit: int) -> list[Deployment]:
+    def list_deployments(self, after: str | None, limit: int, tenant: str | None = None) -> list[Deployment]:
         query = sa.select(deployments).order_by(deployments.c.name).limit(limit)
         if after is not None:
             query = query.where(deployments.c.name > after)
+        if tenant is not None:
+            query = query.where(deployments.c.tenant == tenant)
         with self._read() as conn:
             return [_to_deployment(row) for row in conn.execute(query)]
 
@@ -101,7 +112,7 @@ class SqlDeploymentRepository:
                 .values(updated_at=datetime.now(UTC), **_values(deployment))
             )
             if result.rowcount == 0:
-                raise NotFound(f"deployment {deployment.name!r} not found", reason="DEPLOYMENT_NOT_FOUND")
+                raise deployment_not_found(deployment.name)
             return _to_deployment(self._row(conn, deployment.name))
 
     def delete(self, name: str) -> None:

@@ -16,8 +16,8 @@ from services.scheduler.core.model import (
     JobChanges,
     JobState,
     TrainingJobSpec,
+    job_not_found,
 )
-from shared.errors import NotFound
 
 
 def _now() -> datetime:
@@ -73,7 +73,7 @@ class SqlJobRepository:
             query = query.with_for_update()
         row = conn.execute(query).first()
         if row is None:
-            raise NotFound(f"job {job_id!r} not found", reason="JOB_NOT_FOUND")
+            raise job_not_found(job_id)
         return row
 
     def insert(self, job: Job) -> Job:

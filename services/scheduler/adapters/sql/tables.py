@@ -50,6 +50,8 @@ deployments = sa.Table(
     "deployments",
     metadata,
     sa.Column("name", sa.String(63), primary_key=True),
+    # The owner (its creator's tenant); deployments made before tenants belong to "default".
+    sa.Column("tenant", sa.String(63), nullable=False, server_default="default"),
     # The normalised DeploymentSpec (DeploymentSpec.to_dict()).
     sa.Column("spec", sa.JSON, nullable=False),
     sa.Column("state", sa.String(15), nullable=False),
@@ -63,4 +65,6 @@ deployments = sa.Table(
     sa.Column("target_replicas", sa.Integer, nullable=False, server_default="0"),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    # A tenant's listing: its deployments by name.
+    sa.Index("ix_deployments_tenant_name", "tenant", "name"),
 )
