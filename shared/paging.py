@@ -12,6 +12,10 @@ from shared.errors import InvalidArgument
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
+# Tokens this server issues are short; a longer one is not ours, and is refused before it is decoded
+# (deeply nested JSON would otherwise exhaust the parser's recursion).
+MAX_TOKEN_LENGTH = 1024
+_INT64 = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -40,13 +44,18 @@ def parse_page(page_size: int, page_token: str, query: dict[str, Any], cursor_ty
     size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
     if not page_token:
         return PageRequest(size=size)
+    if len(page_token) > MAX_TOKEN_LENGTH:
+        raise InvalidArgument.field("page_token", "is not a token this server issued")
     try:
         padded = page_token + "=" * (-len(page_token) % 4)
         payload = json.loads(base64.urlsafe_b64decode(padded.encode()))
         after, fingerprint = payload["a"], payload["q"]
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise InvalidArgument.field("page_token", "is not a token this server issued") from exc
     if not isinstance(after, cursor_type) or isinstance(after, bool):
+        raise InvalidArgument.field("page_token", "is not a token this server issued")
+    if isinstance(after, int) and not -_INT64 - 1 <= after <= _INT64:
+        # Cursors are database integers: beyond int64 the query itself would fail.
         raise InvalidArgument.field("page_token", "is not a token this server issued")
     if fingerprint != _fingerprint(query):
         raise InvalidArgument.field("page_token", "was issued for a different filter")

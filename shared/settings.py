@@ -56,6 +56,11 @@ class CommonSettings(BaseSettings):
         description="The name clients verify in a server's certificate instead of the host they dial (the "
         "mesh's certificates carry mesh.maas.internal, valid on every node).",
     )
+    reflection: bool = Field(
+        True,
+        description="Serve gRPC server reflection (grpcurl needs no .proto files); open to all, as health is. "
+        "False hides the API's shape from unauthenticated callers.",
+    )
     health_address: str | None = Field(
         None,
         description="host:port of a plaintext gRPC server with grpc.health.v1 only, for probes that cannot speak "

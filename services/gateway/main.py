@@ -103,6 +103,8 @@ async def start(
         repository,
         statistics_timeout_s=settings.rpc_timeout_s,
         load_timeout_s=settings.gateway_load_timeout_s,
+        stream_max_in_flight=settings.gateway_stream_max_in_flight,
+        stream_buffer=settings.gateway_stream_buffer,
     )
     tasks = [
         asyncio.create_task(source.follow(gateway.apply_snapshot, gateway.table.mark_stale), name="gateway-endpoints"),

@@ -55,6 +55,12 @@ class GatewaySettings(CommonSettings):
         "leave together when the next answers arrive (fewer, larger messages under load; a request alone never "
         "waits); 0: never wait.",
     )
+    gateway_stream_max_in_flight: int = Field(
+        64, ge=1, description="Requests of one ModelStreamInfer stream that run at once; the next are read as they end."
+    )
+    gateway_stream_buffer: int = Field(
+        256, ge=1, description="Responses of one ModelStreamInfer stream waiting for a slow client before workers wait."
+    )
     gateway_trace_workers: bool = Field(
         True, description="Propagate the trace context (traceparent) on the calls the gateway makes to workers."
     )

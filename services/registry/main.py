@@ -63,6 +63,7 @@ async def start(settings: RegistrySettings) -> RunningRegistry:
         max_artifact_bytes=settings.registry_max_artifact_bytes,
         download_chunk_bytes=settings.registry_download_chunk_bytes,
         watch_poll_s=settings.registry_watch_poll_s,
+        max_watchers=settings.registry_max_watchers,
         protected_aliases=settings.registry_protected_aliases,
     )
     swept = await core.recover()

@@ -162,10 +162,11 @@ async def start_server(
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     for register in registrations:
         register(server)
-    reflection.enable_server_reflection(
-        (*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server,
-    )
+    if settings.reflection:
+        reflection.enable_server_reflection(
+            (*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server,
+        )
     credentials = _credentials(settings)
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:

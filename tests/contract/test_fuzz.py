@@ -134,8 +134,10 @@ class Servers:
         from services.paramserver.settings import ParamServerSettings
         from services.registry.main import start as start_registry
         from services.registry.settings import RegistrySettings
+        from services.scheduler.main import start as start_scheduler
+        from services.scheduler.settings import SchedulerSettings
 
-        common = {"insecure": True, "shutdown_grace_s": 0.2}
+        common: dict[str, Any] = {"insecure": True, "shutdown_grace_s": 0.2}
         registry = await start_registry(
             RegistrySettings(
                 **common,
@@ -177,6 +179,19 @@ class Servers:
             control=NoScheduler(),
         )
         self.running["gateway"] = gateway.server
+        scheduler = await start_scheduler(
+            SchedulerSettings(
+                **common,
+                home=self.tmp / "scheduler",
+                scheduler_address="127.0.0.1:0",
+                scheduler_metrics_address="127.0.0.1:0",
+                scheduler_registry_address=f"127.0.0.1:{registry.port}",
+                scheduler_max_running_jobs=0,  # admission paused: fuzzed jobs queue, nothing runs
+            ),
+            runner_factory=_no_runner,
+            pool_factory=_NoReplicas,
+        )
+        self.running["scheduler"] = scheduler.server
 
     def stop(self) -> None:
         async def stop_all() -> None:
@@ -186,6 +201,31 @@ class Servers:
         self.run(stop_all())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+
+
+def _no_runner() -> Any:
+    raise AssertionError("admission is paused: no job may start")
+
+
+class _NoReplicas:
+    """A replica pool with no capacity: deployments of fuzzed specs fail in the background, never in an RPC."""
+
+    async def start(self, spec: Any, timeout_s: float) -> str:
+        raise RuntimeError("no replicas in this test")
+
+    async def stop(self, replica_id: str, grace_s: float) -> None:
+        return None
+
+    async def ping(self, replica_id: str, timeout_s: float) -> Any:
+        from services.scheduler.core.deployment_ports import ReplicaHealth
+
+        return ReplicaHealth.DEAD
+
+    async def find(self) -> list[Any]:
+        return []
+
+    async def kill(self, replica_id: str) -> None:
+        return None
 
 
 @pytest.fixture(scope="module")
@@ -201,6 +241,7 @@ def _services() -> list[tuple[str, d.ServiceDescriptor]]:
     from maas.inference.v1 import worker_pb2
     from maas.paramserver.v1 import paramserver_pb2
     from maas.registry.v1 import registry_pb2
+    from maas.scheduler.v1 import scheduler_pb2
 
     kserve = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     return [
@@ -209,6 +250,7 @@ def _services() -> list[tuple[str, d.ServiceDescriptor]]:
         ("inference", kserve),
         ("inference", worker_pb2.DESCRIPTOR.services_by_name["InferenceWorker"]),
         ("paramserver", paramserver_pb2.DESCRIPTOR.services_by_name["ParameterServer"]),
+        ("scheduler", scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"]),
     ]
 
 
@@ -231,7 +273,7 @@ def _call(channel: grpc.Channel, method: d.MethodDescriptor, payload: bytes) -> 
         else:
             channel.unary_unary(path)(payload, timeout=DEADLINE_S)
     except grpc.RpcError as exc:
-        return exc.code()  # type: ignore[attr-defined, no-any-return]
+        return exc.code()  # type: ignore[attr-defined, no-any-return, unused-ignore]
     return grpc.StatusCode.OK
 
 

@@ -48,6 +48,8 @@ class FakeWorker(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         self.exhausted = False
         self.delay_s = 0.0
         self.cancelled = asyncio.Event()
+        self.streams = 0
+        self.max_streams = 0
 
     @staticmethod
     def _version(context: grpc.aio.ServicerContext) -> str:
@@ -74,6 +76,15 @@ class FakeWorker(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         return response
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[kpb.ModelInferRequest], context: Any) -> Any:
+        self.streams += 1
+        self.max_streams = max(self.max_streams, self.streams)
+        try:
+            async for response in self._stream(request_iterator, context):
+                yield response
+        finally:
+            self.streams -= 1
+
+    async def _stream(self, request_iterator: AsyncIterator[kpb.ModelInferRequest], context: Any) -> Any:
         version = self._version(context)
         async for request in request_iterator:
             ids = np.frombuffer(request.raw_input_contents[0], np.int64)
@@ -459,6 +470,39 @@ async def test_stream_infer_tokens_and_errors(tmp_path: Any, workers: list[Worke
         assert tokens == {"a": [11, 12, 13], "b": [101, 102, 103]}
         assert finals == {"a", "b"}
         assert len(errors) == 1 and errors[0][0] == "c" and "not deployed" in errors[0][1]
+    finally:
+        await h.channel.close()
+        await h.gateway.stop(0.5)
+
+
+async def test_one_stream_runs_a_bounded_number_of_requests_at_once(tmp_path: Any, workers: list[WorkerServer]) -> None:
+    lm = Deployment(
+        name="lm",
+        versions={1: served(1, signature=LM_SIGNATURE)},
+        endpoints=(Endpoint(workers[0].address, 1),),
+        default_version=1,
+    )
+    workers[0].worker.delay_s = 0.02
+    h = await _harness(tmp_path, SnapshotFeeder([lm]), gateway_stream_max_in_flight=2, gateway_stream_buffer=2)
+    try:
+
+        async def requests() -> AsyncIterator[kpb.ModelInferRequest]:
+            for i in range(8):
+                r = kpb.ModelInferRequest(model_name="lm", id=f"r{i}")
+                r.inputs.add(name="input_ids", datatype="INT64", shape=[1, 2])
+                r.raw_input_contents.append(np.array([[0, 10 * i]], np.int64).tobytes())
+                r.parameters["max_tokens"].int64_param = 3
+                yield r
+
+        finals = set()
+        async for message in h.stub.ModelStreamInfer(requests(), timeout=30):
+            assert not message.error_message, message.error_message
+            if message.infer_response.parameters["triton_final_response"].bool_param:
+                finals.add(message.infer_response.id)
+            await asyncio.sleep(0.005)  # a slow reader: the buffer fills and the workers' streams wait
+        # Every request was served, never more than two of them at once on the worker.
+        assert finals == {f"r{i}" for i in range(8)}
+        assert workers[0].worker.max_streams == 2
     finally:
         await h.channel.close()
         await h.gateway.stop(0.5)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import struct
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import pytest
@@ -11,8 +14,11 @@ import torch
 from maas.registry.v1 import registry_pb2 as pb
 
 from shared.artifacts import load_artifact
-from shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from shared.grpc.status import from_rpc_error
 from tests.support.artifacts import as_stream, rewrite_header, sha256, tiny_artifact, upload_messages
+
+sqlite_only = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
 
 async def upload(client, model: str, data: bytes, manifest: str, **kwargs) -> pb.Version:  # type: ignore[no-untyped-def]
@@ -369,3 +375,88 @@ async def test_watch_streams_changes(registry_client, tmp_path) -> None:
             break
     replay.cancel()
     assert replayed == [Type.ALIAS_SET, Type.MODEL_DELETED]
+
+
+@sqlite_only
+async def test_watchers_are_capped_and_share_one_feed_poll(registry_settings, tmp_path) -> None:
+    # Two registries on one database (replicas): a watcher on one sees what the other writes through the
+    # feed poller, which queries once per interval for all its watchers, not once per watcher.
+    from services.registry.main import start
+    from shared.clients.registry import RegistryClient
+
+    settings = registry_settings.model_copy(update={"registry_watch_poll_s": 0.2, "registry_max_watchers": 2})
+    first, second = await start(settings), await start(settings)
+    watching = RegistryClient.connect(f"127.0.0.1:{first.port}", settings)
+    writing = RegistryClient.connect(f"127.0.0.1:{second.port}", settings)
+    feed_reads = 0
+    events_after = first.core._repo.events_after
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal feed_reads
+        feed_reads += 1
+        return events_after(*args, **kwargs)
+
+    first.core._repo.events_after = counting  # type: ignore[method-assign]
+    try:
+        calls = [watching.stub.WatchEvents(pb.WatchEventsRequest()) for _ in range(2)]
+        received: list[str] = []
+
+        async def consume(call: Any) -> None:
+            async for message in call:
+                received.append(message.event.model)
+                return
+
+        consumers = [asyncio.create_task(consume(c)) for c in calls]
+        await asyncio.sleep(0.3)
+        with pytest.raises(ResourceExhausted, match="2 event watchers"):
+            third = watching.stub.WatchEvents(pb.WatchEventsRequest())
+            try:
+                async for _ in third:
+                    break
+            except grpc.aio.AioRpcError as exc:
+                raise from_rpc_error(exc) from None
+        idle_reads = feed_reads
+        await asyncio.sleep(1.0)  # five poll intervals: the watchers themselves do not query
+        assert feed_reads == idle_reads
+        await writing.call("CreateModel", pb.CreateModelRequest(name="from-the-other-replica"))
+        await asyncio.wait_for(asyncio.gather(*consumers), 10)
+        assert received == ["from-the-other-replica"] * 2
+        # More names than one SQL statement may bind: refused, not an INTERNAL error from the database.
+        many = watching.stub.WatchEvents(pb.WatchEventsRequest(models=[f"m{i}" for i in range(40_000)]))
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            async for _ in many:
+                break
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        await watching.close()
+        await writing.close()
+        await first.server.stop(0.2)
+        await second.server.stop(0.2)
+
+
+async def test_a_wrong_artifact_is_refused_as_soon_as_its_header_arrives(registry, registry_client, tmp_path) -> None:
+    _, manifest = tiny_artifact(tmp_path)
+    other, _ = tiny_artifact(tmp_path, arguments={"in_features": 5, "hidden": [8], "out_features": 3}, name="o")
+    data = other.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    messages = upload_messages("early", data, manifest, chunk=8 + length + 4)
+    never = asyncio.Event()
+
+    async def stalled() -> AsyncIterator[pb.UploadVersionRequest]:
+        yield messages[0]  # metadata
+        yield messages[1]  # the header and a few bytes of weights
+        await never.wait()  # the rest never comes: the answer must not wait for it
+
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await registry_client.stub.UploadVersion(stalled(), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "artifact" in (refused.value.details() or "")
+    assert blobs(registry) == []
+
+
+async def test_an_upload_that_would_fill_the_disk_is_refused_first(registry, registry_client, tmp_path) -> None:
+    path, manifest = tiny_artifact(tmp_path)
+    registry.core._store.free_bytes = lambda: 1024  # a nearly full disk
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await upload(registry_client, "full", path.read_bytes(), manifest)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "free space" in (refused.value.details() or "")

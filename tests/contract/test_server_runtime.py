@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from maas.registry.v1 import registry_pb2 as pb
 from maas.registry.v1 import registry_pb2_grpc
 from opentelemetry import trace
@@ -52,6 +53,22 @@ async def test_reflection_with_grpcurl(registry) -> None:
         _grpcurl, "-d", '{"name": "from-grpcurl"}', target, "maas.registry.v1.RegistryService/CreateModel"
     )
     assert '"name": "from-grpcurl"' in created
+
+
+async def test_reflection_can_be_turned_off() -> None:
+    server = await start_server(CommonSettings(reflection=False), "127.0.0.1:0", [], [])
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            request = reflection_pb2.ServerReflectionRequest(list_services="")
+            with pytest.raises(grpc.aio.AioRpcError) as off:
+                async for _ in stub.ServerReflectionInfo(iter([request]), timeout=5):
+                    pass
+            assert off.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await server.stop(0)
 
 
 @sqlite_only

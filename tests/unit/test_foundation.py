@@ -59,6 +59,22 @@ def test_aliases_exclude_numbers_and_latest() -> None:
             names.check_alias(bad)
 
 
+def test_hostile_page_tokens_are_invalid_argument() -> None:
+    import base64
+    import json
+
+    def token(payload: str) -> str:
+        return base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=")
+
+    nested = token("[" * 100_000 + "]" * 100_000)  # past the length cap
+    deep_but_short = token("[" * 700 + "]" * 700)
+    huge_int = token(json.dumps({"a": 10**30, "q": "x"}))
+    many_digits = token('{"a": ' + "9" * 5000 + ', "q": "x"}')
+    for bad in (nested, deep_but_short, huge_int, many_digits, "x" * 5000):
+        with pytest.raises(errors.InvalidArgument, match="page_token"):
+            parse_page(5, bad, {}, cursor_type=int)
+
+
 def test_page_tokens_round_trip_and_bind_to_their_query() -> None:
     token = encode_token("m3", {"prefix": "m"})
     assert parse_page(5, token, {"prefix": "m"}).after == "m3"

@@ -83,12 +83,21 @@ class InferenceServicer:
     """
 
     def __init__(
-        self, gateway: Gateway, repository: Repository, *, statistics_timeout_s: float, load_timeout_s: float
+        self,
+        gateway: Gateway,
+        repository: Repository,
+        *,
+        statistics_timeout_s: float,
+        load_timeout_s: float,
+        stream_max_in_flight: int = 64,
+        stream_buffer: int = 256,
     ) -> None:
         self._gateway = gateway
         self._repository = repository
         self._statistics_timeout_s = statistics_timeout_s
         self._load_timeout_s = load_timeout_s
+        self._stream_max_in_flight = stream_max_in_flight
+        self._stream_buffer = stream_buffer
         self._metadata = kpb.ServerMetadataResponse(name="maas", version=_version(), extensions=EXTENSIONS)
 
     async def ServerLive(self, request: kpb.ServerLiveRequest, context: Any) -> kpb.ServerLiveResponse:
@@ -138,9 +147,19 @@ class InferenceServicer:
 
         A request's error is a response with ``error_message`` and the stream goes on (Triton's
         convention). When the client goes away, every worker stream is cancelled.
+
+        Bounded both ways: at most ``stream_max_in_flight`` requests of one stream run at once (the next is
+        read from the client when one ends, so a fast sender is held back by HTTP/2 flow control), and at most
+        ``stream_buffer`` responses wait for a slow reader (the workers' streams wait in turn).
         """
         queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        buffered = asyncio.Semaphore(self._stream_buffer)
+        running = asyncio.Semaphore(self._stream_max_in_flight)
         scope = _scope()
+
+        async def put(message: bytes) -> None:
+            await buffered.acquire()  # released when the consumer takes it
+            queue.put_nowait(message)
 
         async def one(data: bytes) -> None:
             request = None
@@ -151,17 +170,20 @@ class InferenceServicer:
                 )
                 validate_request(request, route.served.signature, route.served.max_batch_size)
                 async for message in self._gateway.stream(route, data, context.time_remaining()):
-                    queue.put_nowait(message)
+                    await put(message)
             except MaasError as exc:
-                queue.put_nowait(convert.stream_error(request, exc))
+                await put(convert.stream_error(request, exc))
+            finally:
+                running.release()
 
         async def read() -> None:
             try:
                 async with asyncio.TaskGroup() as group:
                     async for data in requests:
+                        await running.acquire()
                         group.create_task(one(data))
             finally:
-                queue.put_nowait(None)
+                queue.put_nowait(None)  # the end mark takes no slot: it must never wait
 
         reader = asyncio.create_task(read())
         try:
@@ -169,6 +191,7 @@ class InferenceServicer:
                 item = await queue.get()
                 if item is None:
                     break
+                buffered.release()
                 yield item
             await reader  # surfaces an unexpected failure of a request task
         finally:

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import os
 import re
+import shutil
 import threading
 import uuid
 from collections.abc import Iterator
@@ -73,6 +74,9 @@ class LocalArtifactStore:
         if not _DIGEST.fullmatch(sha256):
             raise ValueError(f"not a sha256 digest: {sha256!r}")
         return self._blobs / sha256[:2] / sha256[2:4] / sha256
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self._tmp).free
 
     def writer(self) -> LocalWriter:
         return LocalWriter(self._tmp / f"{uuid.uuid4().hex}.part")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -46,6 +47,9 @@ class S3ArtifactStore:
         if not _DIGEST.fullmatch(sha256):
             raise ValueError(f"not a sha256 digest: {sha256!r}")
         return f"{self.prefix}sha256/{sha256}"
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self._spool).free
 
     def writer(self) -> LocalWriter:
         return LocalWriter(self._spool / f"{uuid.uuid4().hex}.part")

@@ -7,7 +7,7 @@ import contextlib
 
 
 class ChangeSignal:
-    """Counts changes; watchers wait until the count moves past what they saw, or a timeout."""
+    """Counts changes; watchers wait until the count moves past what they saw, or a timeout (None: none)."""
 
     def __init__(self) -> None:
         self.generation = 0
@@ -19,7 +19,7 @@ class ChangeSignal:
         # Watchers that wake re-check the generation, so a fresh event for the next change is enough.
         self._event = asyncio.Event()
 
-    async def wait(self, seen: int, timeout: float) -> None:
+    async def wait(self, seen: int, timeout: float | None) -> None:
         if self.generation != seen:
             return
         with contextlib.suppress(TimeoutError):

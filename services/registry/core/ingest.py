@@ -7,6 +7,7 @@ before the version is committed, at a memory cost bounded by MAX_HEADER_BYTES.
 from __future__ import annotations
 
 import io
+import json
 import struct
 
 from shared.artifacts import ArtifactError, Manifest, check_weights, read_header, tensor_table
@@ -26,6 +27,11 @@ class HeaderCollector:
     @property
     def data(self) -> bytes:
         return bytes(self._buffer)
+
+    @property
+    def complete(self) -> bool:
+        """The whole header has arrived (it can be checked before the weights that follow)."""
+        return self._needed is not None and len(self._buffer) >= self._needed
 
     def feed(self, chunk: bytes) -> None:
         if self._needed is not None and len(self._buffer) >= self._needed:
@@ -49,3 +55,17 @@ def check_artifact(manifest: Manifest, head: HeaderCollector, size: int) -> None
         check_weights(manifest, tensor_table(header))
     except ArtifactError as exc:
         raise InvalidArgument.field("chunk", f"artifact rejected: {exc}", reason="BAD_ARTIFACT") from exc
+
+
+def check_header_early(manifest: Manifest, head: HeaderCollector) -> None:
+    """The tensors the header names are the ones the manifest's architecture needs: checked as soon as the
+    header is in, so a wrong artifact is refused before its weights stream in. Offsets and coverage are
+    checked against the real size once the stream ends (:func:`check_artifact`)."""
+    try:
+        check_weights(manifest, tensor_table(json.loads(head.data[8:])))
+    except ArtifactError as exc:
+        raise InvalidArgument.field("chunk", f"artifact rejected: {exc}", reason="BAD_ARTIFACT") from exc
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
+        raise InvalidArgument.field(
+            "chunk", "artifact rejected: the safetensors header is not a JSON table of tensors", reason="BAD_ARTIFACT"
+        ) from None

@@ -64,6 +64,10 @@ class ArtifactStore(Protocol):
     """Content-addressed artifact bytes: the key of an artifact is its sha256."""
 
     def writer(self) -> ArtifactWriter: ...
+    def free_bytes(self) -> int:
+        """Bytes an upload may still write where it is received (the local disk, or an S3 store's spool)."""
+        ...
+
     def commit(self, writer: ArtifactWriter) -> bool:
         """Make the written bytes durable under their digest; False when they were already stored."""
         ...

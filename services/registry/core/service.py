@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from services.registry.core.events import ChangeSignal
-from services.registry.core.ingest import HeaderCollector, check_artifact
+from services.registry.core.ingest import HeaderCollector, check_artifact, check_header_early
 from services.registry.core.model import (
     Alias,
     Event,
@@ -52,6 +52,12 @@ async def _durable(awaitable: Awaitable[T]) -> T:
         raise
 
 
+# Free space an upload must leave on the disk it is received on (the store's own files, logs, SQLite).
+DISK_RESERVE_BYTES = 64 * 1024 * 1024
+# Names one WatchEvents may filter on (each is an SQL parameter).
+MAX_WATCHED_MODELS = 1000
+
+
 class RegistryCore:
     """Models, versions, aliases, artifacts and the change feed."""
 
@@ -63,6 +69,7 @@ class RegistryCore:
         max_artifact_bytes: int,
         download_chunk_bytes: int = 1024 * 1024,
         watch_poll_s: float = 2.0,
+        max_watchers: int = 256,
         protected_aliases: Iterable[str] = ("production",),
     ) -> None:
         self._repo = repository
@@ -71,6 +78,9 @@ class RegistryCore:
         self._chunk = download_chunk_bytes
         self._changes = ChangeSignal()
         self._watch_poll_s = watch_poll_s
+        self._max_watchers = max_watchers
+        self._watchers = 0
+        self._feed_poller: asyncio.Task[None] | None = None
         self._protected = ProtectedAliases(protected_aliases)
         # Serialises commit/cleanup of one digest, so deleting an orphan never races a new reference.
         self._digest_locks: dict[str, asyncio.Lock] = {}
@@ -153,11 +163,17 @@ class RegistryCore:
         manifest = self._check_upload(request)
         # Checked before any byte is received (the repository checks again in the committing transaction).
         await self._check_upload_target(request, tenant)
+        free = await self._run(self._store.free_bytes)
+        if request.size_bytes + DISK_RESERVE_BYTES > free:
+            raise ResourceExhausted(
+                f"not enough free space to receive {request.size_bytes} bytes; try again later", retry_after_s=30.0
+            )
         writer = await self._run(self._store.writer)
         background = BackgroundWriter(writer.write)
         committed = False
         try:
             head = HeaderCollector()
+            header_checked = False
             size = 0
             async for chunk in chunks:
                 if len(chunk) > MAX_CHUNK_BYTES:
@@ -170,6 +186,10 @@ class RegistryCore:
                         "size_bytes", f"received more than the declared {request.size_bytes} bytes"
                     )
                 head.feed(chunk)
+                if not header_checked and head.complete:
+                    # As soon as the header is in: a wrong artifact is refused before its weights arrive.
+                    check_header_early(manifest, head)
+                    header_checked = True
                 await background.put(chunk)
             await background.close()
             if size != request.size_bytes:
@@ -362,18 +382,48 @@ class RegistryCore:
         """
         if after_sequence < 0:
             raise InvalidArgument.field("after_sequence", "must not be negative")
+        if len(models) > MAX_WATCHED_MODELS:
+            # Each name is an SQL parameter: SQLite and PostgreSQL cap how many one statement may bind.
+            raise InvalidArgument.field("models", f"at most {MAX_WATCHED_MODELS} names, got {len(models)}")
         for name in models:
             names.check_name(name, "models")
-        cursor = after_sequence or await self._run(self._repo.last_sequence)
+        if self._watchers >= self._max_watchers:
+            raise ResourceExhausted(
+                f"this registry serves {self._max_watchers} event watchers already", retry_after_s=5.0
+            )
+        self._watchers += 1
+        self._start_feed_poller()
+        try:
+            cursor = after_sequence or await self._run(self._repo.last_sequence)
+            while True:
+                seen = self._changes.generation
+                events = await self._run(self._repo.events_after, cursor, models, 500, tenant=tenant)
+                for event in events:
+                    cursor = event.sequence
+                    yield event
+                if len(events) < 500:
+                    # Changes made through this process wake us at once; the feed poller, other replicas'.
+                    await self._changes.wait(seen, None)
+        finally:
+            self._watchers -= 1
+            if not self._watchers and self._feed_poller is not None:
+                self._feed_poller.cancel()
+                self._feed_poller = None
+
+    def _start_feed_poller(self) -> None:
+        if self._feed_poller is None or self._feed_poller.done():
+            self._feed_poller = asyncio.create_task(self._poll_feed(), name="registry-feed-poller")
+
+    async def _poll_feed(self) -> None:
+        """One query per interval for every watcher together (not one each on the shared thread pool): wakes
+        them when another replica wrote to the feed."""
+        head = await self._run(self._repo.last_sequence)
         while True:
-            seen = self._changes.generation
-            events = await self._run(self._repo.events_after, cursor, models, 500, tenant=tenant)
-            for event in events:
-                cursor = event.sequence
-                yield event
-            if len(events) < 500:
-                # Changes made through this process wake us at once; the poll catches other replicas.
-                await self._changes.wait(seen, self._watch_poll_s)
+            await asyncio.sleep(self._watch_poll_s)
+            latest = await self._run(self._repo.last_sequence)
+            if latest != head:
+                head = latest
+                self._changes.notify()
 
     # Helpers ------------------------------------------------------------------------------------------
 

@@ -29,6 +29,10 @@ def _utc(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
+# The advisory lock that orders the change feed's writers on PostgreSQL ("maasfeed" as an integer).
+_FEED_LOCK = 0x6D61617366656564
+
+
 class SqlRepository:
     """Implements ``core.ports.Repository``; each method is one transaction."""
 
@@ -55,6 +59,12 @@ class SqlRepository:
 
     @staticmethod
     def _event(conn: sa.Connection, type_: EventType, model: sa.Row[Any], version: int = 0, alias: str = "") -> None:
+        if conn.dialect.name == "postgresql":
+            # Sequence numbers are drawn at insert but become visible at commit: two writers could commit
+            # out of order and a watcher that read the later number would skip the earlier one forever.
+            # Held to commit, this lock makes the feed's writers take their numbers in commit order.
+            # (SQLite has one writer at a time already.)
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _FEED_LOCK})
         conn.execute(
             events.insert().values(
                 type=type_.value,
