@@ -201,6 +201,11 @@ class Manifest:
             ) from None
         except RecursionError:
             raise ArtifactError("manifest: JSON is nested too deeply") from None
+        except ArtifactError:
+            raise
+        except ValueError:
+            # Integers beyond Python's digit limit for int conversion.
+            raise ArtifactError("manifest: a number in the JSON is too long") from None
         if not isinstance(data, dict):
             raise ArtifactError(f"manifest: must be a JSON object, got {type(data).__name__}")
         return cls._from_dict(data)

@@ -76,7 +76,11 @@ def _check_member(member: IO[bytes], name: str, stored_size: int) -> None:
 def _read_npz(data: bytes) -> tuple[np.ndarray, np.ndarray]:
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
+            # Only "x.npy" and "y.npy" count: np.load also answers "x" for a member named plain "x" (with its
+            # raw bytes, not an array), so a name without the suffix must not pass for an array.
+            members = {
+                info.filename.removesuffix(".npy"): info for info in archive.infolist() if info.filename.endswith(".npy")
+            }
             missing = [name for name in ("x", "y") if name not in members]
             if missing:
                 found = ", ".join(sorted(members)) or "none"
@@ -90,7 +94,7 @@ def _read_npz(data: bytes) -> tuple[np.ndarray, np.ndarray]:
                 with archive.open(members[name]) as member:
                     _check_member(member, name, members[name].file_size)
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            x, y = npz["x"], npz["y"]
+            x, y = npz["x.npy"], npz["y.npy"]
     except InvalidArgument:
         raise
     except _CORRUPT as exc:

@@ -213,3 +213,9 @@ def test_datatype_errors():
         torch_to_datatype(torch.complex64)
     with pytest.raises(ArtifactError, match="unknown safetensors dtype"):
         safetensors_to_torch("F8_E5M2")
+
+
+def test_numbers_beyond_the_digit_limit_are_artifact_errors() -> None:
+    text = '{"architecture": "mlp", "arguments": {"in_features": ' + "9" * 5000 + "}}"
+    with pytest.raises(ArtifactError, match="too long"):
+        Manifest.from_json(text)

@@ -213,6 +213,18 @@ def test_bad_npz_layouts_are_rejected(tmp_path: Path, arrays: dict[str, np.ndarr
     assert _field(exc) == "dataset.options.path"
 
 
+def test_npz_members_must_be_npy_arrays_by_their_exact_names(tmp_path: Path) -> None:
+    # A member named plain "x" is raw bytes to np.load, not an array: it must not pass for "x.npy".
+    import zipfile
+
+    path = tmp_path / "renamed.npz"
+    np.savez(path, y=np.zeros(3, np.int64))
+    with zipfile.ZipFile(path, "a") as archive:
+        archive.writestr("x", b"\x93NUMPY not really an array")
+    with pytest.raises(InvalidArgument, match='no array "x"'):
+        validate(DatasetSpec("file", {"path": str(path)}), "mlp", {"in_features": 2})
+
+
 def test_non_npz_bytes_are_rejected(tmp_path: Path) -> None:
     path = tmp_path / "bad.npz"
     path.write_bytes(b"not a zip archive")

@@ -111,3 +111,13 @@ def test_specs_round_trip_through_their_stored_form(tmp_path: Path) -> None:
 def test_job_states() -> None:
     assert [s for s in JobState if s.terminal] == [JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED]
     assert [s for s in JobState if s.active] == [JobState.PLACING, JobState.RUNNING]
+
+
+@pytest.mark.parametrize(
+    "arguments_json",
+    ['{"in_features": ' + "9" * 5000 + "}", "[" * 100_000 + "]" * 100_000, "{not json"],
+    ids=["beyond-the-digit-limit", "deeply-nested", "malformed"],
+)
+def test_hostile_arguments_json_is_invalid_argument(tmp_path: Path, arguments_json: str) -> None:
+    with pytest.raises(InvalidArgument, match="arguments_json"):
+        check(spec(arguments_json=arguments_json), tmp_path)

@@ -20,8 +20,9 @@ def _arguments(text: str) -> dict[str, Any]:
         return {}
     try:
         arguments = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidArgument.field("config.model.arguments_json", f"is not valid JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        # ValueError also covers integers beyond Python's digit limit; RecursionError, deep nesting.
+        raise InvalidArgument.field("config.model.arguments_json", f"is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(arguments, dict):
         raise InvalidArgument.field("config.model.arguments_json", "must be a JSON object")
     return arguments

@@ -174,8 +174,9 @@ class TrainingJobSpec:
             return {}
         try:
             arguments = json.loads(self.arguments_json)
-        except json.JSONDecodeError as exc:
-            raise InvalidArgument.field("arguments_json", f"is not valid JSON: {exc}") from None
+        except (ValueError, RecursionError) as exc:
+            # ValueError also covers integers beyond Python's digit limit; RecursionError, deep nesting.
+            raise InvalidArgument.field("arguments_json", f"is not valid JSON: {str(exc)[:200]}") from None
         if not isinstance(arguments, dict):
             raise InvalidArgument.field("arguments_json", "must be a JSON object")
         return arguments
