@@ -78,9 +78,8 @@ def _read_npz(data: bytes) -> tuple[np.ndarray, np.ndarray]:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             # Only "x.npy" and "y.npy" count: np.load also answers "x" for a member named plain "x" (with its
             # raw bytes, not an array), so a name without the suffix must not pass for an array.
-            members = {
-                info.filename.removesuffix(".npy"): info for info in archive.infolist() if info.filename.endswith(".npy")
-            }
+            arrays = [info for info in archive.infolist() if info.filename.endswith(".npy")]
+            members = {info.filename.removesuffix(".npy"): info for info in arrays}
             missing = [name for name in ("x", "y") if name not in members]
             if missing:
                 found = ", ".join(sorted(members)) or "none"
