@@ -75,6 +75,12 @@ class CommonSettings(BaseSettings):
         "(at least 32 characters; `maas up` generates one).",
     )
     client_token: str | None = Field(None, description="Bearer token this process sends to other services.")
+    max_streams_per_tenant: int | None = Field(
+        256,
+        ge=1,
+        description="Streams (uploads, downloads, watches, generations) one tenant may hold open on a server at "
+        "once; beyond it, RESOURCE_EXHAUSTED. None: no cap. The mesh's own services are never counted.",
+    )
     rate_limit_inference: str | None = Field(
         "20000/second",
         description="Per tenant and server: inference calls allowed (e.g. '500/second'); over it, "

@@ -69,7 +69,7 @@ async def start(settings: RegistrySettings) -> RunningRegistry:
     swept = await core.recover()
     if swept:
         log.warning("recovered_interrupted_uploads", removed=swept)
-    servicer = RegistryServicer(core)
+    servicer = RegistryServicer(core, upload_idle_timeout_s=settings.registry_upload_idle_timeout_s)
     server = await start_service(
         settings,
         settings.registry_address,

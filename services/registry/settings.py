@@ -38,6 +38,9 @@ class RegistrySettings(CommonSettings):
     registry_download_chunk_bytes: int = Field(
         1 * MiB, gt=0, le=4 * MiB, description="Bytes per message of a download stream."
     )
+    registry_upload_idle_timeout_s: float = Field(
+        60.0, gt=0, description="An upload that sends nothing for this long is ended (DEADLINE_EXCEEDED) and discarded."
+    )
     registry_max_watchers: int = Field(
         256, ge=1, description="WatchEvents streams one registry serves at once; beyond it, RESOURCE_EXHAUSTED."
     )

@@ -35,7 +35,7 @@ from shared.security.access import (
     current_principal,
 )
 from shared.security.keys import KeyStore
-from shared.security.ratelimit import TenantLimits
+from shared.security.ratelimit import TenantLimits, TenantStreams
 
 log = structlog.get_logger("maas.auth")
 audit_log = structlog.get_logger("maas.audit")
@@ -94,6 +94,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         trust_client_certs: The server verifies client certificates against the mesh's CA, so a verified
             certificate names a mesh service.
         limits: Per-tenant rate limits (None: none).
+        max_streams_per_tenant: Streams one tenant may hold open at once on this server (None: no cap).
     """
 
     def __init__(
@@ -104,6 +105,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         internal_token: str | None,
         trust_client_certs: bool,
         limits: TenantLimits | None = None,
+        max_streams_per_tenant: int | None = None,
         public: Iterable[str] = PUBLIC_SERVICES,
     ) -> None:
         self._table = dict(table)
@@ -112,6 +114,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self._internal = internal_token.encode() if internal_token else None
         self._certs = trust_client_certs
         self._limits = limits
+        self._streams = TenantStreams(max_streams_per_tenant)
         self._public = tuple(public)
 
     async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
@@ -126,7 +129,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         # Checked in the call: an error raised here would not reach the client as a status.
         acting_for = next((v for k, v in metadata if k == TENANT_METADATA), None)
         call = _Call(method, access, principal, header, acting_for if isinstance(acting_for, str) else None)
-        return wrap_handler(handler, method, lambda b, _rq, rs, _m: self._guard(b, rs, call))
+        return wrap_handler(handler, method, lambda b, rq, rs, _m: self._guard(b, rq, rs, call))
 
     def _from_header(self, header: object) -> Principal | None:
         if not isinstance(header, str) or not header.startswith("Bearer "):
@@ -172,6 +175,22 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             self._limits.check(principal, access)
         current_authorization.set(call.header if isinstance(call.header, str) else None)
 
+    def _open_stream(self) -> str | None:
+        principal = current_principal.get()
+        return None if principal is None else self._streams.open(principal)
+
+    def _counted(self, behavior: Behavior) -> Behavior:
+        """A client-streaming call (an upload) held open counts against its tenant's streams."""
+
+        async def counted(request: Any, context: Any) -> Any:
+            held = self._open_stream()
+            try:
+                return await behavior(request, context)
+            finally:
+                self._streams.close(held)
+
+        return counted
+
     def _audit(self, method: str, request: Any, outcome: str) -> None:
         principal = current_principal.get()
         audit_log.info(
@@ -183,16 +202,22 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             outcome=outcome,
         )
 
-    def _guard(self, behavior: Behavior, resp_stream: bool, call: _Call) -> Behavior:
+    def _guard(self, behavior: Behavior, req_stream: bool, resp_stream: bool, call: _Call) -> Behavior:
         method = call.method
         if resp_stream:
 
             async def stream_behavior(request: Any, context: Any) -> AsyncIterator[Any]:
                 self._check(call, context)
-                async for response in behavior(request, context):
-                    yield response
+                held = self._open_stream()
+                try:
+                    async for response in behavior(request, context):
+                        yield response
+                finally:
+                    self._streams.close(held)
 
             return stream_behavior
+        if req_stream:
+            behavior = self._counted(behavior)
 
         audited = method in self._audited
 

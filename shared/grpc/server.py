@@ -118,6 +118,7 @@ def _auth_interceptor(settings: CommonSettings, authorization: AuthorizationTabl
         internal_token=token,
         trust_client_certs=trust_certs,
         limits=TenantLimits(settings.rate_limit_inference, settings.rate_limit_management),
+        max_streams_per_tenant=settings.max_streams_per_tenant,
     )
 
 

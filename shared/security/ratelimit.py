@@ -23,6 +23,42 @@ def parse_limit(text: str) -> RateLimitItem:
         raise ValueError(f"{text!r} is not a rate limit such as '100/second': {exc}") from None
 
 
+class TenantStreams:
+    """Streams (uploads, downloads, watches, generations) one tenant holds open on a server at once: a
+    count per tenant, never more than ``limit``. The mesh's own services are not counted."""
+
+    def __init__(self, limit: int | None) -> None:
+        self._limit = limit
+        self._open: dict[str, int] = {}
+
+    def open(self, principal: Principal) -> str | None:
+        """Count one more stream; returns the key to :meth:`close` with (None: not counted).
+
+        Raises:
+            ResourceExhausted: The tenant holds ``limit`` streams already.
+        """
+        if self._limit is None or principal.is_service:
+            return None
+        tenant = principal.tenant
+        held = self._open.get(tenant, 0)
+        if held >= self._limit:
+            raise ResourceExhausted(
+                f"tenant '{tenant}' has {held} streams open on this server, its limit; close one first",
+                reason="TOO_MANY_STREAMS",
+                retry_after_s=1.0,
+            )
+        self._open[tenant] = held + 1
+        return tenant
+
+    def close(self, tenant: str | None) -> None:
+        if tenant is not None:
+            left = self._open[tenant] - 1
+            if left:
+                self._open[tenant] = left
+            else:
+                del self._open[tenant]
+
+
 class TenantLimits:
     """Token windows per tenant for inference and for management calls.
 

@@ -460,3 +460,31 @@ async def test_an_upload_that_would_fill_the_disk_is_refused_first(registry, reg
         await upload(registry_client, "full", path.read_bytes(), manifest)
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "free space" in (refused.value.details() or "")
+
+
+@sqlite_only
+async def test_an_upload_that_goes_quiet_is_ended_and_discarded(registry_settings, tmp_path) -> None:
+    from services.registry.main import start
+    from shared.clients.registry import RegistryClient
+
+    running = await start(registry_settings.model_copy(update={"registry_upload_idle_timeout_s": 0.5}))
+    client = RegistryClient.connect(f"127.0.0.1:{running.port}", registry_settings)
+    try:
+        _, manifest = tiny_artifact(tmp_path)
+        path, _ = tiny_artifact(tmp_path)
+        messages = upload_messages("quiet", path.read_bytes(), manifest, chunk=64)
+        never = asyncio.Event()
+
+        async def stalls() -> AsyncIterator[pb.UploadVersionRequest]:
+            yield messages[0]
+            yield messages[1]
+            await never.wait()
+
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await client.stub.UploadVersion(stalls(), timeout=10)
+        assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "sent nothing for 0.5 s" in (ended.value.details() or "")
+        assert blobs(running) == []
+    finally:
+        await client.close()
+        await running.server.stop(0.2)

@@ -440,3 +440,55 @@ async def test_rate_limits_are_per_tenant_with_a_retry_delay(mesh: Mesh) -> None
                 await list_as(INTERNAL_TOKEN)  # the mesh's own calls are never limited
     finally:
         await running.server.stop(0.2)
+
+
+async def test_streams_are_capped_per_tenant(mesh: Mesh) -> None:
+    from services.registry.main import start
+    from services.registry.settings import RegistrySettings
+
+    _, other_tenant = mesh.keys.create("team-b", Role.DEVELOPER, "b-streams")
+    settings = RegistrySettings(
+        **mesh.server_settings("registry", mtls=False),
+        registry_address="127.0.0.1:0",
+        registry_metrics_address="127.0.0.1:0",
+        max_streams_per_tenant=1,
+    )
+    running = await start(settings)
+    try:
+        async with grpc.aio.secure_channel(f"127.0.0.1:{running.server.port}", _client_credentials(mesh)) as channel:
+            stub = registry_pb2_grpc.RegistryServiceStub(channel)
+
+            def watch(token: str) -> Any:
+                return stub.WatchEvents(rpb.WatchEventsRequest(), metadata=(("authorization", f"Bearer {token}"),))
+
+            async def consume(call: Any) -> None:
+                async for _ in call:
+                    pass
+
+            def open_stream(token: str) -> asyncio.Task[None]:
+                return asyncio.create_task(consume(watch(token)))
+
+            async def refused(task: asyncio.Task[None]) -> bool:
+                """Whether the stream ended with RESOURCE_EXHAUSTED; False while it stays open."""
+                done, _ = await asyncio.wait([task], timeout=1.0)
+                if not done:
+                    return False
+                error = task.exception()
+                assert isinstance(error, grpc.aio.AioRpcError), error
+                return error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+            held = open_stream(mesh.tokens["developer"])
+            assert not await refused(held)
+            assert await refused(open_stream(mesh.tokens["admin"]))  # the same tenant: over its cap
+            other = open_stream(other_tenant)
+            assert not await refused(other)  # another tenant is not held back
+            for task in (held, other):
+                task.cancel()
+            await asyncio.gather(held, other, return_exceptions=True)
+            await asyncio.sleep(0.3)
+            again = open_stream(mesh.tokens["developer"])
+            assert not await refused(again)  # a closed stream frees its slot
+            again.cancel()
+            await asyncio.gather(again, return_exceptions=True)
+    finally:
+        await running.server.stop(0.2)

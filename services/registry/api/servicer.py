@@ -16,6 +16,7 @@ from services.registry.api import convert
 from services.registry.core.service import RegistryCore
 from shared.errors import InvalidArgument
 from shared.security.access import Access, current_principal, owner_tenant, rules, tenant_scope
+from shared.streams import idle_timeout
 
 _UPDATABLE = {"description", "tags"}
 
@@ -59,8 +60,9 @@ def _may_move_protected() -> bool:
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
-    def __init__(self, core: RegistryCore) -> None:
+    def __init__(self, core: RegistryCore, *, upload_idle_timeout_s: float = 60.0) -> None:
         self._core = core
+        self._upload_idle_timeout_s = upload_idle_timeout_s
 
     async def CreateModel(
         self, request: pb.CreateModelRequest, context: grpc.aio.ServicerContext
@@ -109,12 +111,14 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def UploadVersion(
         self, request_iterator: AsyncIterator[pb.UploadVersionRequest], context: grpc.aio.ServicerContext
     ) -> pb.UploadVersionResponse:
-        first = await anext(aiter(request_iterator), None)
+        # A client that stops sending holds a temp file and a stream slot: the upload ends after a quiet spell.
+        messages = aiter(idle_timeout(request_iterator, self._upload_idle_timeout_s, "the upload"))
+        first = await anext(messages, None)
         if first is None or not first.HasField("metadata"):
             raise InvalidArgument.field("metadata", "the first message of an upload must carry the metadata")
 
         async def chunks() -> AsyncIterator[bytes]:
-            async for message in request_iterator:
+            async for message in messages:
                 if message.WhichOneof("payload") != "chunk":
                     raise InvalidArgument.field("metadata", "only the first message may carry metadata")
                 yield message.chunk
