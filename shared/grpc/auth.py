@@ -75,13 +75,11 @@ def _target(request: Any) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class _Call:
-    """What the interceptor learned of a call before it runs (its checks run inside the call)."""
+    """The rule of one method; the caller is read from each call's metadata inside the call (so that the
+    wrapped handler is made once per method, not per call, on every service's hot path)."""
 
     method: str
     access: Access | None
-    principal: Principal | None
-    header: object
-    acting_for: str | None
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
@@ -116,20 +114,21 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self._limits = limits
         self._streams = TenantStreams(max_streams_per_tenant)
         self._public = tuple(public)
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
+        self._principals: dict[str, Principal] = {}
 
     async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
         method = details.method
-        if method.lstrip("/").startswith(self._public):
+        if handler is None or method.lstrip("/").startswith(self._public):
             return handler
-        access = self._table.get(method)
-        metadata = details.invocation_metadata or ()
-        header = next((v for k, v in metadata if k == "authorization"), None)
-        principal = self._from_header(header)
-        # Checked in the call: an error raised here would not reach the client as a status.
-        acting_for = next((v for k, v in metadata if k == TENANT_METADATA), None)
-        call = _Call(method, access, principal, header, acting_for if isinstance(acting_for, str) else None)
-        return wrap_handler(handler, method, lambda b, rq, rs, _m: self._guard(b, rq, rs, call))
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        call = _Call(method, self._table.get(method))
+        wrapped = wrap_handler(handler, method, lambda b, rq, rs, _m: self._guard(b, rq, rs, call))
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
 
     def _from_header(self, header: object) -> Principal | None:
         if not isinstance(header, str) or not header.startswith("Bearer "):
@@ -141,7 +140,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if self._keys is not None:
             key = self._keys.verify(presented)
             if key is not None:
-                return Principal(name=f"key:{key.key_id}", tenant=key.tenant, role=key.role)
+                principal = self._principals.get(key.key_id)
+                if principal is None or principal.role is not key.role or principal.tenant != key.tenant:
+                    principal = Principal(name=f"key:{key.key_id}", tenant=key.tenant, role=key.role)
+                    self._principals[key.key_id] = principal
+                return principal
         return None
 
     def _from_certificate(self, context: grpc.aio.ServicerContext) -> Principal | None:
@@ -156,14 +159,20 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     def _check(self, call: _Call, context: grpc.aio.ServicerContext) -> None:
         method, access = call.method, call.access
-        principal = call.principal or self._from_certificate(context)
+        header = acting_for = None
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization":
+                header = value
+            elif key == TENANT_METADATA:
+                acting_for = value
+        principal = self._from_header(header) or self._from_certificate(context)
         if principal is None:
             raise errors.Unauthenticated(
                 "missing, invalid or revoked credentials: send 'authorization: Bearer <API key>'"
             )
-        if call.acting_for is not None and principal.is_admin:
+        if isinstance(acting_for, str) and acting_for and principal.is_admin:
             # The mesh's services and admin keys may act within one tenant; other keys are their tenant.
-            principal = dataclasses.replace(principal, acting_for=check_name(call.acting_for, TENANT_METADATA))
+            principal = dataclasses.replace(principal, acting_for=check_name(acting_for, TENANT_METADATA))
         current_principal.set(principal)
         if access is None:
             log.warning("rpc_without_authorization_rule", rpc_method=method)
@@ -173,7 +182,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             raise errors.PermissionDenied(f"{method} needs the {access.value} role; this key has {role}")
         if self._limits is not None:
             self._limits.check(principal, access)
-        current_authorization.set(call.header if isinstance(call.header, str) else None)
+        current_authorization.set(header if isinstance(header, str) else None)
 
     def _open_stream(self) -> str | None:
         principal = current_principal.get()

@@ -86,7 +86,8 @@ MIN_INTERNAL_TOKEN = 32
 
 
 def _credentials(settings: CommonSettings) -> grpc.ServerCredentials | None:
-    if not settings.tls_enabled:
+    # Development mode is plaintext whatever TLS files are configured: its clients dial plaintext too.
+    if settings.insecure or not settings.tls_enabled:
         return None
     assert settings.tls_cert_file is not None and settings.tls_key_file is not None
     pair = (settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())
