@@ -109,6 +109,12 @@ class CommonSettings(BaseSettings):
         description="RPCs a server runs at once (streams included); beyond it, new calls get RESOURCE_EXHAUSTED "
         "instead of queueing without bound.",
     )
+    zoo_max_elements: int = Field(
+        2_000_000_000,
+        ge=1,
+        description="Largest model (total weights) this process builds from the zoo; bigger architectures are "
+        "refused before any memory is allocated.",
+    )
     shutdown_grace_s: float = Field(10.0, ge=0, description="Seconds in-flight RPCs get to finish on shutdown.")
     rpc_timeout_s: float = Field(30.0, gt=0, description="Default deadline of a unary call made by a client.")
 

@@ -15,7 +15,7 @@ from services.cli.common import console, out
 from services.cli.credentials import DEFAULT_TENANT, init_certificates
 from services.cli.settings import CliSettings
 from shared.errors import MaasError
-from shared.security.keys import KeyStore, Role
+from shared.security.keys import GRANTS, KeyStore, Role
 
 certs_app = typer.Typer(no_args_is_help=True)
 keys_app = typer.Typer(no_args_is_help=True)
@@ -45,13 +45,22 @@ def keys_create(
     name: str = typer.Argument(..., help="A label for the key, unique in its tenant."),
     tenant: str = typer.Option(DEFAULT_TENANT, help="The tenant the key acts for."),
     role: str = typer.Option(Role.DEVELOPER.value, help="admin, developer or inference."),
+    grant: list[str] = typer.Option(
+        [],
+        "--grant",
+        help=f"A permission beyond the role, repeatable: {', '.join(sorted(GRANTS))} (move protected aliases "
+        "such as production within the key's tenant).",
+    ),
 ) -> None:
     """Create an API key; its token is printed once (only a salted hash is stored)."""
     try:
-        key, token = _store().create(tenant, role, name)
+        key, token = _store().create(tenant, role, name, grants=grant)
     except (MaasError, ValueError) as exc:
         raise _fail(exc) from None
-    console.print(f"created key {key.key_id} ({key.role.value} in tenant {key.tenant}); the token, shown once:")
+    granted = f", grants {', '.join(key.grants)}" if key.grants else ""
+    console.print(
+        f"created key {key.key_id} ({key.role.value} in tenant {key.tenant}{granted}); the token, shown once:"
+    )
     out.print(token, highlight=False, soft_wrap=True)
 
 
@@ -62,9 +71,17 @@ def keys_list(tenant: str = typer.Option("", help="Only this tenant's keys.")) -
         keys = _store().list(tenant or None)
     except (MaasError, ValueError) as exc:
         raise _fail(exc) from None
-    table = Table("id", "tenant", "role", "name", "created", "revoked")
+    table = Table("id", "tenant", "role", "grants", "name", "created", "revoked")
     for key in keys:
-        table.add_row(key.key_id, key.tenant, key.role.value, key.name, _when(key.created_at), _when(key.revoked_at))
+        table.add_row(
+            key.key_id,
+            key.tenant,
+            key.role.value,
+            ", ".join(key.grants),
+            key.name,
+            _when(key.created_at),
+            _when(key.revoked_at),
+        )
     out.print(table)
 
 

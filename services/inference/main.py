@@ -22,6 +22,7 @@ from services.inference.api.servicer import AUTHORIZATION, InferenceServicer, Wo
 from services.inference.core.host import ModelHost
 from services.inference.core.runner import resolve_device
 from services.inference.settings import InferenceSettings
+from shared.artifacts import configure_zoo_limits
 from shared.clients.registry import RegistryClient
 from shared.grpc.server import ServiceServer, start_service
 from shared.kserve.batching import BatchingSettings
@@ -66,6 +67,7 @@ def _compute_executor(threads: int) -> ThreadPoolExecutor:
 async def start(settings: InferenceSettings) -> RunningWorker:
     """Start one worker with ``settings``; also what tests and the scheduler's actors call."""
     configure_tracing("inference", settings.otel_exporter, settings.otel_endpoint)
+    configure_zoo_limits(settings.zoo_max_elements)
     torch.set_num_threads(settings.inference_torch_threads)
     device = resolve_device(settings.inference_device)
     client = RegistryClient.connect(settings.inference_registry_address, settings)
@@ -80,6 +82,7 @@ async def start(settings: InferenceSettings) -> RunningWorker:
         settings.inference_memory_budget_bytes,
         warmup=settings.inference_warmup,
         max_new_tokens=settings.inference_max_new_tokens,
+        max_queue_bytes=settings.inference_max_queue_bytes,
         observer=PrometheusObserver(metrics.registry),
     )
     inference = InferenceServicer(host)

@@ -8,6 +8,7 @@ from pydantic import Field
 
 from shared.settings import CommonSettings
 
+MiB = 1024**2
 GiB = 1024**3
 
 
@@ -49,6 +50,13 @@ class InferenceSettings(CommonSettings):
     inference_warmup: bool = Field(True, description="Run one execution of every version before it is reported ready.")
     inference_max_new_tokens: int = Field(
         512, ge=1, description="Most tokens one generation request (parameter max_tokens) may ask for."
+    )
+    inference_max_queue_bytes: int = Field(
+        256 * MiB,
+        ge=1,
+        description="Bytes of decoded inputs the queue of one loaded version may hold; beyond it requests get "
+        "RESOURCE_EXHAUSTED with a retry delay, like a full queue. A request is always accepted into an "
+        "empty queue (MAAS_MAX_MESSAGE_BYTES bounds it).",
     )
 
     def cache_dir(self) -> Path:

@@ -16,6 +16,7 @@ from maas.paramserver.v1 import paramserver_pb2, paramserver_pb2_grpc
 from services.paramserver.api.servicer import AUTHORIZATION, ParamServerServicer
 from services.paramserver.core.host import ShardHost
 from services.paramserver.settings import ParamServerSettings
+from shared.artifacts import configure_zoo_limits
 from shared.grpc.server import ServiceServer, start_service
 from shared.logging import configure_logging
 from shared.tracing import configure_tracing
@@ -47,6 +48,7 @@ class RunningShard:
 async def start(settings: ParamServerSettings) -> RunningShard:
     """Start one shard server with ``settings``; also what tests and the scheduler's actors call."""
     configure_tracing("paramserver", settings.otel_exporter, settings.otel_endpoint)
+    configure_zoo_limits(settings.zoo_max_elements)
     host = ShardHost(settings.checkpoint_root(), pull_timeout_s=settings.paramserver_pull_timeout_s)
     servicer = ParamServerServicer(host)
     server = await start_service(

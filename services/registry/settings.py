@@ -50,8 +50,9 @@ class RegistrySettings(CommonSettings):
 
     registry_protected_aliases: list[str] = Field(
         default_factory=lambda: ["production"],
-        description="Aliases only an admin key (or the mesh's services) may set, move or delete; a developer "
-        'gets PERMISSION_DENIED. A JSON list, e.g. \'["production", "stable"]\'.',
+        description="Aliases only an admin key, a key with the protected-aliases grant (in its tenant) or the "
+        "mesh's services may set, move or delete; a developer gets PERMISSION_DENIED. A JSON list, e.g. "
+        '\'["production", "stable"]\'.',
     )
 
     @field_validator("registry_protected_aliases")

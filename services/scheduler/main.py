@@ -24,6 +24,7 @@ from services.scheduler.core.ports import JobRunner
 from services.scheduler.core.reconciler import ReconcilerConfig
 from services.scheduler.core.service import JobService
 from services.scheduler.settings import SchedulerSettings
+from shared.artifacts import configure_zoo_limits
 from shared.grpc.server import ServiceServer, start_service
 from shared.logging import configure_logging
 from shared.sql import create_engine, migrate
@@ -93,6 +94,8 @@ async def start(
     ``pool_factory`` likewise builds the inference replica pool; None: the Ray pool (:func:`ray_pool_factory`).
     """
     configure_tracing("scheduler", settings.otel_exporter, settings.otel_endpoint)
+    # Training jobs are validated against this cap; the actors get the same value (actor_env).
+    configure_zoo_limits(settings.zoo_max_elements)
     database_url = settings.database_url()
     if database_url.startswith("sqlite:///"):
         (settings.home / "scheduler").mkdir(parents=True, exist_ok=True)

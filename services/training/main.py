@@ -20,6 +20,7 @@ from services.training.api.servicer import AUTHORIZATION, TrainingWorkerServicer
 from services.training.core.session import WorkerSession
 from services.training.core.worker import WorkerSpec
 from services.training.settings import TrainingSettings
+from shared.artifacts import configure_zoo_limits
 from shared.clients.paramserver import ParamServerClient
 from shared.clients.registry import RegistryClient
 from shared.datasets import DatasetSpec
@@ -83,6 +84,7 @@ async def hosted(options: dict[str, Any]) -> RunningWorker:
     settings = TrainingSettings(**fields)
     configure_logging("training", settings.log_level, settings.log_format)
     configure_tracing("training", settings.otel_exporter, settings.otel_endpoint)
+    configure_zoo_limits(settings.zoo_max_elements)
     torch.set_num_threads(settings.training_torch_threads)
     spec = spec_from_options(options)
     shard_clients = [ParamServerClient.connect(address, settings) for address in options["shard_addresses"]]

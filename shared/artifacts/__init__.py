@@ -39,16 +39,20 @@ from shared.artifacts.manifest import Manifest, Signature, TensorSpec
 from shared.artifacts.safetensors_header import read_header, tensor_table, validate_header
 from shared.artifacts.variants import VARIANTS, derive_variant, variant_manifest
 from shared.artifacts.zoo import (
+    DEFAULT_MAX_ELEMENTS,
     Architecture,
     architectures,
     build_model,
+    configure_zoo_limits,
     expected_state,
     get_architecture,
     register_architecture,
+    zoo_max_elements,
 )
 
 __all__ = [
     "DATATYPES",
+    "DEFAULT_MAX_ELEMENTS",
     "INT8_WEIGHT_ONLY",
     "MANIFEST_METADATA_KEY",
     "MODEL_DTYPES",
@@ -65,6 +69,7 @@ __all__ = [
     "artifact_bytes",
     "build_model",
     "check_weights",
+    "configure_zoo_limits",
     "datatype_size",
     "datatype_to_numpy",
     "datatype_to_safetensors",
@@ -86,4 +91,5 @@ __all__ = [
     "torch_to_safetensors",
     "validate_header",
     "variant_manifest",
+    "zoo_max_elements",
 ]

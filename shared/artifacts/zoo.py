@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -27,18 +28,50 @@ if TYPE_CHECKING:  # manifest imports this module, so only the type is needed he
     from shared.artifacts.manifest import Manifest
 
 __all__ = [
-    "MAX_ELEMENTS",
+    "DEFAULT_MAX_ELEMENTS",
     "Architecture",
     "architectures",
     "build_model",
+    "configure_zoo_limits",
     "expected_state",
     "get_architecture",
     "register_architecture",
+    "zoo_max_elements",
 ]
 
-#: Largest model (total state-dict elements) build_model will allocate: 2e9 float32 values is 8 GB,
-#: more than any zoo model needs, and refusing early beats an out-of-memory kill of a worker.
-MAX_ELEMENTS = 2_000_000_000
+#: Default of the largest model (total state-dict elements) build_model will allocate: 2e9 float32
+#: values is 8 GB, more than any zoo model needs, and refusing early beats an out-of-memory kill of a
+#: worker. Each service sets its own from ``MAAS_ZOO_MAX_ELEMENTS`` (:func:`configure_zoo_limits`).
+DEFAULT_MAX_ELEMENTS = 2_000_000_000
+
+
+@dataclass
+class _Limits:
+    max_elements: int = DEFAULT_MAX_ELEMENTS
+
+
+# Process-wide: set once by each service's composition root, read by every build.
+_limits = _Limits()
+
+
+def configure_zoo_limits(max_elements: int = DEFAULT_MAX_ELEMENTS) -> None:
+    """Sets this process's zoo size caps; each service's composition root calls it once at start.
+
+    Args:
+        max_elements: Largest model (total state-dict elements) :func:`build_model` will allocate.
+
+    Raises:
+        ValueError: If ``max_elements`` is below 1.
+    """
+    if max_elements < 1:
+        raise ValueError(f"max_elements must be >= 1, got {max_elements}")
+    _limits.max_elements = max_elements
+
+
+def zoo_max_elements() -> int:
+    """The largest model (total state-dict elements) :func:`build_model` allocates in this process."""
+    return _limits.max_elements
+
 
 _DIM = 1 << 16  # generous bound for widths and channel counts
 _VOCAB = 1 << 20
@@ -67,16 +100,17 @@ def build_model(manifest: Manifest, device: str | torch.device = "cpu") -> nn.Mo
         device: Where to allocate; ``"meta"`` gives shapes and dtypes without allocating memory.
 
     Raises:
-        ArtifactError: If the arguments are rejected or the model would exceed :data:`MAX_ELEMENTS`.
+        ArtifactError: If the arguments are rejected or the model would exceed :func:`zoo_max_elements`.
     """
     architecture = get_architecture(manifest.architecture)
     device = torch.device(device)
     if device.type != "meta":
         elements = sum(torch.Size(shape).numel() for _, shape in _float_state(manifest).values())
-        if elements > MAX_ELEMENTS:
+        limit = _limits.max_elements
+        if elements > limit:
             raise ArtifactError(
                 f"architecture '{manifest.architecture}' with these arguments has {elements:,} weights, "
-                f"more than the limit of {MAX_ELEMENTS:,}"
+                f"more than the limit of {limit:,}"
             )
     with device:
         module = architecture.build(manifest.arguments)

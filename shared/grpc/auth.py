@@ -141,8 +141,16 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             key = self._keys.verify(presented)
             if key is not None:
                 principal = self._principals.get(key.key_id)
-                if principal is None or principal.role is not key.role or principal.tenant != key.tenant:
-                    principal = Principal(name=f"key:{key.key_id}", tenant=key.tenant, role=key.role)
+                # Rebuilt whenever the key file says something else of the key (an edited role or grants).
+                if (
+                    principal is None
+                    or principal.role is not key.role
+                    or principal.tenant != key.tenant
+                    or principal.grants != frozenset(key.grants)
+                ):
+                    principal = Principal(
+                        name=f"key:{key.key_id}", tenant=key.tenant, role=key.role, grants=frozenset(key.grants)
+                    )
                     self._principals[key.key_id] = principal
                 return principal
         return None

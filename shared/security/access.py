@@ -47,6 +47,8 @@ class Principal:
     service: str | None = None
     # The tenant a service or an admin acts within for this call (TENANT_METADATA); None: its own view.
     acting_for: str | None = None
+    # The key's grants (shared.security.keys.GRANTS): permissions beyond its role, within its own tenant.
+    grants: frozenset[str] = frozenset()
 
     @classmethod
     def mesh_service(cls, service: str) -> Principal:

@@ -2,6 +2,8 @@
 
 A token is ``maas_<key id>_<secret>``; the file keeps only a salted scrypt hash of the secret per key. Services
 re-read the file when it changes, so ``maas keys revoke`` takes effect without a restart.
+
+Besides its role, a key may hold grants: named permissions a role alone does not give (``GRANTS``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
@@ -28,7 +30,11 @@ from shared.security.files import write_atomic
 
 TOKEN_PREFIX = "maas_"
 MAX_TOKEN_LENGTH = 200
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # ``grants`` was added later as an optional field: files without it still load
+# May set, move and delete protected aliases (the registry's ``production``) within the key's tenant.
+GRANT_PROTECTED_ALIASES = "protected-aliases"
+# The grants a key may be created with.
+GRANTS = frozenset({GRANT_PROTECTED_ALIASES})
 # The key id is plain hex so that it can never be confused with the separator; the secret is token_urlsafe.
 _TOKEN = re.compile(r"maas_([0-9a-f]{12})_([A-Za-z0-9_-]+)")
 _KEY_ID = re.compile(r"[0-9a-f]{12}")
@@ -60,6 +66,7 @@ class ApiKey:
     name: str  # a human label, unique among a tenant's live keys
     created_at: float  # unix seconds
     revoked_at: float | None = None
+    grants: tuple[str, ...] = ()  # sorted, no duplicates (GRANTS)
 
     @property
     def revoked(self) -> bool:
@@ -118,7 +125,20 @@ def _parse(raw: bytes) -> dict[str, _Record]:
         if not isinstance(item["tenant"], str) or not isinstance(item["name"], str):
             raise ValueError(f"key {key_id}: tenant and name must be strings")
         revoked = None if revoked_at is None else float(revoked_at)
-        key = ApiKey(key_id, item["tenant"], Role(item["role"]), item["name"], float(item["created_at"]), revoked)
+        # Files written before grants existed have no such field: their keys hold none. A grant this version does
+        # not know is kept (and so written back) but gives nothing: only known grant names are ever checked.
+        grants = item.get("grants", [])
+        if not isinstance(grants, list) or not all(isinstance(g, str) for g in grants):
+            raise ValueError(f"key {key_id}: grants must be a list of strings")
+        key = ApiKey(
+            key_id,
+            item["tenant"],
+            Role(item["role"]),
+            item["name"],
+            float(item["created_at"]),
+            revoked,
+            tuple(sorted(set(grants))),
+        )
         records[key_id] = _Record(key, _check_hash(item["hash"]))
     return records
 
@@ -129,6 +149,19 @@ def _role(value: Role | str) -> Role:
     except ValueError:
         shown = str(value)[:40]
         raise InvalidArgument.field("role", f"{shown!r} is not a role: use one of {', '.join(Role)}") from None
+
+
+def _grants(values: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(values, str):  # one grant passed bare would otherwise be taken letter by letter
+        values = (values,)
+    checked = set()
+    for value in values:
+        if value not in GRANTS:
+            shown = str(value)[:40]
+            known = ", ".join(sorted(GRANTS))
+            raise InvalidArgument.field("grants", f"{shown!r} is not a grant: use one of {known}")
+        checked.add(value)
+    return tuple(sorted(checked))
 
 
 class KeyStore:
@@ -149,11 +182,13 @@ class KeyStore:
         with self._lock:
             self._refresh()
 
-    def create(self, tenant: str, role: Role | str, name: str) -> tuple[ApiKey, str]:
-        """Add a key; returns it and its token (shown once; only the hash is stored)."""
+    def create(self, tenant: str, role: Role | str, name: str, grants: Iterable[str] = ()) -> tuple[ApiKey, str]:
+        """Add a key with ``grants`` (each one of GRANTS); returns it and its token (shown once; only the hash
+        is stored)."""
         check_name(tenant, "tenant")
         checked_role = _role(role)
         check_name(name, "name")
+        checked_grants = _grants(grants)
         secret = secrets.token_urlsafe(32)
         hashed = _new_hash(secret, self._scrypt_n)  # before taking the file lock: it is the slow part
 
@@ -163,7 +198,7 @@ class KeyStore:
             key_id = secrets.token_hex(6)
             while key_id in records:
                 key_id = secrets.token_hex(6)
-            key = ApiKey(key_id, tenant, checked_role, name, time.time())
+            key = ApiKey(key_id, tenant, checked_role, name, time.time(), grants=checked_grants)
             records[key_id] = _Record(key, hashed)
             return key
 
@@ -266,7 +301,10 @@ class KeyStore:
             before = dict(records)
             result = change(records)
             if records != before:
-                keys = [{**vars(r.key), "role": r.key.role.value, "hash": r.hash} for r in records.values()]
+                keys = [
+                    {**vars(r.key), "role": r.key.role.value, "grants": list(r.key.grants), "hash": r.hash}
+                    for r in records.values()
+                ]
                 body = json.dumps({"version": FORMAT_VERSION, "keys": keys}, indent=2) + "\n"
                 write_atomic(self.path, body.encode(), 0o600)
                 # Readers compare (mtime, size, inode); an inode can be reused and two writes can share a clock

@@ -3,12 +3,14 @@
 Every model belongs to the tenant of the key that created it. A developer of another tenant must not be able
 to tell that model from a missing one: the tests record every error such a developer gets while the model
 exists, delete it, and require the very same errors again. Admin keys and the mesh's services see every
-tenant, or one through ``maas-tenant``; protected aliases need an admin.
+tenant, or one through ``maas-tenant``; protected aliases need an admin or a key granted ``protected-aliases``
+(which acts within its own tenant only).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,7 @@ from services.registry.adapters.sql.tables import MIGRATIONS
 from shared.clients.registry import RegistryClient
 from shared.errors import MaasError
 from shared.security.access import TENANT_METADATA
-from shared.security.keys import KeyStore, Role
+from shared.security.keys import GRANT_PROTECTED_ALIASES, KeyStore, Role
 from shared.security.pki import MESH_NAME, init_pki
 from shared.settings import CommonSettings
 from shared.sql import create_engine, migrate
@@ -37,7 +39,8 @@ A, B = "team-a", "team-b"
 @dataclass
 class Registry:
     """A secure registry and a client for each caller: ``a``/``b`` (developers of A and B), ``a-admin`` (an
-    admin of A), ``internal`` (the mesh's token)."""
+    admin of A), ``a-granted``/``b-granted`` (developers of A and B granted ``protected-aliases``),
+    ``internal`` (the mesh's token)."""
 
     target: str
     ca: Path
@@ -65,8 +68,15 @@ async def _start(tmp: Path, database_url: str, **extra: Any) -> tuple[Any, Regis
     pki = init_pki(tmp / "tls", ["registry"])
     keys = KeyStore(tmp / "keys.json")
     tokens = {"internal": INTERNAL_TOKEN}
-    for label, tenant, role in (("a", A, Role.DEVELOPER), ("b", B, Role.DEVELOPER), ("a-admin", A, Role.ADMIN)):
-        _, tokens[label] = keys.create(tenant, role, f"{label}-key")
+    granted = (GRANT_PROTECTED_ALIASES,)
+    for label, tenant, role, grants in (
+        ("a", A, Role.DEVELOPER, ()),
+        ("b", B, Role.DEVELOPER, ()),
+        ("a-admin", A, Role.ADMIN, ()),
+        ("a-granted", A, Role.DEVELOPER, granted),
+        ("b-granted", B, Role.DEVELOPER, granted),
+    ):
+        _, tokens[label] = keys.create(tenant, role, f"{label}-key", grants=grants)
     cert = pki.services["registry"]
     settings = RegistrySettings(
         home=tmp / "home",
@@ -286,6 +296,65 @@ async def test_moving_production_needs_an_admin(registry: Registry) -> None:
 
     await registry["a-admin"].call("DeleteAlias", pb.DeleteAliasRequest(model="m", alias="production"))
     await a.call("DeleteModel", pb.DeleteModelRequest(name="m"))
+
+
+async def test_a_developer_key_with_the_grant_may_move_production_in_its_own_tenant(registry: Registry) -> None:
+    a, granted = registry["a"], registry["a-granted"]
+    await registry.upload("a", "m", create_model=True)
+    await registry.upload("a", "m", seed=1)
+
+    await granted.call("SetAlias", pb.SetAliasRequest(model="m", alias="production", version=1))
+    await granted.call("SetAlias", pb.SetAliasRequest(model="m", alias="production", version=2))
+    # The grant is the key's, not the tenant's: A's plain developer key is still refused, and told of the grant.
+    status, reason, message = await _error(
+        a.call("SetAlias", pb.SetAliasRequest(model="m", alias="production", version=1))
+    )
+    assert (status, reason) == ("PermissionDenied", "PROTECTED_ALIAS")
+    assert f"'{GRANT_PROTECTED_ALIASES}'" in message and "admin" in message
+    assert (await a.call("GetModel", pb.GetModelRequest(name="m"))).model.aliases["production"] == 2
+
+    # B's granted developer gains nothing on A's model: it is as missing as a model that does not exist.
+    b = registry["b-granted"]
+    attempts: dict[str, Callable[[], Awaitable[Any]]] = {
+        "SetAlias": lambda: b.call("SetAlias", pb.SetAliasRequest(model="m", alias="production", version=1)),
+        "DeleteAlias": lambda: b.call("DeleteAlias", pb.DeleteAliasRequest(model="m", alias="production")),
+        "DeleteModel": lambda: b.call("DeleteModel", pb.DeleteModelRequest(name="m", force=True)),
+        "GetModel": lambda: b.call("GetModel", pb.GetModelRequest(name="m")),
+    }
+    while_a_has_it = {name: await _error(attempt()) for name, attempt in attempts.items()}
+    assert set(while_a_has_it.values()) == {("NotFound", "MODEL_NOT_FOUND", "model 'm' not found")}
+    # B's developer without the grant is refused before any lookup, as before.
+    denied = await _error(registry["b"].call("SetAlias", pb.SetAliasRequest(model="m", alias="production", version=1)))
+    assert denied[:2] == ("PermissionDenied", "PROTECTED_ALIAS")
+    assert (await a.call("GetModel", pb.GetModelRequest(name="m"))).model.aliases["production"] == 2
+
+    # Deleting it, and force-deleting the model around it, are the granted key's to do too.
+    await granted.call("DeleteAlias", pb.DeleteAliasRequest(model="m", alias="production"))
+    await granted.call("SetAlias", pb.SetAliasRequest(model="m", alias="production", version=1))
+    await granted.call("DeleteModel", pb.DeleteModelRequest(name="m", force=True))
+    once_missing = {name: await _error(attempt()) for name, attempt in attempts.items()}
+    assert once_missing == while_a_has_it
+
+
+async def test_a_grant_given_or_taken_in_the_key_file_applies_from_the_next_call(registry: Registry) -> None:
+    a = registry["a"]
+    await registry.upload("a", "m", create_model=True)
+    production = pb.SetAliasRequest(model="m", alias="production", version=1)
+    denied = await _error(a.call("SetAlias", production))  # the servers now know (and cache) A's key without it
+    assert denied[:2] == ("PermissionDenied", "PROTECTED_ALIAS")
+
+    def edit(grants: list[str]) -> None:
+        path = registry.tmp / "keys.json"
+        data = json.loads(path.read_text())
+        for entry in data["keys"]:
+            if entry["name"] == "a-key":
+                entry["grants"] = grants
+        path.write_text(json.dumps(data))
+
+    edit([GRANT_PROTECTED_ALIASES])
+    await a.call("SetAlias", production)
+    edit([])
+    assert (await _error(a.call("SetAlias", production)))[:2] == ("PermissionDenied", "PROTECTED_ALIAS")
 
 
 async def test_the_protected_aliases_are_configurable(tmp_path: Path) -> None:

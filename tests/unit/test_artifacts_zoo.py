@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import pickle
+from collections.abc import Iterator
 
 import pytest
 import torch
 
 from shared.artifacts import (
+    DEFAULT_MAX_ELEMENTS,
     MANIFEST_METADATA_KEY,
     ArtifactError,
     Manifest,
@@ -15,6 +17,7 @@ from shared.artifacts import (
     artifact_bytes,
     build_model,
     check_weights,
+    configure_zoo_limits,
     datatype_to_torch,
     expected_state,
     get_architecture,
@@ -22,7 +25,9 @@ from shared.artifacts import (
     load_artifact,
     read_manifest,
     save_artifact,
+    zoo_max_elements,
 )
+from shared.settings import CommonSettings
 
 TINY = {
     "mlp": {"in_features": 6, "hidden": [5, 4], "out_features": 3, "activation": "gelu"},
@@ -130,6 +135,34 @@ def test_expected_state_matches_real_state_dict(architecture):
 def test_build_model_casts_to_manifest_dtype():
     manifest = Manifest.for_model("mlp", TINY["mlp"], dtype="bfloat16")
     assert {p.dtype for p in build_model(manifest).parameters()} == {torch.bfloat16}
+
+
+@pytest.fixture
+def zoo_limits() -> Iterator[None]:
+    """Restores the process-wide zoo caps a test lowers."""
+    try:
+        yield
+    finally:
+        configure_zoo_limits(DEFAULT_MAX_ELEMENTS)
+
+
+def test_build_model_refuses_a_model_over_the_configured_cap(zoo_limits):
+    manifest = Manifest.for_model("mlp", TINY["mlp"])  # 6*5+5 + 5*4+4 + 4*3+3 = 74 weights
+    configure_zoo_limits(73)
+    assert zoo_max_elements() == 73
+    with pytest.raises(ArtifactError, match=r"'mlp' with these arguments has 74 weights, more than the limit of 73"):
+        build_model(manifest)
+    build_model(manifest, "meta")  # shapes only: nothing is allocated, so nothing is refused
+    configure_zoo_limits(74)
+    assert sum(p.numel() for p in build_model(manifest).parameters()) == 74
+
+
+def test_zoo_cap_defaults_to_the_setting_and_rejects_nonsense(zoo_limits):
+    assert zoo_max_elements() == DEFAULT_MAX_ELEMENTS
+    assert CommonSettings.model_fields["zoo_max_elements"].default == DEFAULT_MAX_ELEMENTS
+    with pytest.raises(ValueError, match="max_elements must be >= 1"):
+        configure_zoo_limits(0)
+    assert zoo_max_elements() == DEFAULT_MAX_ELEMENTS
 
 
 def test_build_rejects_unknown_and_bad_arguments():

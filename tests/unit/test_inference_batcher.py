@@ -131,6 +131,58 @@ async def test_queue_full_is_resource_exhausted(executor: ThreadPoolExecutor) ->
     await batcher.close()
 
 
+async def test_queue_bytes_bound_is_resource_exhausted(executor: ThreadPoolExecutor) -> None:
+    model = FakeModel()
+    # One row of x() is 8 bytes: the queue may hold three rows' worth.
+    batcher = DynamicBatcher(
+        "m:1", model, executor, BatchingSettings(max_batch_size=1), VersionStats(), max_queue_bytes=24
+    )
+    model.gate.clear()
+    blocker = asyncio.ensure_future(batcher.submit(x(0), 1))
+    await asyncio.to_thread(model.entered.wait, 5)
+    assert batcher.queued_bytes == 0  # a running request no longer counts
+    queued = [asyncio.ensure_future(batcher.submit(x(i), 1)) for i in (1, 2)]
+    await asyncio.sleep(0)
+    assert batcher.queued_bytes == 16
+    with pytest.raises(ResourceExhausted, match=r"model m:1: the queue holds 16 bytes; the limit is 24") as info:
+        await batcher.submit(x(3, rows=2), 2)
+    assert info.value.retry_after_s == 0.05
+    assert batcher.stats.rejected == 1
+    model.gate.set()
+    await asyncio.gather(blocker, *queued)
+    assert batcher.queued_bytes == 0
+    out = await batcher.submit(x(3, rows=2), 2)  # the same request, once the others are served
+    assert out["y"].tolist() == [[6.0, 6.0], [6.0, 6.0]]
+    assert batcher.stats.rejected == 1
+    await batcher.close()
+
+
+async def test_queue_bytes_accounting_survives_expiry_and_cancellation(executor: ThreadPoolExecutor) -> None:
+    model = FakeModel()
+    batcher = DynamicBatcher(
+        "m:1", model, executor, BatchingSettings(max_batch_size=1), VersionStats(), max_queue_bytes=16
+    )
+    model.gate.clear()
+    blocker = asyncio.ensure_future(batcher.submit(x(0), 1))
+    await asyncio.to_thread(model.entered.wait, 5)
+    with pytest.raises(DeadlineExceeded):
+        await batcher.submit(x(1), 1, timeout_s=0.01)
+    doomed = asyncio.ensure_future(batcher.submit(x(2, rows=2), 2))
+    await asyncio.sleep(0)
+    assert batcher.queued_bytes == 16
+    doomed.cancel()
+    await asyncio.sleep(0)
+    assert batcher.queued_bytes == 0
+    # A request larger than the bound is still accepted into an empty queue (it would never fit otherwise).
+    big = asyncio.ensure_future(batcher.submit(x(5, rows=3), 3))
+    await asyncio.sleep(0)
+    assert batcher.queued_bytes == 24
+    model.gate.set()
+    await asyncio.gather(blocker, big)
+    assert batcher.queued_bytes == 0 and batcher.ongoing == 0
+    await batcher.close()
+
+
 async def test_queue_timeout_expires_waiting_requests(executor: ThreadPoolExecutor) -> None:
     model = FakeModel()
     batcher = make(model, executor, max_batch_size=1, default_timeout_us=0)

@@ -13,7 +13,7 @@ import pytest
 
 from shared.errors import AlreadyExists, InvalidArgument, NotFound
 from shared.security import keys as keys_module
-from shared.security.keys import TOKEN_PREFIX, ApiKey, KeyStore, Role
+from shared.security.keys import GRANT_PROTECTED_ALIASES, GRANTS, TOKEN_PREFIX, ApiKey, KeyStore, Role
 
 FAST_N = 2**10  # scrypt's cost in tests; the default (2**14) would make each hash tens of ms
 
@@ -249,6 +249,64 @@ def test_bad_arguments_are_invalid(tmp_path: Path, tenant: str, role: str, name:
     assert not store.path.exists()
 
 
+# Grants ---------------------------------------------------------------------------------------------------
+
+
+def test_grants_are_persisted_and_seen_by_another_instance(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    granted, token = store.create("team-a", Role.DEVELOPER, "release", grants=[GRANT_PROTECTED_ALIASES])
+    plain, plain_token = store.create("team-a", Role.DEVELOPER, "ci")
+    assert granted.grants == (GRANT_PROTECTED_ALIASES,) and plain.grants == ()
+    entries = {e["name"]: e for e in json.loads(store.path.read_text())["keys"]}
+    assert entries["release"]["grants"] == [GRANT_PROTECTED_ALIASES] and entries["ci"]["grants"] == []
+
+    other = KeyStore(store.path, scrypt_n=FAST_N)
+    assert other.get(granted.key_id) == granted
+    verified = other.verify(token)
+    assert verified == granted and verified.grants == (GRANT_PROTECTED_ALIASES,)
+    assert other.verify(plain_token) == plain
+    # Grants survive the rewrites of the file by other changes.
+    other.revoke(plain.key_id)
+    assert KeyStore(store.path, scrypt_n=FAST_N).get(granted.key_id).grants == (GRANT_PROTECTED_ALIASES,)
+    # A grant named twice is held once.
+    twice, _ = store.create("team-b", Role.DEVELOPER, "release", grants=(GRANT_PROTECTED_ALIASES,) * 2)
+    assert twice.grants == (GRANT_PROTECTED_ALIASES,)
+
+
+def test_a_key_file_from_before_grants_loads_with_no_grants(tmp_path: Path) -> None:
+    path = tmp_path / "keys.json"
+    writer = KeyStore(path, scrypt_n=FAST_N)
+    key, token = writer.create("team-a", Role.DEVELOPER, "ci")
+    data = json.loads(path.read_text())
+    for entry in data["keys"]:
+        del entry["grants"]  # as the files written before grants existed
+    path.write_text(json.dumps(data))
+
+    store = KeyStore(path, scrypt_n=FAST_N)
+    assert store.verify(token) == key and store.get(key.key_id).grants == ()
+    # Adding a key rewrites the file in the current format, keeping the old key as it was.
+    store.create("team-a", Role.DEVELOPER, "release", grants=[GRANT_PROTECTED_ALIASES])
+    data = json.loads(path.read_text())
+    assert data["version"] == 1
+    assert [(e["name"], e["grants"]) for e in data["keys"]] == [("ci", []), ("release", [GRANT_PROTECTED_ALIASES])]
+    assert KeyStore(path, scrypt_n=FAST_N).verify(token) == key
+
+
+@pytest.mark.parametrize("grants", [["admin"], ["protected-aliases", "everything"], ["Protected-Aliases"], [""]])
+def test_unknown_grants_are_invalid(tmp_path: Path, grants: list[str]) -> None:
+    store = _store(tmp_path)
+    with pytest.raises(InvalidArgument) as info:
+        store.create("team-a", Role.DEVELOPER, "release", grants=grants)
+    assert [v.field for v in info.value.violations] == ["grants"]
+    assert all(known in info.value.message for known in GRANTS)
+    assert not store.path.exists()
+
+
+def test_a_single_grant_given_as_a_string_is_one_grant(tmp_path: Path) -> None:
+    key, _ = _store(tmp_path).create("team-a", Role.DEVELOPER, "release", grants=GRANT_PROTECTED_ALIASES)
+    assert key.grants == (GRANT_PROTECTED_ALIASES,)
+
+
 def test_role_ordering() -> None:
     assert Role.ADMIN.allows(Role.ADMIN) and Role.ADMIN.allows(Role.DEVELOPER) and Role.ADMIN.allows(Role.INFERENCE)
     assert Role.DEVELOPER.allows(Role.DEVELOPER) and Role.DEVELOPER.allows(Role.INFERENCE)
@@ -317,7 +375,14 @@ def test_corrupt_entries_are_refused(tmp_path: Path) -> None:
     store = _store(tmp_path)
     store.create("team-a", Role.ADMIN, "ops")
     good = json.loads(store.path.read_text())
-    edits: list[tuple[str, Any]] = [("role", "root"), ("key_id", "../x"), ("created_at", "soon"), ("hash", {})]
+    edits: list[tuple[str, Any]] = [
+        ("role", "root"),
+        ("key_id", "../x"),
+        ("created_at", "soon"),
+        ("hash", {}),
+        ("grants", GRANT_PROTECTED_ALIASES),  # a string, not a list: never read letter by letter
+        ("grants", [1]),
+    ]
     for field, value in edits:
         data = json.loads(json.dumps(good))
         data["keys"][0][field] = value

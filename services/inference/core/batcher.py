@@ -29,12 +29,15 @@ from services.inference.core.stats import BatchTimings, VersionStats
 from shared.errors import Cancelled, DeadlineExceeded, ResourceExhausted, Unavailable
 from shared.kserve.batching import BatchingSettings
 
-__all__ = ["DEFAULT_PRIORITY", "BatchRunner", "DynamicBatcher"]
+__all__ = ["DEFAULT_MAX_QUEUE_BYTES", "DEFAULT_PRIORITY", "BatchRunner", "DynamicBatcher"]
 
 log = structlog.get_logger("maas.inference.batcher")
 
 #: Rank of requests that set no priority (0 or absent): behind every explicit level (1 is most urgent).
 DEFAULT_PRIORITY = 2**62
+
+#: Bytes of inputs one version's queue holds at most by default (``MAAS_INFERENCE_MAX_QUEUE_BYTES``).
+DEFAULT_MAX_QUEUE_BYTES = 256 * 1024 * 1024
 
 #: Runs one execution: inputs concatenated along dim 0 -> outputs with the same dim 0. Fills the timings.
 BatchRunner = Callable[[Mapping[str, np.ndarray], BatchTimings], dict[str, np.ndarray]]
@@ -50,6 +53,7 @@ class _Pending:
     inputs: Mapping[str, np.ndarray]
     batch_size: int
     key: tuple[Any, ...]
+    nbytes: int
     rank: tuple[int, int]
     arrived_ns: int
     future: asyncio.Future[dict[str, np.ndarray]]
@@ -58,6 +62,16 @@ class _Pending:
     dispatched_ns: int = 0
     # Set on the event loop when the caller gives up; read by the compute thread (a plain bool).
     cancelled: bool = False
+
+
+def _inputs_nbytes(inputs: Mapping[str, np.ndarray]) -> int:
+    """Bytes a request's inputs hold; object (BYTES) arrays count their elements' lengths too."""
+    total = 0
+    for array in inputs.values():
+        total += array.nbytes
+        if array.dtype == object:
+            total += sum(len(item) for item in array.flat if isinstance(item, bytes | bytearray | str))
+    return total
 
 
 def _shape_key(inputs: Mapping[str, np.ndarray]) -> tuple[Any, ...]:
@@ -74,6 +88,8 @@ class DynamicBatcher:
         settings: Batching settings.
         stats: Where executions and request outcomes are recorded.
         merge: False runs every request as its own execution (models that cannot batch).
+        max_queue_bytes: Bytes of inputs the queued requests may hold together; a request that would go
+            beyond is refused (RESOURCE_EXHAUSTED), unless the queue is empty.
     """
 
     def __init__(
@@ -85,15 +101,20 @@ class DynamicBatcher:
         stats: VersionStats,
         *,
         merge: bool = True,
+        max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES,
     ) -> None:
+        if max_queue_bytes < 1:
+            raise ValueError(f"max_queue_bytes must be >= 1, got {max_queue_bytes}")
         self.name = name
         self.settings = settings
         self.stats = stats
         self._run = run
         self._executor = executor
         self._merge = merge
+        self.max_queue_bytes = max_queue_bytes
         self._queue: list[_Pending] = []  # kept sorted by rank: dispatch scans it in priority order
         self._queued = 0
+        self._queued_bytes = 0  # inputs of the requests in self._queue, in bytes
         self._running = 0
         self._seq = itertools.count()
         self._wakeup = asyncio.Event()
@@ -106,6 +127,11 @@ class DynamicBatcher:
         # wait for each answer before sending again, higher when independent requests overlap.
         self._concurrency = 1.0
         self._task: asyncio.Task[None] | None = None
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes of inputs the queued requests hold now."""
+        return self._queued_bytes
 
     @property
     def ongoing(self) -> int:
@@ -134,7 +160,8 @@ class DynamicBatcher:
             timeout_s: Longest it may wait in the queue; None waits until the caller gives up.
 
         Raises:
-            ResourceExhausted: If the queue is full.
+            ResourceExhausted: If the queue is full, or the request's inputs would take the queue's bytes
+                beyond ``max_queue_bytes``.
             DeadlineExceeded: If the request waited longer than ``timeout_s`` in the queue.
             Unavailable: If the version is being unloaded.
         """
@@ -147,6 +174,14 @@ class DynamicBatcher:
                 f"model {self.name}: the queue is full ({self.settings.max_queue_size} requests queued)",
                 retry_after_s=0.05,
             )
+        nbytes = _inputs_nbytes(inputs)
+        if self._queued and self._queued_bytes + nbytes > self.max_queue_bytes:
+            self.stats.record_rejected()
+            raise ResourceExhausted(
+                f"model {self.name}: the queue holds {self._queued_bytes} bytes; the limit is "
+                f"{self.max_queue_bytes} (this request: {nbytes})",
+                retry_after_s=0.05,
+            )
         loop = asyncio.get_running_loop()
         entry = _Pending(
             inputs=inputs,
@@ -155,6 +190,7 @@ class DynamicBatcher:
             rank=(priority if priority > 0 else DEFAULT_PRIORITY, next(self._seq)),
             arrived_ns=time.monotonic_ns(),
             future=loop.create_future(),
+            nbytes=nbytes,
         )
         self._concurrency += _EWMA * (self.ongoing + 1 - self._concurrency)
         if timeout_s is not None:
@@ -196,6 +232,7 @@ class DynamicBatcher:
             index -= 1
         self._queue.insert(index, entry)
         self._queued += 1
+        self._queued_bytes += entry.nbytes
         self.stats.observer.queue_depth(self._queued)
         self._idle.clear()
         self._wakeup.set()
@@ -206,6 +243,7 @@ class DynamicBatcher:
         entry.state = _DONE
         self._queue.remove(entry)
         self._queued -= 1
+        self._queued_bytes -= entry.nbytes
         self.stats.observer.queue_depth(self._queued)
         if entry.timer is not None:
             entry.timer.cancel()
@@ -281,6 +319,7 @@ class DynamicBatcher:
         now = time.monotonic_ns()
         for entry in chosen:
             self._queue.remove(entry)
+            self._queued_bytes -= entry.nbytes
             entry.state = _RUNNING
             entry.dispatched_ns = now
             if entry.timer is not None:

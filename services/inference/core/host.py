@@ -18,7 +18,7 @@ import structlog
 import torch
 from torch import nn
 
-from services.inference.core.batcher import DynamicBatcher
+from services.inference.core.batcher import DEFAULT_MAX_QUEUE_BYTES, DynamicBatcher
 from services.inference.core.observer import NULL_HOST_OBSERVER, HostObserver
 from services.inference.core.runner import TorchRunner, model_bytes
 from services.inference.core.stats import BatchTimings, VersionStats
@@ -115,6 +115,7 @@ class ModelHost:
         memory_budget_bytes: Weight bytes all loaded versions may hold together.
         warmup: Run one execution per version before it serves.
         max_new_tokens: Most tokens one generation request may ask for.
+        max_queue_bytes: Bytes of inputs the queue of each version may hold (see :class:`DynamicBatcher`).
         observer: Told of loads, unloads and every version's events (the worker's metrics).
     """
 
@@ -127,6 +128,7 @@ class ModelHost:
         *,
         warmup: bool = True,
         max_new_tokens: int = 512,
+        max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES,
         observer: HostObserver = NULL_HOST_OBSERVER,
     ) -> None:
         self.source = source
@@ -135,6 +137,7 @@ class ModelHost:
         self.memory_budget_bytes = memory_budget_bytes
         self.warmup = warmup
         self.max_new_tokens = max_new_tokens
+        self.max_queue_bytes = max_queue_bytes
         self.observer = observer
         self._versions: dict[tuple[str, int], ServedVersion] = {}
         self._load_lock = asyncio.Lock()
@@ -187,6 +190,7 @@ class ModelHost:
                 batching,
                 stats,
                 merge=not runner.streaming and batching.max_batch_size > 1,
+                max_queue_bytes=self.max_queue_bytes,
             )
             served = ServedVersion(model, version, manifest, runner, batcher, stats, size, self.device)
             served.streams_idle.set()

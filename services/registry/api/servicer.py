@@ -16,6 +16,7 @@ from services.registry.api import convert
 from services.registry.core.service import RegistryCore
 from shared.errors import InvalidArgument
 from shared.security.access import Access, current_principal, owner_tenant, rules, tenant_scope
+from shared.security.keys import GRANT_PROTECTED_ALIASES
 from shared.streams import idle_timeout
 
 _UPDATABLE = {"description", "tags"}
@@ -54,9 +55,10 @@ def _owner() -> str:
 
 
 def _may_move_protected() -> bool:
-    """Admin keys and the mesh's services; everyone in development mode (no principal)."""
+    """Admin keys, the mesh's services and keys granted ``protected-aliases`` (within their own tenant: the
+    tenant scope still applies); everyone in development mode (no principal)."""
     principal = current_principal.get()
-    return principal is None or principal.is_admin
+    return principal is None or principal.is_admin or GRANT_PROTECTED_ALIASES in principal.grants
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):

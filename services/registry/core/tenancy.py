@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from shared.errors import AlreadyExists, NotFound, PermissionDenied
+from shared.security.keys import GRANT_PROTECTED_ALIASES
 
 
 def visible(owner: str, scope: str | None) -> bool:
@@ -39,7 +40,8 @@ def name_taken(name: str) -> AlreadyExists:
 
 
 class ProtectedAliases:
-    """Aliases that only admins (and the mesh's services) may set, move or delete: ``production`` by default."""
+    """Aliases that only admins, the mesh's services and keys granted ``protected-aliases`` may set, move or
+    delete: ``production`` by default."""
 
     def __init__(self, names: Iterable[str]) -> None:
         self.names = frozenset(names)
@@ -55,6 +57,7 @@ class ProtectedAliases:
     @staticmethod
     def denied(alias: str) -> PermissionDenied:
         return PermissionDenied(
-            f"alias {alias!r} is protected: setting, moving or deleting it needs the admin role",
+            f"alias {alias!r} is protected: setting, moving or deleting it needs the admin role"
+            f" or the {GRANT_PROTECTED_ALIASES!r} grant",
             reason="PROTECTED_ALIAS",
         )

@@ -2,7 +2,8 @@
 
 Replicas, parameter-server shards and training ranks serve gRPC and call other services, so each needs
 the mesh's transport security and identity exactly as the scheduler has them: on a cluster the actors start
-on other nodes with an empty environment, and nothing else would bring these there.
+on other nodes with an empty environment, and nothing else would bring these there. They also build models
+from the zoo, under the same size cap the scheduler validated the job against.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ PASSED_SETTINGS = (
     "auth_keys_file",
     "internal_token",
     "client_token",
+    # The zoo's size cap: a job the scheduler admitted must not be refused by its own ranks and shards.
+    "zoo_max_elements",
 )
 
 

@@ -22,8 +22,7 @@ from pathlib import Path
 
 from services.scheduler.core.model import DEFAULT_TENANT, OptimizerSpec, ResourceRequest, TrainingJobSpec
 from shared import names
-from shared.artifacts import ArtifactError, Manifest, build_model, get_architecture
-from shared.artifacts.zoo import MAX_ELEMENTS
+from shared.artifacts import ArtifactError, Manifest, build_model, get_architecture, zoo_max_elements
 from shared.compression import CODECS, get_codec
 from shared.datasets import DatasetInfo, validate
 from shared.errors import FieldViolation, InvalidArgument
@@ -168,9 +167,10 @@ def _check_model(spec: TrainingJobSpec) -> None:
     except ArtifactError as exc:
         raise InvalidArgument.field("spec.arguments_json", str(exc)) from None
     elements = sum(t.numel() for t in state.values() if t.is_floating_point())
-    if elements > MAX_ELEMENTS:
+    limit = zoo_max_elements()
+    if elements > limit:
         raise InvalidArgument.field(
-            "spec.arguments_json", f"the model has {elements:,} weights, more than the limit of {MAX_ELEMENTS:,}"
+            "spec.arguments_json", f"the model has {elements:,} weights, more than the limit of {limit:,}"
         )
     try:
         plan_for_state(state, spec.shards)
