@@ -105,6 +105,7 @@ async def start(
         load_timeout_s=settings.gateway_load_timeout_s,
         stream_max_in_flight=settings.gateway_stream_max_in_flight,
         stream_buffer=settings.gateway_stream_buffer,
+        stream_idle_s=settings.gateway_stream_idle_s,
     )
     tasks = [
         asyncio.create_task(source.follow(gateway.apply_snapshot, gateway.table.mark_stale), name="gateway-endpoints"),

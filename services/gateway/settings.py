@@ -61,6 +61,12 @@ class GatewaySettings(CommonSettings):
     gateway_stream_buffer: int = Field(
         256, ge=1, description="Responses of one ModelStreamInfer stream waiting for a slow client before workers wait."
     )
+    gateway_stream_idle_s: float = Field(
+        300.0,
+        gt=0,
+        description="A ModelStreamInfer stream that sends nothing while nothing of it runs for this long is ended "
+        "(DEADLINE_EXCEEDED); one waiting for a long generation is not idle.",
+    )
     gateway_trace_workers: bool = Field(
         True, description="Propagate the trace context (traceparent) on the calls the gateway makes to workers."
     )

@@ -508,6 +508,42 @@ async def test_one_stream_runs_a_bounded_number_of_requests_at_once(tmp_path: An
         await h.gateway.stop(0.5)
 
 
+async def test_an_idle_stream_is_ended_but_not_one_waiting_for_its_answers(
+    tmp_path: Any, workers: list[WorkerServer]
+) -> None:
+    lm = Deployment(
+        name="lm",
+        versions={1: served(1, signature=LM_SIGNATURE)},
+        endpoints=(Endpoint(workers[0].address, 1),),
+        default_version=1,
+    )
+    workers[0].worker.delay_s = 0.25  # 4 tokens: 1 s of generation, longer than the idle timeout
+    h = await _harness(tmp_path, SnapshotFeeder([lm]), gateway_stream_idle_s=0.4)
+    try:
+        never = asyncio.Event()
+
+        async def one_request_then_silence() -> AsyncIterator[kpb.ModelInferRequest]:
+            r = kpb.ModelInferRequest(model_name="lm", id="slow")
+            r.inputs.add(name="input_ids", datatype="INT64", shape=[1, 2])
+            r.raw_input_contents.append(np.array([[0, 1]], np.int64).tobytes())
+            r.parameters["max_tokens"].int64_param = 4
+            yield r
+            await never.wait()
+
+        answers = 0
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            async for message in h.stub.ModelStreamInfer(one_request_then_silence(), timeout=20):
+                assert not message.error_message
+                answers += 1
+        # Every token and the final answer came (waiting for them is not idle), then the silence ended it.
+        assert answers == 5
+        assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "sent nothing" in (ended.value.details() or "")
+    finally:
+        await h.channel.close()
+        await h.gateway.stop(0.5)
+
+
 async def test_reflection_lists_the_inference_service(harness: Harness) -> None:
     stub = reflection_pb2_grpc.ServerReflectionStub(harness.channel)
 

@@ -24,7 +24,7 @@ from inference import grpc_service_pb2 as kpb
 from services.gateway.api import convert
 from services.gateway.core.control import Repository
 from services.gateway.core.service import Gateway
-from shared.errors import InvalidArgument, MaasError
+from shared.errors import DeadlineExceeded, InvalidArgument, MaasError
 from shared.kserve.batching import BatchingSettings
 from shared.kserve.codec import validate_request
 from shared.kserve.convert import model_config_pb, model_metadata_pb
@@ -65,6 +65,10 @@ def _scope() -> str | None:
     return tenant_scope(current_principal.get())
 
 
+class _StreamIdle(Exception):
+    """A ModelStreamInfer stream went idle (see ``_next_request``)."""
+
+
 def _parse_infer(data: bytes) -> kpb.ModelInferRequest:
     try:
         return kpb.ModelInferRequest.FromString(data)
@@ -91,6 +95,7 @@ class InferenceServicer:
         load_timeout_s: float,
         stream_max_in_flight: int = 64,
         stream_buffer: int = 256,
+        stream_idle_s: float = 300.0,
     ) -> None:
         self._gateway = gateway
         self._repository = repository
@@ -98,6 +103,7 @@ class InferenceServicer:
         self._load_timeout_s = load_timeout_s
         self._stream_max_in_flight = stream_max_in_flight
         self._stream_buffer = stream_buffer
+        self._stream_idle_s = stream_idle_s
         self._metadata = kpb.ServerMetadataResponse(name="maas", version=_version(), extensions=EXTENSIONS)
 
     async def ServerLive(self, request: kpb.ServerLiveRequest, context: Any) -> kpb.ServerLiveResponse:
@@ -155,6 +161,7 @@ class InferenceServicer:
         queue: asyncio.Queue[bytes | None] = asyncio.Queue()
         buffered = asyncio.Semaphore(self._stream_buffer)
         running = asyncio.Semaphore(self._stream_max_in_flight)
+        in_flight = 0
         scope = _scope()
 
         async def put(message: bytes) -> None:
@@ -174,16 +181,37 @@ class InferenceServicer:
             except MaasError as exc:
                 await put(convert.stream_error(request, exc))
             finally:
+                nonlocal in_flight
+                in_flight -= 1
                 running.release()
 
+        def nothing_running() -> bool:
+            return in_flight == 0
+
         async def read() -> None:
+            nonlocal in_flight
+            idle = False
             try:
                 async with asyncio.TaskGroup() as group:
-                    async for data in requests:
+                    incoming = aiter(requests)
+                    while True:
+                        try:
+                            data = await self._next_request(incoming, nothing_running)
+                        except _StreamIdle:
+                            idle = True
+                            break
+                        if data is None:
+                            break
                         await running.acquire()
+                        in_flight += 1
                         group.create_task(one(data))
             finally:
                 queue.put_nowait(None)  # the end mark takes no slot: it must never wait
+            if idle:
+                # Raised here, outside the task group: a plain domain error, answered as a status.
+                raise DeadlineExceeded(
+                    f"the stream sent nothing and had nothing running for {self._stream_idle_s:g} s, and was ended"
+                )
 
         reader = asyncio.create_task(read())
         try:
@@ -199,6 +227,26 @@ class InferenceServicer:
                 reader.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await reader
+
+    async def _next_request(self, incoming: AsyncIterator[bytes], idle: Callable[[], bool]) -> bytes | None:
+        """The client's next request; None at its end.
+
+        Raises:
+            _StreamIdle: It has sent nothing for the idle timeout while nothing of it runs (a stream waiting
+                for a long generation is not idle).
+        """
+        pending = asyncio.ensure_future(anext(incoming))
+        while True:
+            # Waited on, never cancelled by the timeout: cancelling a read would break the stream.
+            done, _ = await asyncio.wait({pending}, timeout=self._stream_idle_s)
+            if done:
+                try:
+                    return pending.result()
+                except StopAsyncIteration:
+                    return None
+            if idle():
+                pending.cancel()
+                raise _StreamIdle
 
     async def RepositoryIndex(self, request: kpb.RepositoryIndexRequest, context: Any) -> kpb.RepositoryIndexResponse:
         return convert.index_to_pb(await self._repository.index(request.ready, _scope()))
