@@ -167,7 +167,8 @@ async def _status(channel: grpc.aio.Channel, method: tuple[str, bool, bool], tok
 Starter = Callable[[Mesh], Any]
 
 
-async def _registry(mesh: Mesh) -> Any:
+async def _start_registry(mesh: Mesh, **extra: Any) -> Any:
+    """A secure registry on port 0 (``extra``: more settings); the running registry."""
     from services.registry.main import start
     from services.registry.settings import RegistrySettings
 
@@ -175,8 +176,13 @@ async def _registry(mesh: Mesh) -> Any:
         **mesh.server_settings("registry", mtls=False),
         registry_address="127.0.0.1:0",
         registry_metrics_address="127.0.0.1:0",
+        **extra,
     )
-    return (await start(settings)).server
+    return await start(settings)
+
+
+async def _registry(mesh: Mesh) -> Any:
+    return (await _start_registry(mesh)).server
 
 
 async def _scheduler(mesh: Mesh) -> Any:
@@ -385,16 +391,8 @@ async def test_servers_refuse_to_start_open_or_with_a_guessable_token(mesh: Mesh
 
 async def test_a_plaintext_health_port_for_probes_serves_health_only(mesh: Mesh) -> None:
     # Kubernetes' gRPC probes cannot speak TLS: health (and only health) on a plaintext port of its own.
-    from services.registry.main import start
-    from services.registry.settings import RegistrySettings
 
-    settings = RegistrySettings(
-        **mesh.server_settings("registry", mtls=False),
-        registry_address="127.0.0.1:0",
-        registry_metrics_address="127.0.0.1:0",
-        health_address="127.0.0.1:0",
-    )
-    running = await start(settings)
+    running = await _start_registry(mesh, health_address="127.0.0.1:0")
     try:
         assert running.server.health_port
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.server.health_port}") as channel:
@@ -408,18 +406,10 @@ async def test_a_plaintext_health_port_for_probes_serves_health_only(mesh: Mesh)
 
 
 async def test_rate_limits_are_per_tenant_with_a_retry_delay(mesh: Mesh) -> None:
-    from services.registry.main import start
-    from services.registry.settings import RegistrySettings
     from shared.grpc.status import from_rpc_error
 
     _, other_tenant = mesh.keys.create("team-b", Role.DEVELOPER, "b-dev")
-    settings = RegistrySettings(
-        **mesh.server_settings("registry", mtls=False),
-        registry_address="127.0.0.1:0",
-        registry_metrics_address="127.0.0.1:0",
-        rate_limit_management="3/minute",
-    )
-    running = await start(settings)
+    running = await _start_registry(mesh, rate_limit_management="3/minute")
     try:
         async with grpc.aio.secure_channel(f"127.0.0.1:{running.server.port}", _client_credentials(mesh)) as channel:
             stub = registry_pb2_grpc.RegistryServiceStub(channel)
@@ -443,17 +433,9 @@ async def test_rate_limits_are_per_tenant_with_a_retry_delay(mesh: Mesh) -> None
 
 
 async def test_streams_are_capped_per_tenant(mesh: Mesh) -> None:
-    from services.registry.main import start
-    from services.registry.settings import RegistrySettings
 
     _, other_tenant = mesh.keys.create("team-b", Role.DEVELOPER, "b-streams")
-    settings = RegistrySettings(
-        **mesh.server_settings("registry", mtls=False),
-        registry_address="127.0.0.1:0",
-        registry_metrics_address="127.0.0.1:0",
-        max_streams_per_tenant=1,
-    )
-    running = await start(settings)
+    running = await _start_registry(mesh, max_streams_per_tenant=1)
     try:
         async with grpc.aio.secure_channel(f"127.0.0.1:{running.server.port}", _client_credentials(mesh)) as channel:
             stub = registry_pb2_grpc.RegistryServiceStub(channel)
