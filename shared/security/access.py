@@ -109,6 +109,16 @@ current_authorization: contextvars.ContextVar[str | None] = contextvars.ContextV
 AuthorizationTable = Mapping[str, Access]
 
 
+def caller_scope() -> str | None:
+    """:func:`tenant_scope` of the RPC being served (what servicers pass to their cores)."""
+    return tenant_scope(current_principal.get())
+
+
+def caller_owner() -> str:
+    """:func:`owner_tenant` of the RPC being served."""
+    return owner_tenant(current_principal.get())
+
+
 def rules(service: ServiceDescriptor | str, table: Mapping[str, Access]) -> dict[str, Access]:
     """``{"/pkg.Service/Method": access}`` for one service from ``{"Method": access}``.
 

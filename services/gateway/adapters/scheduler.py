@@ -18,7 +18,12 @@ from shared.errors import NotFound
 from shared.grpc.channel import make_channel
 from shared.grpc.status import from_rpc_error
 from shared.kserve.convert import batching_from_pb, signature_from_pb
-from shared.security.access import TENANT_METADATA, current_authorization, current_principal, tenant_scope
+from shared.security.access import (
+    TENANT_METADATA,
+    caller_scope,
+    current_authorization,
+    current_principal,
+)
 from shared.settings import CommonSettings
 
 SERVICE = pb.DESCRIPTOR.services_by_name["SchedulerService"]
@@ -244,7 +249,7 @@ class SchedulerLink:
         if self._registry is None:
             return []
         # The gateway's own credentials see every tenant: list as the caller's tenant sees the registry.
-        scope = tenant_scope(current_principal.get())
+        scope = caller_scope()
         metadata = None if scope is None else ((TENANT_METADATA, scope),)
         names: list[str] = []
         token = ""

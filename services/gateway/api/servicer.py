@@ -28,7 +28,7 @@ from shared.errors import DeadlineExceeded, InvalidArgument, MaasError
 from shared.kserve.batching import BatchingSettings
 from shared.kserve.codec import validate_request
 from shared.kserve.convert import model_config_pb, model_metadata_pb
-from shared.security.access import Access, current_principal, rules, tenant_scope
+from shared.security.access import Access, caller_scope, rules
 
 SERVICE_NAME = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 # Who may call what (shared.security.access): an inference key serves and describes models; the
@@ -59,10 +59,6 @@ def _version() -> str:
         return metadata.version("maas")
     except metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree without metadata
         return "0"
-
-
-def _scope() -> str | None:
-    return tenant_scope(current_principal.get())
 
 
 class _StreamIdle(Exception):
@@ -113,7 +109,7 @@ class InferenceServicer:
         return kpb.ServerReadyResponse(ready=self._gateway.ready)
 
     async def ModelReady(self, request: kpb.ModelReadyRequest, context: Any) -> kpb.ModelReadyResponse:
-        return kpb.ModelReadyResponse(ready=self._gateway.model_ready(request.name, request.version, _scope()))
+        return kpb.ModelReadyResponse(ready=self._gateway.model_ready(request.name, request.version, caller_scope()))
 
     async def ServerMetadata(self, request: kpb.ServerMetadataRequest, context: Any) -> kpb.ServerMetadataResponse:
         return self._metadata
@@ -121,14 +117,14 @@ class InferenceServicer:
     async def ModelMetadata(
         self, request: kpb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> kpb.ModelMetadataResponse:
-        route = await self._gateway.describe(request.name, request.version, context.time_remaining(), _scope())
+        route = await self._gateway.describe(request.name, request.version, context.time_remaining(), caller_scope())
         versions = sorted(route.deployment.versions)
         return model_metadata_pb(route.deployment.name, versions, route.served.signature)
 
     async def ModelConfig(
         self, request: kpb.ModelConfigRequest, context: grpc.aio.ServicerContext
     ) -> kpb.ModelConfigResponse:
-        route = await self._gateway.describe(request.name, request.version, context.time_remaining(), _scope())
+        route = await self._gateway.describe(request.name, request.version, context.time_remaining(), caller_scope())
         served = route.served
         replicas = len(route.deployment.ready(served.version))
         batching = served.batching or BatchingSettings(max_batch_size=max(served.max_batch_size, 1))
@@ -136,13 +132,15 @@ class InferenceServicer:
         return kpb.ModelConfigResponse(config=config)
 
     async def ModelStatistics(self, request: kpb.ModelStatisticsRequest, context: Any) -> kpb.ModelStatisticsResponse:
-        stats = await self._gateway.statistics(request.name, request.version, self._statistics_timeout_s, _scope())
+        stats = await self._gateway.statistics(
+            request.name, request.version, self._statistics_timeout_s, caller_scope()
+        )
         return convert.stats_to_pb(stats)
 
     async def ModelInfer(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
         request = _parse_infer(data)
         timeout = context.time_remaining()
-        route = await self._gateway.route(request.model_name, request.model_version, timeout, _scope())
+        route = await self._gateway.route(request.model_name, request.model_version, timeout, caller_scope())
         validate_request(request, route.served.signature, route.served.max_batch_size)
         return await self._gateway.infer(route, data, context.time_remaining())
 
@@ -162,7 +160,7 @@ class InferenceServicer:
         buffered = asyncio.Semaphore(self._stream_buffer)
         running = asyncio.Semaphore(self._stream_max_in_flight)
         in_flight = 0
-        scope = _scope()
+        scope = caller_scope()
 
         async def put(message: bytes) -> None:
             await buffered.acquire()  # released when the consumer takes it
@@ -249,7 +247,7 @@ class InferenceServicer:
                 raise _StreamIdle
 
     async def RepositoryIndex(self, request: kpb.RepositoryIndexRequest, context: Any) -> kpb.RepositoryIndexResponse:
-        return convert.index_to_pb(await self._repository.index(request.ready, _scope()))
+        return convert.index_to_pb(await self._repository.index(request.ready, caller_scope()))
 
     async def RepositoryModelLoad(
         self, request: kpb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext

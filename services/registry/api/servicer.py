@@ -15,7 +15,13 @@ from maas.registry.v1 import registry_pb2_grpc
 from services.registry.api import convert
 from services.registry.core.service import RegistryCore
 from shared.errors import InvalidArgument
-from shared.security.access import Access, current_principal, owner_tenant, rules, tenant_scope
+from shared.security.access import (
+    Access,
+    caller_owner,
+    caller_scope,
+    current_principal,
+    rules,
+)
 from shared.security.keys import GRANT_PROTECTED_ALIASES
 from shared.streams import idle_timeout
 
@@ -44,16 +50,6 @@ AUTHORIZATION = rules(
 )
 
 
-def _scope() -> str | None:
-    """The tenant whose models this call sees (None: every tenant's)."""
-    return tenant_scope(current_principal.get())
-
-
-def _owner() -> str:
-    """The tenant a model this call creates belongs to."""
-    return owner_tenant(current_principal.get())
-
-
 def _may_move_protected() -> bool:
     """Admin keys, the mesh's services and keys granted ``protected-aliases`` (within their own tenant: the
     tenant scope still applies); everyone in development mode (no principal)."""
@@ -69,18 +65,20 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def CreateModel(
         self, request: pb.CreateModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateModelResponse:
-        model = await self._core.create_model(request.name, request.description, dict(request.tags), owner=_owner())
+        model = await self._core.create_model(
+            request.name, request.description, dict(request.tags), owner=caller_owner()
+        )
         return pb.CreateModelResponse(model=convert.model_to_pb(model))
 
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.GetModelResponse:
-        model = await self._core.get_model(request.name, tenant=_scope())
+        model = await self._core.get_model(request.name, tenant=caller_scope())
         return pb.GetModelResponse(model=convert.model_to_pb(model))
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
         page = await self._core.list_models(
-            request.page_size, request.page_token, request.name_prefix, dict(request.tags), tenant=_scope()
+            request.page_size, request.page_token, request.name_prefix, dict(request.tags), tenant=caller_scope()
         )
         return pb.ListModelsResponse(
             models=[convert.model_to_pb(m) for m in page.items], next_page_token=page.next_page_token
@@ -98,7 +96,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             request.name,
             request.description if "description" in mask else None,
             dict(request.tags) if "tags" in mask else None,
-            tenant=_scope(),
+            tenant=caller_scope(),
         )
         return pb.UpdateModelResponse(model=convert.model_to_pb(model))
 
@@ -106,7 +104,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         self, request: pb.DeleteModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteModelResponse:
         await self._core.delete_model(
-            request.name, request.force, tenant=_scope(), may_move_protected=_may_move_protected()
+            request.name, request.force, tenant=caller_scope(), may_move_protected=_may_move_protected()
         )
         return pb.DeleteModelResponse()
 
@@ -126,20 +124,22 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 yield message.chunk
 
         version = await self._core.upload_version(
-            convert.upload_from_pb(first.metadata), chunks(), tenant=_scope(), owner=_owner()
+            convert.upload_from_pb(first.metadata), chunks(), tenant=caller_scope(), owner=caller_owner()
         )
         return pb.UploadVersionResponse(version=convert.version_to_pb(version))
 
     async def GetVersion(
         self, request: pb.GetVersionRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetVersionResponse:
-        version = await self._core.get_version(request.ref.model, request.ref.version, tenant=_scope())
+        version = await self._core.get_version(request.ref.model, request.ref.version, tenant=caller_scope())
         return pb.GetVersionResponse(version=convert.version_to_pb(version))
 
     async def ListVersions(
         self, request: pb.ListVersionsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListVersionsResponse:
-        page = await self._core.list_versions(request.model, request.page_size, request.page_token, tenant=_scope())
+        page = await self._core.list_versions(
+            request.model, request.page_size, request.page_token, tenant=caller_scope()
+        )
         return pb.ListVersionsResponse(
             versions=[convert.version_to_pb(v) for v in page.items], next_page_token=page.next_page_token
         )
@@ -148,7 +148,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         self, request: pb.DownloadVersionRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.DownloadVersionResponse]:
         version, chunks = await self._core.download(
-            request.ref.model, request.ref.version, request.offset, request.chunk_size, tenant=_scope()
+            request.ref.model, request.ref.version, request.offset, request.chunk_size, tenant=caller_scope()
         )
         yield pb.DownloadVersionResponse(version=convert.version_to_pb(version), offset=request.offset)
         offset = request.offset
@@ -160,7 +160,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         self, request: pb.DeriveVersionRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeriveVersionResponse:
         version = await self._core.derive_version(
-            request.ref.model, request.ref.version, request.variant, dict(request.tags), tenant=_scope()
+            request.ref.model, request.ref.version, request.variant, dict(request.tags), tenant=caller_scope()
         )
         return pb.DeriveVersionResponse(version=convert.version_to_pb(version))
 
@@ -170,7 +170,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             request.alias,
             request.version,
             request.create_only,
-            tenant=_scope(),
+            tenant=caller_scope(),
             may_move_protected=_may_move_protected(),
         )
         return pb.SetAliasResponse(alias=convert.alias_to_pb(alias))
@@ -179,18 +179,18 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         self, request: pb.DeleteAliasRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteAliasResponse:
         await self._core.delete_alias(
-            request.model, request.alias, tenant=_scope(), may_move_protected=_may_move_protected()
+            request.model, request.alias, tenant=caller_scope(), may_move_protected=_may_move_protected()
         )
         return pb.DeleteAliasResponse()
 
     async def ListAliases(
         self, request: pb.ListAliasesRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListAliasesResponse:
-        aliases = await self._core.list_aliases(request.model, tenant=_scope())
+        aliases = await self._core.list_aliases(request.model, tenant=caller_scope())
         return pb.ListAliasesResponse(aliases=[convert.alias_to_pb(a) for a in aliases])
 
     async def WatchEvents(
         self, request: pb.WatchEventsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WatchEventsResponse]:
-        async for event in self._core.watch(request.after_sequence, list(request.models), tenant=_scope()):
+        async for event in self._core.watch(request.after_sequence, list(request.models), tenant=caller_scope()):
             yield pb.WatchEventsResponse(event=convert.event_to_pb(event))

@@ -20,7 +20,15 @@ from services.scheduler.api import deployment_convert as dconvert
 from services.scheduler.core.deployments import DeploymentService
 from services.scheduler.core.model import Job
 from services.scheduler.core.service import JobService
-from shared.security.access import Access, current_principal, owner_tenant, rules, tenant_scope
+from shared.security.access import (
+    Access,
+    caller_owner,
+    caller_scope,
+    current_principal,
+    owner_tenant,
+    rules,
+    tenant_scope,
+)
 
 # Who may call what (shared.security.access). Endpoint addresses and load reports are the mesh's own.
 AUTHORIZATION = rules(
@@ -42,10 +50,6 @@ AUTHORIZATION = rules(
 )
 
 
-def _scope() -> str | None:
-    return tenant_scope(current_principal.get())
-
-
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     def __init__(self, service: JobService, deployments: DeploymentService) -> None:
         self._service = service
@@ -63,7 +67,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         return pb.SubmitTrainingJobResponse(job=convert.job_to_pb(job))
 
     async def GetJob(self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext) -> pb.GetJobResponse:
-        return pb.GetJobResponse(job=convert.job_to_pb(await self._service.get(request.id, _scope())))
+        return pb.GetJobResponse(job=convert.job_to_pb(await self._service.get(request.id, caller_scope())))
 
     async def ListJobs(self, request: pb.ListJobsRequest, context: grpc.aio.ServicerContext) -> pb.ListJobsResponse:
         page = await self._service.list_jobs(
@@ -71,19 +75,19 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             request.page_token,
             convert.states_from_pb(list(request.states)),
             request.tenant,
-            scope=_scope(),
+            scope=caller_scope(),
         )
         return pb.ListJobsResponse(
             jobs=[convert.job_to_pb(j) for j in page.items], next_page_token=page.next_page_token
         )
 
     async def CancelJob(self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext) -> pb.CancelJobResponse:
-        return pb.CancelJobResponse(job=convert.job_to_pb(await self._service.cancel(request.id, _scope())))
+        return pb.CancelJobResponse(job=convert.job_to_pb(await self._service.cancel(request.id, caller_scope())))
 
     async def WatchJob(
         self, request: pb.WatchJobRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WatchJobResponse]:
-        async with contextlib.aclosing(self._service.watch(request.id, _scope())) as events:
+        async with contextlib.aclosing(self._service.watch(request.id, caller_scope())) as events:
             async for event in events:
                 if isinstance(event, Job):
                     yield pb.WatchJobResponse(job=convert.job_to_pb(event))
@@ -96,19 +100,19 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         self, request: pb.CreateDeploymentRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateDeploymentResponse:
         spec = dconvert.deployment_spec_from_pb(request.spec)
-        deployment = await self._deployments.create(spec, owner_tenant(current_principal.get()))
+        deployment = await self._deployments.create(spec, caller_owner())
         return pb.CreateDeploymentResponse(deployment=dconvert.deployment_to_pb(deployment))
 
     async def GetDeployment(
         self, request: pb.GetDeploymentRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetDeploymentResponse:
-        deployment = await self._deployments.get(request.name, _scope())
+        deployment = await self._deployments.get(request.name, caller_scope())
         return pb.GetDeploymentResponse(deployment=dconvert.deployment_to_pb(deployment))
 
     async def ListDeployments(
         self, request: pb.ListDeploymentsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListDeploymentsResponse:
-        page = await self._deployments.list_deployments(request.page_size, request.page_token, _scope())
+        page = await self._deployments.list_deployments(request.page_size, request.page_token, caller_scope())
         return pb.ListDeploymentsResponse(
             deployments=[dconvert.deployment_to_pb(d) for d in page.items], next_page_token=page.next_page_token
         )
@@ -116,13 +120,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     async def UpdateDeployment(
         self, request: pb.UpdateDeploymentRequest, context: grpc.aio.ServicerContext
     ) -> pb.UpdateDeploymentResponse:
-        deployment = await self._deployments.update(dconvert.deployment_spec_from_pb(request.spec), _scope())
+        deployment = await self._deployments.update(dconvert.deployment_spec_from_pb(request.spec), caller_scope())
         return pb.UpdateDeploymentResponse(deployment=dconvert.deployment_to_pb(deployment))
 
     async def DeleteDeployment(
         self, request: pb.DeleteDeploymentRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteDeploymentResponse:
-        await self._deployments.delete(request.name, _scope())
+        await self._deployments.delete(request.name, caller_scope())
         return pb.DeleteDeploymentResponse()
 
     async def WatchEndpoints(
