@@ -72,7 +72,7 @@ class CommonSettings(BaseSettings):
     internal_token: str | None = Field(
         None,
         description="Token the mesh's own services present to each other where no client certificate is asked "
-        "(at least 32 characters; `maas up` generates one).",
+        "(at least 32 characters); `maas up` needs none: its services use certificates.",
     )
     client_token: str | None = Field(None, description="Bearer token this process sends to other services.")
     max_streams_per_tenant: int | None = Field(

@@ -1,7 +1,7 @@
 """What ``maas up`` sets up under ``MAAS_HOME`` so that the mesh starts closed and the CLI still just works.
 
-- ``tls/``: a development CA and one certificate per service (``shared.security.pki``);
-- ``auth/internal.token``: the token the mesh's services present to each other (0600);
+- ``tls/``: a development CA and one certificate per service (``shared.security.pki``): the services call each
+  other with mutual TLS on their internal listeners, identified by these certificates;
 - ``auth/keys.json``: the tenants' API keys, as salted scrypt hashes (``shared.security.keys``);
 - ``credentials.json`` (0600): the local user's admin key and the CA, which the CLI reads; the key is
   printed once, when it is created.
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.security.files import ensure_secret, write_atomic
+from shared.security.files import write_atomic
 from shared.security.keys import KeyStore, Role
 from shared.security.pki import MESH_NAME, CertPaths, default_hosts, init_pki
 
@@ -47,13 +47,14 @@ class MeshCredentials:
     ca_file: Path
     certs: dict[str, CertPaths]
     keys_file: Path
-    internal_token: str
     admin_key: str
     created_key: bool
 
     def service_env(self, service: str) -> dict[str, str]:
-        """``MAAS_*`` variables of one service: TLS (callers authenticate with tokens, not certificates),
-        the name every service certificate carries, the key file and the internal token."""
+        """``MAAS_*`` variables of one service: its certificate (TLS for users, who authenticate with API keys;
+        mutual TLS on the internal listeners, where the services call each other and their certificates are
+        their identity), the name every service certificate carries, and the key file. No shared token: a
+        service proves who it is with its certificate alone."""
         cert = self.certs[service]
         return {
             "MAAS_INSECURE": "false",
@@ -63,8 +64,6 @@ class MeshCredentials:
             "MAAS_TLS_REQUIRE_CLIENT_CERT": "false",
             "MAAS_TLS_SERVER_NAME": MESH_NAME,
             "MAAS_AUTH_KEYS_FILE": str(self.keys_file),
-            "MAAS_INTERNAL_TOKEN": self.internal_token,
-            "MAAS_CLIENT_TOKEN": self.internal_token,
         }
 
 
@@ -74,10 +73,9 @@ def init_certificates(home: Path) -> dict[str, CertPaths]:
 
 
 def ensure_mesh_credentials(home: Path) -> MeshCredentials:
-    """Create what is missing (certificates, internal token, an admin key) and return it all."""
+    """Create what is missing (certificates, an admin key) and return it all."""
     home = home.resolve()
     pki = init_pki(home / "tls", SERVICES, hosts=default_hosts())
-    token = ensure_secret(home / "auth" / "internal.token")
     store = KeyStore(home / "auth" / "keys.json")
     saved = read_credentials(home).get("api_key")
     admin_key, created = (saved, False) if isinstance(saved, str) and store.verify(saved) else ("", True)
@@ -93,7 +91,6 @@ def ensure_mesh_credentials(home: Path) -> MeshCredentials:
         ca_file=pki.ca.cert,
         certs=pki.services,
         keys_file=home / "auth" / "keys.json",
-        internal_token=token,
         admin_key=admin_key,
         created_key=created,
     )

@@ -16,6 +16,12 @@ class CliSettings(CommonSettings):
     registry_address: str = Field("127.0.0.1:7001", description="host:port of the registry.")
     scheduler_address: str = Field("127.0.0.1:7002", description="host:port of the scheduler.")
     gateway_address: str = Field("127.0.0.1:8001", description="host:port of the gateway (KServe v2 gRPC).")
+    registry_internal_address: str = Field(
+        "127.0.0.1:7011", description="`maas up`: the registry's mutual-TLS listener, where the mesh's services call."
+    )
+    scheduler_internal_address: str = Field(
+        "127.0.0.1:7012", description="`maas up`: the scheduler's mutual-TLS listener, where the gateway calls."
+    )
 
     @model_validator(mode="after")
     def _credentials_file(self) -> CliSettings:

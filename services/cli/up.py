@@ -143,6 +143,41 @@ def _secure_or_not(
     return settings.model_copy(update=update), credentials.service_env
 
 
+def _services(settings: CliSettings) -> list[tuple[str, str, str, dict[str, str]]]:
+    """(name, module, address, environment) of each service, in start order.
+
+    Secure, the registry and the scheduler also listen with mutual TLS on their internal addresses, and the
+    services call each other there, identified by their certificates; users call the main addresses with API
+    keys. Plaintext (``--insecure``) has no internal listeners: the services call the main addresses.
+    """
+    registry, scheduler = settings.registry_address, settings.scheduler_address
+    registry_env: dict[str, str] = {}
+    scheduler_env: dict[str, str] = {}
+    if not settings.insecure:
+        registry, scheduler = settings.registry_internal_address, settings.scheduler_internal_address
+        registry_env["MAAS_REGISTRY_INTERNAL_ADDRESS"] = registry
+        scheduler_env["MAAS_SCHEDULER_INTERNAL_ADDRESS"] = scheduler
+    return [
+        ("registry", "services.registry", settings.registry_address, registry_env),
+        (
+            "scheduler",
+            "services.scheduler",
+            settings.scheduler_address,
+            {**scheduler_env, "MAAS_SCHEDULER_REGISTRY_ADDRESS": registry},
+        ),
+        (
+            "gateway",
+            "services.gateway",
+            settings.gateway_address,
+            {
+                "MAAS_GATEWAY_ADDRESS": settings.gateway_address,
+                "MAAS_GATEWAY_SCHEDULER_ADDRESS": scheduler,
+                "MAAS_GATEWAY_REGISTRY_ADDRESS": registry,
+            },
+        ),
+    ]
+
+
 async def _run_mesh(
     settings: CliSettings,
     quickstart: bool,
@@ -152,31 +187,14 @@ async def _run_mesh(
 ) -> None:
     from services.cli.quickstart import run_quickstart
 
-    services = [
-        ("registry", "services.registry", settings.registry_address, {}),
-        (
-            "scheduler",
-            "services.scheduler",
-            settings.scheduler_address,
-            {"MAAS_SCHEDULER_REGISTRY_ADDRESS": settings.registry_address},
-        ),
-        (
-            "gateway",
-            "services.gateway",
-            settings.gateway_address,
-            {
-                "MAAS_GATEWAY_ADDRESS": settings.gateway_address,
-                "MAAS_GATEWAY_SCHEDULER_ADDRESS": settings.scheduler_address,
-                "MAAS_GATEWAY_REGISTRY_ADDRESS": settings.registry_address,
-            },
-        ),
-    ]
-    for name, _, address, _ in services:
-        if address_in_use(address):
-            raise RuntimeError(
-                f"{address} ({name}) is in use by another process; stop it, or choose another address with "
-                f"MAAS_{name.upper()}_ADDRESS"
-            )
+    services = _services(settings)
+    for name, _, address, env in services:
+        for listener in (address, *(v for k, v in env.items() if k.endswith("_INTERNAL_ADDRESS"))):
+            if address_in_use(listener):
+                raise RuntimeError(
+                    f"{listener} ({name}) is in use by another process; stop it, or choose another address with "
+                    f"MAAS_{name.upper()}_ADDRESS or MAAS_{name.upper()}_INTERNAL_ADDRESS"
+                )
     children = [
         start_child(name, module, address, {**env, **service_env(name), **lock.marker})
         for name, module, address, env in services

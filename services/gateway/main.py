@@ -88,6 +88,7 @@ async def start(
             tracing=settings.gateway_trace_workers,
             streams=settings.gateway_worker_streams,
             hold_after=settings.gateway_stream_hold_after,
+            max_outbox_bytes=settings.gateway_max_outbox_bytes,
         )
         closers.append(own_pool.close)
         pool = own_pool
@@ -96,7 +97,14 @@ async def start(
 
     table = EndpointTable()
     load = LoadTracker()
-    gateway = Gateway(table, pool, load, retries=settings.gateway_retries, max_hold_s=settings.gateway_max_hold_s)
+    gateway = Gateway(
+        table,
+        pool,
+        load,
+        retries=settings.gateway_retries,
+        max_hold_s=settings.gateway_max_hold_s,
+        max_held=settings.gateway_max_held_requests,
+    )
     repository = Repository(deployment_control, table)
     servicer = InferenceServicer(
         gateway,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from shared.settings import CommonSettings
+from shared.settings import CommonSettings, MiB
 
 
 class GatewaySettings(CommonSettings):
@@ -26,6 +26,18 @@ class GatewaySettings(CommonSettings):
         60.0,
         gt=0,
         description="Longest a request without a deadline waits for a ready replica (scale from zero, restarts).",
+    )
+    gateway_max_held_requests: int = Field(
+        10_000,
+        ge=1,
+        description="Requests that may wait at once for a ready replica or for the endpoint table; beyond it, "
+        "RESOURCE_EXHAUSTED with a retry delay instead of growing without bound.",
+    )
+    gateway_max_outbox_bytes: int = Field(
+        256 * MiB,
+        ge=MiB,
+        description="Request bytes that may wait in the gateway for one worker's stream (see "
+        "gateway_stream_hold_after); beyond it, RESOURCE_EXHAUSTED, as the worker's full queue would answer.",
     )
     gateway_retries: int = Field(
         2, ge=0, description="Extra attempts of an inference on another replica after one answers UNAVAILABLE."

@@ -37,6 +37,10 @@ class RunningRegistry:
     def metrics_port(self) -> int:
         return self.server.metrics_port
 
+    @property
+    def internal_port(self) -> int:
+        return self.server.internal_port
+
 
 def _artifact_store(settings: RegistrySettings) -> ArtifactStore:
     if settings.registry_artifact_url:
@@ -77,6 +81,7 @@ async def start(settings: RegistrySettings) -> RunningRegistry:
         [lambda s: registry_pb2_grpc.add_RegistryServiceServicer_to_server(servicer, s)],
         [SERVICE_NAME],
         authorization=AUTHORIZATION,
+        internal_address=settings.registry_internal_address,
     )
 
     async def close() -> None:

@@ -14,6 +14,11 @@ class RegistrySettings(CommonSettings):
     """Settings of the registry service."""
 
     registry_address: str = Field("127.0.0.1:7001", description="host:port the registry's gRPC server binds.")
+    registry_internal_address: str | None = Field(
+        None,
+        description="host:port of a second listener requiring client certificates from the mesh's CA (mutual "
+        "TLS), where the mesh's services call; `maas up` sets 127.0.0.1:7011. None: no such listener.",
+    )
     registry_metrics_address: str = Field(
         "127.0.0.1:9002", description="host:port of the Prometheus metrics endpoint (port 0 picks one)."
     )

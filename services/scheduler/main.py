@@ -48,6 +48,10 @@ class RunningScheduler:
     def metrics_port(self) -> int:
         return self.server.metrics_port
 
+    @property
+    def internal_port(self) -> int:
+        return self.server.internal_port
+
 
 def ray_runner_factory(settings: SchedulerSettings) -> Callable[[], JobRunner]:
     """A factory of the Ray job runner; Ray is imported (and started) only when the factory is called."""
@@ -135,6 +139,7 @@ async def start(
             [lambda s: scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(servicer, s)],
             [SERVICE_NAME],
             authorization=AUTHORIZATION,
+            internal_address=settings.scheduler_internal_address,
         )
     except BaseException:
         await deployments.close()

@@ -13,6 +13,11 @@ class SchedulerSettings(CommonSettings):
     """Settings of the scheduler service."""
 
     scheduler_address: str = Field("127.0.0.1:7002", description="host:port the scheduler's gRPC server binds.")
+    scheduler_internal_address: str | None = Field(
+        None,
+        description="host:port of a second listener requiring client certificates from the mesh's CA (mutual "
+        "TLS), where the gateway calls; `maas up` sets 127.0.0.1:7012. None: no such listener.",
+    )
     scheduler_metrics_address: str = Field(
         "127.0.0.1:9003", description="host:port of the Prometheus metrics endpoint (port 0 picks one)."
     )

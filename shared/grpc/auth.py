@@ -1,11 +1,12 @@
 """The one authentication and authorization interceptor every maas server installs (unless ``--insecure``).
 
 A caller is identified, in this order, by:
-- the internal token (``authorization: Bearer <internal token>``): one of the mesh's own services calling
-  a server that does not ask for client certificates (registry, scheduler, gateway);
+- the internal token (``authorization: Bearer <internal token>``): one of the mesh's own services, where a
+  deployment gives them a shared token instead of certificates;
 - an API key (``authorization: Bearer maas_<id>_<secret>``): a tenant's key with its role;
-- a client certificate the server verified against the mesh's CA (mutual TLS, the workers' and shards'
-  servers): the service named by the certificate.
+- with no ``authorization`` header, a client certificate the server verified against the mesh's CA (mutual
+  TLS: the workers' and shards' servers, and the internal listeners of the registry and the scheduler): the
+  service named by the certificate.
 Then the service's authorization table decides: an RPC without a rule is refused. Every call that may change
 state (a developer's or admin's RPC not marked free of side effects in its proto) is written to the audit
 log, ``maas.audit``: who, which tenant, which RPC, on what, and how it ended.
@@ -173,7 +174,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 header = value
             elif key == TENANT_METADATA:
                 acting_for = value
-        principal = self._from_header(header) or self._from_certificate(context)
+        # A credential that was sent decides alone: a bad key on a call that also carries a mesh certificate
+        # (the gateway forwarding a user's key) must not fall back to the certificate's identity.
+        principal = self._from_header(header) if header is not None else self._from_certificate(context)
         if principal is None:
             raise errors.Unauthenticated(
                 "missing, invalid or revoked credentials: send 'authorization: Bearer <API key>'"

@@ -45,6 +45,8 @@ class ServiceServer:
     metrics_port: int = 0
     # The plaintext health-only server's bound port (0 when there is none; settings.health_address).
     health_port: int = 0
+    # The mutual-TLS listener's bound port, where the mesh's own services call (0 when there is none).
+    internal_port: int = 0
 
     async def stop(self, grace: float) -> None:
         """Report NOT_SERVING first (load balancers stop routing), then drain, then close the core."""
@@ -85,18 +87,29 @@ _KNOWN_TOKENS = frozenset({"maas-dev-ray-token", "s3cret-token", "changeme", "de
 MIN_INTERNAL_TOKEN = 32
 
 
-def _credentials(settings: CommonSettings) -> grpc.ServerCredentials | None:
-    # Development mode is plaintext whatever TLS files are configured: its clients dial plaintext too.
+def _credentials(settings: CommonSettings, *, mutual: bool) -> grpc.ServerCredentials | None:
+    """The listener's credentials: None in development mode (plaintext whatever TLS files are configured:
+    its clients dial plaintext too); client certificates required when ``mutual``."""
     if settings.insecure or not settings.tls_enabled:
         return None
     assert settings.tls_cert_file is not None and settings.tls_key_file is not None
     pair = (settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())
-    if settings.tls_ca_file is not None and settings.tls_require_client_cert:
+    if mutual:
+        if settings.tls_ca_file is None:
+            raise InsecureConfiguration(
+                "a mutual-TLS listener needs MAAS_TLS_CA_FILE, the CA of the mesh's certificates"
+            )
         return grpc.ssl_server_credentials([pair], settings.tls_ca_file.read_bytes(), require_client_auth=True)
     return grpc.ssl_server_credentials([pair])
 
 
-def _auth_interceptor(settings: CommonSettings, authorization: AuthorizationTable | None) -> AuthInterceptor | None:
+def _requires_client_certs(settings: CommonSettings) -> bool:
+    return settings.tls_ca_file is not None and settings.tls_require_client_cert
+
+
+def _auth_interceptor(
+    settings: CommonSettings, authorization: AuthorizationTable | None, *, internal_listener: bool
+) -> AuthInterceptor | None:
     """The auth layer, or None in development mode; refuses an open or guessable configuration."""
     if settings.insecure:
         log.warning("insecure_mode", detail="plaintext and no authentication: development only")
@@ -112,7 +125,9 @@ def _auth_interceptor(settings: CommonSettings, authorization: AuthorizationTabl
             f"MAAS_INTERNAL_TOKEN is a development or short token: generate one of at least {MIN_INTERNAL_TOKEN} "
             "random characters (`maas up` does)"
         )
-    trust_certs = settings.tls_ca_file is not None and settings.tls_require_client_cert
+    # A certificate names a mesh service only where the server verified it against the mesh's CA: on a
+    # mutual-TLS listener. A TLS-only listener never asks for one, so none can be presented there.
+    trust_certs = _requires_client_certs(settings) or internal_listener
     return AuthInterceptor(
         authorization or {},
         keys=KeyStore(settings.keys_path),
@@ -133,8 +148,14 @@ async def start_server(
     authorization: AuthorizationTable | None = None,
     extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     options: Sequence[tuple[str, Any]] = (),
+    internal_address: str | None = None,
 ) -> ServiceServer:
     """Build, bind and start a grpc.aio server; returns it with the bound port (``host:0`` picks one).
+
+    ``internal_address`` adds a second listener of the same server, for the mesh's own services: it requires a
+    client certificate from the mesh's CA (mutual TLS), which identifies the calling service. The main listener
+    stays TLS-only, for users, who hold API keys and no certificate (gRPC's Python server cannot ask for a
+    client certificate without requiring one, so one listener cannot serve both).
 
     Interceptors run outermost first: tracing with request context, logging, metrics and error mapping (one
     layer, :class:`RequestInterceptor`), authentication and authorization against ``authorization`` (the
@@ -144,7 +165,7 @@ async def start_server(
         InsecureConfiguration: No TLS, or a guessable internal token, outside ``settings.insecure``.
     """
     interceptors: list[grpc.aio.ServerInterceptor] = [RequestInterceptor(metrics)]
-    auth = _auth_interceptor(settings, authorization)
+    auth = _auth_interceptor(settings, authorization, internal_listener=internal_address is not None)
     if auth is not None:
         interceptors.append(auth)
     interceptors.extend(extra_interceptors)
@@ -169,18 +190,35 @@ async def start_server(
             (*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             server,
         )
-    credentials = _credentials(settings)
-    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"could not bind {address}")
+    credentials = _credentials(settings, mutual=_requires_client_certs(settings))
+    port = _bind(server, address, credentials)
+    internal_port = 0
+    if internal_address is not None:
+        internal_port = _bind(server, internal_address, _credentials(settings, mutual=True))
     await server.start()
     for name in ("", *service_names):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving", address=address, port=port, services=list(service_names), tls=credentials is not None)
-    running = ServiceServer(server=server, health=health, port=port, service_names=service_names)
+    log.info(
+        "serving",
+        address=address,
+        port=port,
+        internal_port=internal_port or None,
+        services=list(service_names),
+        tls=credentials is not None,
+    )
+    running = ServiceServer(
+        server=server, health=health, port=port, service_names=service_names, internal_port=internal_port
+    )
     if settings.health_address:
         await _serve_health(settings.health_address, running)
     return running
+
+
+def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind {address}")
+    return port
 
 
 async def _serve_health(address: str, running: ServiceServer) -> None:
@@ -209,6 +247,7 @@ async def start_service(
     *,
     metrics: RpcMetrics | None = None,
     authorization: AuthorizationTable | None = None,
+    internal_address: str | None = None,
 ) -> ServiceServer:
     """:func:`start_server` with the service's Prometheus endpoint (``host:port``, port 0 picks one),
     which closes with the server: what every composition root needs.
@@ -222,7 +261,13 @@ async def start_service(
     metrics_server, metrics_port = serve_metrics(metrics.registry, host, int(port))
     try:
         server = await start_server(
-            settings, address, registrations, service_names, metrics=metrics, authorization=authorization
+            settings,
+            address,
+            registrations,
+            service_names,
+            metrics=metrics,
+            authorization=authorization,
+            internal_address=internal_address,
         )
     except BaseException:
         metrics_server.shutdown()  # type: ignore[attr-defined]

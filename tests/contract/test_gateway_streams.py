@@ -14,7 +14,7 @@ from maas.inference.v1 import worker_pb2 as wpb
 from maas.inference.v1 import worker_pb2_grpc
 
 from services.gateway.adapters.streams import StreamLink, StreamUnsupported
-from shared.errors import DeadlineExceeded, InvalidArgument, Unavailable
+from shared.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from shared.grpc.status import status_bytes
 from shared.kserve.metadata import STREAM_ACCEPTED
 
@@ -87,13 +87,15 @@ class EchoWorker(worker_pb2_grpc.InferenceWorkerServicer):
             reader.cancel()
 
 
-def make_link(channel: grpc.aio.Channel, hold_after: int = 2, max_bytes: int = 1 << 20) -> StreamLink:
+def make_link(
+    channel: grpc.aio.Channel, hold_after: int = 2, max_bytes: int = 1 << 20, max_outbox_bytes: int = 256 << 20
+) -> StreamLink:
     infer_stream = channel.stream_stream(
         PATH,
         request_serializer=wpb.InferStreamRequest.SerializeToString,
         response_deserializer=wpb.InferStreamResponse.FromString,
     )
-    return StreamLink(lambda: infer_stream(), max_bytes, hold_after)
+    return StreamLink(lambda: infer_stream(), max_bytes, hold_after, max_outbox_bytes)
 
 
 async def until(condition: Callable[[], bool], what: str, timeout: float = 3.0) -> None:
@@ -180,6 +182,21 @@ async def test_requests_are_held_while_enough_are_in_flight(rig: Rig) -> None:
     answers = await asyncio.wait_for(asyncio.gather(a, *rest), 3)
     assert answers == [b"a", b"cb", b"dc", b"ed"]
     assert rig.worker.messages == [[1], [2, 3, 4]]
+
+
+async def test_held_requests_are_bounded_in_bytes(rig: Rig) -> None:
+    # The worker is behind: what waits for it in the gateway is bounded, and a refusal says so at once.
+    link = make_link(rig.channel, hold_after=1, max_outbox_bytes=10)
+    a = rig.start(link, b"a")
+    await until(lambda: rig.worker.messages == [[1]], "A written alone")
+    held = [rig.start(link, p) for p in (b"12345", b"6789")]
+    await until(lambda: link.in_flight == 3, "two requests held")
+    with pytest.raises(ResourceExhausted, match="request bytes already wait"):
+        await link.infer(b"abc", 1, 5.0)
+    assert link.in_flight == 3  # the refused request left nothing behind
+    rig.worker.gate.set()
+    assert await asyncio.wait_for(asyncio.gather(a, *held), 3) == [b"a", b"54321", b"9876"]
+    assert await asyncio.wait_for(link.infer(b"abc", 1, 5.0), 3) == b"cba"  # room again
 
 
 async def test_nothing_is_held_with_hold_after_zero(rig: Rig) -> None:

@@ -185,7 +185,11 @@ async def _registry(mesh: Mesh) -> Any:
     return (await _start_registry(mesh)).server
 
 
-async def _scheduler(mesh: Mesh) -> Any:
+async def _scheduler(mesh: Mesh, **extra: Any) -> Any:
+    return (await _start_scheduler(mesh, **extra)).server
+
+
+async def _start_scheduler(mesh: Mesh, **extra: Any) -> Any:
     from services.scheduler.main import start
     from services.scheduler.settings import SchedulerSettings
 
@@ -197,8 +201,9 @@ async def _scheduler(mesh: Mesh) -> Any:
         scheduler_address="127.0.0.1:0",
         scheduler_metrics_address="127.0.0.1:0",
         scheduler_registry_address="127.0.0.1:1",
+        **extra,
     )
-    return (await start(settings, runner_factory=no_ray, pool_factory=no_ray)).server
+    return await start(settings, runner_factory=no_ray, pool_factory=no_ray)
 
 
 async def _gateway(mesh: Mesh) -> Any:
@@ -387,6 +392,34 @@ async def test_servers_refuse_to_start_open_or_with_a_guessable_token(mesh: Mesh
     with pytest.raises(InsecureConfiguration, match="development or short token"):
         await start_server(weak, "127.0.0.1:0", [], [])
     await asyncio.sleep(0)
+
+
+async def test_the_mesh_calls_an_internal_listener_with_mutual_tls(mesh: Mesh) -> None:
+    # The scheduler's users call its main listener with keys; the gateway calls its internal listener, where
+    # its certificate alone identifies it. A certificate means nothing on the main listener (none is asked).
+    running = await _start_scheduler(mesh, scheduler_internal_address="127.0.0.1:0")
+    report_load = ("/maas.scheduler.v1.SchedulerService/ReportLoad", False, False)
+    public, internal = f"127.0.0.1:{running.port}", f"127.0.0.1:{running.internal_port}"
+    _add_cert_of_another_ca(mesh)
+    gateway_cert = _client_credentials(mesh, cert="gateway")
+    # An empty load report reaches the handler, which refuses it: the caller got through.
+    admitted = grpc.StatusCode.INVALID_ARGUMENT
+    try:
+        assert running.internal_port and running.internal_port != running.port
+        async with grpc.aio.secure_channel(internal, gateway_cert) as channel:
+            assert await _status(channel, report_load, None) == admitted
+            # A credential that is sent decides alone: a bad or too weak key never falls back to the certificate.
+            assert await _status(channel, report_load, "maas_0123456789ab_bad") == grpc.StatusCode.UNAUTHENTICATED
+            code = await _status(channel, report_load, mesh.tokens["developer"])
+            assert code == grpc.StatusCode.PERMISSION_DENIED
+        for refused in (_client_credentials(mesh), _client_credentials(mesh, cert="gateway-of-another-ca")):
+            async with grpc.aio.secure_channel(internal, refused) as channel:
+                assert await _status(channel, report_load, None) == grpc.StatusCode.UNAVAILABLE
+        async with grpc.aio.secure_channel(public, gateway_cert) as channel:
+            assert await _status(channel, report_load, None) == grpc.StatusCode.UNAUTHENTICATED
+            assert await _status(channel, report_load, INTERNAL_TOKEN) == admitted
+    finally:
+        await running.server.stop(0.2)
 
 
 async def test_a_plaintext_health_port_for_probes_serves_health_only(mesh: Mesh) -> None:

@@ -74,10 +74,12 @@ class FakeReplicas:
         self.retained = set(addresses)
 
 
-def make(*deployments: Deployment, retries: int = 2, max_hold_s: float = 5.0) -> tuple[Gateway, FakeReplicas]:
+def make(
+    *deployments: Deployment, retries: int = 2, max_hold_s: float = 5.0, max_held: int = 100
+) -> tuple[Gateway, FakeReplicas]:
     table = EndpointTable()
     replicas = FakeReplicas()
-    gateway = Gateway(table, replicas, LoadTracker(), retries=retries, max_hold_s=max_hold_s)
+    gateway = Gateway(table, replicas, LoadTracker(), retries=retries, max_hold_s=max_hold_s, max_held=max_held)
     gateway.apply_snapshot(list(deployments))
     return gateway, replicas
 
@@ -207,6 +209,18 @@ async def test_hold_expires() -> None:
     with pytest.raises(Unavailable, match=r"within 0\.05 s"):
         await gateway.infer(gateway.resolve("m", ""), b"p", None)
     assert gateway.load.ongoing("m") == 0
+
+
+async def test_held_requests_are_capped() -> None:
+    gateway, _ = make(deployment(addresses=()), max_held=2)
+    held = [asyncio.create_task(gateway.infer(gateway.resolve("m", ""), b"p", 5.0)) for _ in range(2)]
+    await asyncio.sleep(0.01)
+    assert gateway.held == 2
+    with pytest.raises(ResourceExhausted, match="2 requests already wait"):
+        await gateway.infer(gateway.resolve("m", ""), b"p", 5.0)
+    gateway.apply_snapshot([deployment(addresses=("a:1",))])
+    assert all(answer.startswith(b"a:1|") for answer in await asyncio.wait_for(asyncio.gather(*held), 1.0))
+    assert gateway.held == 0 and gateway.load.ongoing("m") == 0
 
 
 async def test_rolling_update_while_held_moves_to_the_new_default() -> None:

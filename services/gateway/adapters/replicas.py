@@ -44,6 +44,7 @@ class _Worker:
         max_bytes: int,
         token: Metadata,
         send_one: SendOne,
+        max_outbox_bytes: int,
     ) -> None:
         self.channel = channel
         self.send_one = send_one  # ModelInfer, the request bytes unchanged
@@ -63,7 +64,9 @@ class _Worker:
             return infer_stream(metadata=token or None)
 
         # Half the message limit: the entries' envelopes fit beside the payloads.
-        self.link = StreamLink(open_stream, max_bytes // 2, hold_after) if hold_after is not None else None
+        self.link = (
+            StreamLink(open_stream, max_bytes // 2, hold_after, max_outbox_bytes) if hold_after is not None else None
+        )
 
 
 class ReplicaPool:
@@ -81,12 +84,20 @@ class ReplicaPool:
     Args:
         settings: Message limits, token, TLS.
         tracing: Propagate the current trace context to the workers.
+        max_outbox_bytes: Request bytes that may wait for one worker's stream (see ``StreamLink``).
     """
 
     def __init__(
-        self, settings: CommonSettings, *, tracing: bool = True, streams: bool = True, hold_after: int = 2
+        self,
+        settings: CommonSettings,
+        *,
+        tracing: bool = True,
+        streams: bool = True,
+        hold_after: int = 2,
+        max_outbox_bytes: int = 256 << 20,
     ) -> None:
         self._settings = settings
+        self._max_outbox_bytes = max_outbox_bytes
         self._tracing = tracing
         self._hold_after = hold_after if streams else None
         self._workers: dict[str, _Worker] = {}
@@ -111,7 +122,12 @@ class ReplicaPool:
                 return response
 
             worker = self._workers[address] = _Worker(
-                channel, self._hold_after, self._settings.max_message_bytes, self._token, send_one
+                channel,
+                self._hold_after,
+                self._settings.max_message_bytes,
+                self._token,
+                send_one,
+                self._max_outbox_bytes,
             )
         return worker
 

@@ -19,6 +19,10 @@ every request waiting on it fails with UNAVAILABLE, which the gateway retries on
 next request opens a new stream. A worker that does not know InferStream (an older release during a
 rolling upgrade, or a plain KServe v2 server) answers UNIMPLEMENTED; the link then says so and the pool
 sends plain ModelInfer calls from then on.
+
+The requests held here are bounded in bytes (``max_outbox_bytes``): beyond it a request is refused with
+RESOURCE_EXHAUSTED at once, as the worker's own queue would refuse it, instead of piling up in the gateway's
+memory while the worker cannot keep up. A request alone always goes.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import grpc
 import structlog
 from maas.inference.v1 import worker_pb2 as wpb
 
-from shared.errors import DeadlineExceeded, Unavailable
+from shared.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from shared.grpc.status import error_from_status
 from shared.kserve.metadata import STREAM_ACCEPTED
 
@@ -60,6 +64,7 @@ class _Stream:
         self.hold_after = hold_after
         self.pending: dict[int, asyncio.Future[bytes]] = {}
         self.outbox: list[Entry] = []
+        self.outbox_bytes = 0  # payload bytes in the outbox
         self.cancels: list[int] = []
         self.closing = False
         self.broken = False
@@ -71,14 +76,17 @@ class _Stream:
 
     def send(self, entry: Entry) -> None:
         self.outbox.append(entry)
+        self.outbox_bytes += len(entry.request)
         self._wake.set()
 
     def cancel(self, request_id: int) -> None:
         """The caller gave up: unsent, it is never sent; sent, the worker is told to drop it."""
         if self.pending.pop(request_id, None) is None:
             return
-        if any(entry.id == request_id for entry in self.outbox):
-            self.outbox = [entry for entry in self.outbox if entry.id != request_id]
+        unsent = next((entry for entry in self.outbox if entry.id == request_id), None)
+        if unsent is not None:
+            self.outbox.remove(unsent)
+            self.outbox_bytes -= len(unsent.request)
         else:
             self.cancels.append(request_id)
         self._wake.set()
@@ -103,6 +111,7 @@ class _Stream:
                 break
             taken += 1
         entries, self.outbox = self.outbox[:taken], self.outbox[taken:]
+        self.outbox_bytes -= sum(len(entry.request) for entry in entries)
         cancels, self.cancels = self.cancels, []
         return wpb.InferStreamRequest(entries=entries, cancel=cancels)
 
@@ -167,6 +176,7 @@ class _Stream:
             if not future.done():
                 future.set_exception(error)
         self.outbox.clear()
+        self.outbox_bytes = 0
         current = asyncio.current_task()
         for task in (self._writer, self._reader):
             if task is not current:
@@ -183,12 +193,16 @@ class StreamLink:
         max_bytes: Bytes of request payload one stream message may carry (one larger request goes alone).
         hold_after: Requests in flight (sent, unanswered) beyond which further requests wait here and leave
             together when the next answers arrive; 0: never wait. A request alone never waits.
+        max_outbox_bytes: Request bytes that may wait here at once; beyond it, RESOURCE_EXHAUSTED.
     """
 
-    def __init__(self, open_stream: OpenStream, max_bytes: int, hold_after: int = 2) -> None:
+    def __init__(
+        self, open_stream: OpenStream, max_bytes: int, hold_after: int = 2, max_outbox_bytes: int = 256 << 20
+    ) -> None:
         self._open = open_stream
         self._max_bytes = max_bytes
         self._hold_after = hold_after
+        self._max_outbox_bytes = max_outbox_bytes
         self._ids = itertools.count(1)
         self._stream: _Stream | None = None
         self.unsupported = False
@@ -209,10 +223,16 @@ class StreamLink:
             shared.errors.MaasError: The worker's error for this request; DeadlineExceeded when ``timeout``
                 passed; Unavailable when the stream broke before the answer came.
             StreamUnsupported: The worker has no InferStream (send it as a plain call instead).
+            ResourceExhausted: Too many request bytes already wait to be sent to this worker.
         """
         stream = self._stream
         if stream is None:
             stream = self._stream = _Stream(self._open(), self._max_bytes, self._hold_after, self._ended)
+        if stream.outbox and stream.outbox_bytes + len(payload) > self._max_outbox_bytes:
+            raise ResourceExhausted(
+                f"the replica is behind: {stream.outbox_bytes} request bytes already wait to be sent to it",
+                retry_after_s=0.1,
+            )
         request_id = next(self._ids)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bytes] = loop.create_future()

@@ -14,7 +14,7 @@ from services.gateway.core.ports import Replicas
 from services.gateway.core.router import Router
 from services.gateway.core.statistics import VersionStats, merge
 from services.gateway.core.table import EndpointTable, served_version
-from shared.errors import DeadlineExceeded, MaasError, NotFound, Unavailable
+from shared.errors import DeadlineExceeded, MaasError, NotFound, ResourceExhausted, Unavailable
 
 log = structlog.get_logger("maas.gateway")
 
@@ -50,6 +50,8 @@ class Gateway:
         load: Ongoing-request counts (reported to the scheduler by ``load.report_forever``).
         retries: Extra attempts on other replicas after one answers UNAVAILABLE.
         max_hold_s: Longest a request without a deadline waits for a ready replica.
+        max_held: Requests that may wait at once (for a replica or for the endpoint table); beyond it,
+            RESOURCE_EXHAUSTED: a burst against a model with no ready replica must not grow without bound.
         router: Replica choice (least outstanding, two random choices).
         clock: Monotonic seconds.
     """
@@ -62,6 +64,7 @@ class Gateway:
         *,
         retries: int = 2,
         max_hold_s: float = 60.0,
+        max_held: int = 10_000,
         router: Router | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -71,6 +74,8 @@ class Gateway:
         self._router = router or Router()
         self._retries = retries
         self._max_hold_s = max_hold_s
+        self._max_held = max_held
+        self.held = 0
         self._clock = clock
 
     def apply_snapshot(self, deployments: Sequence[Deployment]) -> None:
@@ -114,7 +119,7 @@ class Gateway:
     async def _await_current(self, name: str, timeout: float | None, scope: str | None) -> None:
         deadline = self._clock() + (self._max_hold_s if timeout is None else timeout)
         while not self.table.in_sync and self.table.get(name, scope) is None:
-            if not await self.table.wait_changed(deadline - self._clock()):
+            if not await self._wait_changed(deadline - self._clock()):
                 raise Unavailable(
                     f"model '{name}' is not known to the gateway yet: it is still learning the scheduler's "
                     "deployments (starting or reconnecting)",
@@ -218,9 +223,23 @@ class Gateway:
             remaining = attempts.hold_deadline - self._clock()
             if remaining > 0:
                 self.load.holding(route.deployment.name)
-                if await self.table.wait_changed(remaining):
+                if await self._wait_changed(remaining):
                     continue
             raise self._hold_expired(route, attempts)
+
+    async def _wait_changed(self, timeout: float) -> bool:
+        """Holds the caller until the table changes (True) or ``timeout`` passes (False), counted against
+        ``max_held``."""
+        if self.held >= self._max_held:
+            raise ResourceExhausted(
+                f"{self.held} requests already wait for a ready replica at this gateway; retry later",
+                retry_after_s=1.0,
+            )
+        self.held += 1
+        try:
+            return await self.table.wait_changed(timeout)
+        finally:
+            self.held -= 1
 
     def _failed(self, route: Route, endpoint: Endpoint, attempts: _Attempts, exc: MaasError) -> None:
         attempts.failures += 1
