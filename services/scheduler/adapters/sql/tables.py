@@ -41,9 +41,15 @@ jobs = sa.Table(
     sa.Column("revision", sa.Integer, nullable=False, server_default="0"),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    # The client's request id (idempotent submission: a retry returns this job); NULL: none given.
+    sa.Column("request_id", sa.String(128), nullable=True),
+    # Placements that timed out in a row (the job fails after scheduler_max_placement_attempts).
+    sa.Column("placement_attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("preemptions", sa.Integer, nullable=False, server_default="0"),
     # Admission scans QUEUED jobs by priority then seq; listings filter by state and tenant.
     sa.Index("ix_jobs_state_priority_seq", "state", "priority", "seq"),
     sa.Index("ix_jobs_tenant_state", "tenant", "state"),
+    sa.Index("ix_jobs_tenant_request_id", "tenant", "request_id", unique=True),
 )
 
 deployments = sa.Table(
@@ -65,6 +71,22 @@ deployments = sa.Table(
     sa.Column("target_replicas", sa.Integer, nullable=False, server_default="0"),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    # The client's request id (idempotent creation); NULL: none given.
+    sa.Column("request_id", sa.String(128), nullable=True),
     # A tenant's listing: its deployments by name.
     sa.Index("ix_deployments_tenant_name", "tenant", "name"),
+    sa.Index("ix_deployments_tenant_request_id", "tenant", "request_id", unique=True),
+)
+
+tenants = sa.Table(
+    "tenants",
+    metadata,
+    sa.Column("name", sa.String(63), primary_key=True),
+    # Resources as {"cpus", "gpus", "memory_bytes", "jobs", "replicas"} (core.policy.Resources.to_dict()).
+    sa.Column("quota", sa.JSON, nullable=False),
+    sa.Column("borrowing_limit", sa.JSON, nullable=False),
+    # The priority classes its jobs may use (names; the classes themselves are settings).
+    sa.Column("priority_classes", sa.JSON, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
 )
