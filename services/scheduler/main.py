@@ -7,22 +7,27 @@ them: a scheduler with no job admitted and no deployment never starts Ray.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
 from maas.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 
+from services.scheduler.adapters.capacity import RayCapacity
 from services.scheduler.adapters.registry_resolver import RegistryModelResolver
 from services.scheduler.adapters.sql.deployment_repository import SqlDeploymentRepository
 from services.scheduler.adapters.sql.repository import SqlJobRepository
 from services.scheduler.adapters.sql.tables import MIGRATIONS
+from services.scheduler.adapters.sql.tenant_repository import SqlTenantRepository
 from services.scheduler.api.servicer import AUTHORIZATION, SchedulerServicer
 from services.scheduler.core.deployment_ports import ReplicaPool
 from services.scheduler.core.deployments import DeploymentService
+from services.scheduler.core.policy import UNLIMITED
 from services.scheduler.core.ports import JobRunner
 from services.scheduler.core.reconciler import ReconcilerConfig
 from services.scheduler.core.service import JobService
+from services.scheduler.core.tenants import TenantService
 from services.scheduler.settings import SchedulerSettings
 from shared.artifacts import configure_zoo_limits
 from shared.grpc.server import ServiceServer, start_service
@@ -106,6 +111,17 @@ async def start(
     settings.data_root().mkdir(parents=True, exist_ok=True)
     engine = create_engine(database_url)
     await asyncio.to_thread(migrate, engine, MIGRATIONS)
+    default_quota = UNLIMITED
+    if settings.scheduler_tenant_max_running:
+        default_quota = dataclasses.replace(UNLIMITED, jobs=settings.scheduler_tenant_max_running)
+    tenants = TenantService(
+        SqlTenantRepository(engine),
+        default_quota=default_quota,
+        priority_classes=settings.scheduler_priority_classes,
+        default_class=settings.scheduler_default_priority_class,
+    )
+    await tenants.start()
+    deployments: DeploymentService | None = None
     service = JobService(
         SqlJobRepository(engine),
         runner_factory or ray_runner_factory(settings),
@@ -113,6 +129,10 @@ async def start(
         max_running_jobs=settings.scheduler_max_running_jobs,
         tenant_max_running=settings.scheduler_tenant_max_running,
         default_max_failures=settings.scheduler_default_max_failures,
+        tenants=tenants,
+        capacity=RayCapacity(settings),
+        replica_usage=lambda: deployments.placed() if deployments is not None else {},
+        fair_share_half_life_s=settings.scheduler_fair_share_half_life_s,
     )
     resolver = RegistryModelResolver.connect(settings.scheduler_registry_address, settings)
     deployments = DeploymentService(
@@ -130,7 +150,7 @@ async def start(
         await resolver.close()
         await asyncio.to_thread(engine.dispose)
         raise
-    servicer = SchedulerServicer(service, deployments)
+    servicer = SchedulerServicer(service, deployments, tenants)
     try:
         server = await start_service(
             settings,

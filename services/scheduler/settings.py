@@ -42,7 +42,25 @@ class SchedulerSettings(CommonSettings):
         1, ge=0, description="Jobs placed or running at once; 0 pauses admission (queued jobs wait)."
     )
     scheduler_tenant_max_running: int = Field(
-        0, ge=0, description="Jobs one tenant may have placed or running at once; 0: no per-tenant limit."
+        0,
+        ge=0,
+        description="Jobs a tenant without a quota record may have placed or running at once; 0: no limit (its "
+        "other resources are unlimited too). A tenant's record (CreateTenant) sets its own.",
+    )
+    scheduler_priority_classes: dict[str, int] = Field(
+        default_factory=lambda: {"low": -100, "normal": 0, "high": 100},
+        description="Priority classes (name -> priority; higher is admitted first) jobs name in "
+        'spec.priority_class. A JSON object, e.g. \'{"batch": -10, "normal": 0, "urgent": 50}\'.',
+    )
+    scheduler_default_priority_class: str = Field(
+        "normal",
+        description="The class of a job that names none; it and the classes below it are open to every tenant, "
+        "higher ones only to tenants granted them (UpdateQuota).",
+    )
+    scheduler_fair_share_half_life_s: float = Field(
+        600.0,
+        gt=0,
+        description="Half-life of the recent usage that orders tenants of equal priority (least used first).",
     )
     ray_address: str | None = Field(
         None,

@@ -15,11 +15,14 @@ import grpc
 from maas.scheduler.v1 import scheduler_pb2 as pb
 from maas.scheduler.v1 import scheduler_pb2_grpc
 
-from services.scheduler.api import convert
+from services.scheduler.api import convert, tenant_convert
 from services.scheduler.api import deployment_convert as dconvert
 from services.scheduler.core.deployments import DeploymentService
 from services.scheduler.core.model import Job
 from services.scheduler.core.service import JobService
+from services.scheduler.core.tenants import TenantService, tenant_not_found
+from shared import names
+from shared.errors import PermissionDenied
 from shared.security.access import (
     Access,
     caller_owner,
@@ -46,14 +49,20 @@ AUTHORIZATION = rules(
         "DeleteDeployment": Access.DEVELOPER,
         "WatchEndpoints": Access.INTERNAL,
         "ReportLoad": Access.INTERNAL,
+        "CreateTenant": Access.ADMIN,
+        "GetTenant": Access.DEVELOPER,
+        "ListTenants": Access.DEVELOPER,
+        "UpdateQuota": Access.ADMIN,
+        "GetUsage": Access.DEVELOPER,
     },
 )
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
-    def __init__(self, service: JobService, deployments: DeploymentService) -> None:
+    def __init__(self, service: JobService, deployments: DeploymentService, tenants: TenantService) -> None:
         self._service = service
         self._deployments = deployments
+        self._tenants = tenants
 
     async def SubmitTrainingJob(
         self, request: pb.SubmitTrainingJobRequest, context: grpc.aio.ServicerContext
@@ -63,6 +72,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         # A tenant's key submits for its tenant whatever the request says; the mesh and admin keys (and
         # development mode) may name any tenant (admission fairness is per tenant), their own by default.
         tenant = tenant_scope(principal) or spec.tenant or owner_tenant(principal)
+        if spec.priority and not spec.priority_class and principal is not None and not principal.is_admin:
+            raise PermissionDenied(
+                "setting spec.priority directly needs an admin key; name a priority class instead",
+                reason="PRIORITY_NEEDS_ADMIN",
+            )
         job = await self._service.submit(dataclasses.replace(spec, tenant=tenant))
         return pb.SubmitTrainingJobResponse(job=convert.job_to_pb(job))
 
@@ -141,3 +155,40 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     ) -> pb.ReportLoadResponse:
         await self._deployments.report_load(request.gateway_id, dict(request.ongoing))
         return pb.ReportLoadResponse()
+
+    # Tenants ----------------------------------------------------------------------------------------------
+
+    async def CreateTenant(
+        self, request: pb.CreateTenantRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreateTenantResponse:
+        tenant = await self._tenants.create(tenant_convert.tenant_from_pb(request.tenant))
+        return pb.CreateTenantResponse(tenant=tenant_convert.tenant_to_pb(tenant))
+
+    async def GetTenant(self, request: pb.GetTenantRequest, context: grpc.aio.ServicerContext) -> pb.GetTenantResponse:
+        tenant = self._tenants.get(request.name, caller_scope())
+        return pb.GetTenantResponse(tenant=tenant_convert.tenant_to_pb(tenant))
+
+    async def ListTenants(
+        self, request: pb.ListTenantsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListTenantsResponse:
+        tenants = self._tenants.list(caller_scope())
+        return pb.ListTenantsResponse(tenants=[tenant_convert.tenant_to_pb(t) for t in tenants])
+
+    async def UpdateQuota(
+        self, request: pb.UpdateQuotaRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UpdateQuotaResponse:
+        tenant = await self._tenants.update(tenant_convert.tenant_from_pb(request.tenant))
+        return pb.UpdateQuotaResponse(tenant=tenant_convert.tenant_to_pb(tenant))
+
+    async def GetUsage(self, request: pb.GetUsageRequest, context: grpc.aio.ServicerContext) -> pb.GetUsageResponse:
+        scope = caller_scope()
+        name = request.tenant or caller_owner()
+        if scope is not None and name != scope:
+            raise tenant_not_found(name)
+        usage = await self._service.tenant_usage(names.check_name(name, "tenant"))
+        return pb.GetUsageResponse(
+            tenant=tenant_convert.tenant_to_pb(usage.tenant),
+            used=tenant_convert.quota_to_pb(usage.used),
+            queued_jobs=usage.queued_jobs,
+            running_jobs=usage.running_jobs,
+        )

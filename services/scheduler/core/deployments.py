@@ -41,6 +41,7 @@ from services.scheduler.core.deployment_model import (
 )
 from services.scheduler.core.deployment_ports import DeploymentRepository, ModelResolver, ReplicaPool
 from services.scheduler.core.model import Page, visible_to
+from services.scheduler.core.policy import NONE, Resources, replica_demand
 from services.scheduler.core.reconciler import Reconciler, ReconcilerConfig, parse_replica_id
 from shared import names
 from shared.errors import FailedPrecondition, InvalidArgument, Unavailable
@@ -178,6 +179,16 @@ class DeploymentService:
         self._reconciler(stored).start()
         self._publish()
         return stored
+
+    def placed(self) -> dict[str, Resources]:
+        """Tenant -> what its deployments' live replicas hold now (starting, serving and draining ones)."""
+        held: dict[str, Resources] = {}
+        for reconciler in self._reconcilers.values():
+            deployment = reconciler.deployment
+            resources = deployment.spec.resources
+            demand = replica_demand(len(reconciler.replicas()), resources.cpus, resources.gpus, resources.memory_bytes)
+            held[deployment.tenant] = held.get(deployment.tenant, NONE) + demand
+        return held
 
     async def _resolve_canary(
         self, spec: DeploymentSpec, default: ResolvedVersion, tenant: str

@@ -163,6 +163,8 @@ class TrainingJobSpec:
     shard_resources: ResourceRequest = field(default_factory=ResourceRequest)
     seed: int = 0
     max_failures: int = 0
+    #: The priority class its priority came from ("" before classes existed, or set by an admin directly).
+    priority_class: str = ""
 
     def arguments(self) -> dict[str, Any]:
         """The architecture's arguments parsed from ``arguments_json`` ("" is ``{}``).
@@ -245,6 +247,8 @@ class Job:
     dataset_fingerprint: str = ""
     failures: int = 0
     revision: int = 0
+    #: A QUEUED job's place in the admission order as of the last pass (1: next); 0 otherwise. Not stored.
+    queue_position: int = 0
 
 
 def job_not_found(job_id: str) -> NotFound:

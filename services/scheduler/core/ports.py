@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from services.scheduler.core.model import Job, JobChanges, JobState, StepMetrics
+from services.scheduler.core.policy import Tenant
 
 
 class JobRepository(Protocol):
@@ -111,4 +112,22 @@ class JobRunner(Protocol):
     async def resume(self, job: Job, reporter: JobReporter) -> None:
         """Like :meth:`run`, for a job found PLACING or RUNNING at start-up (a previous scheduler process
         placed it): re-attach to it, or restart it from its checkpoints. The runner decides."""
+        ...
+
+
+class TenantRepository(Protocol):
+    """Tenants with quotas. Every method is one transaction."""
+
+    def insert(self, tenant: Tenant) -> Tenant:
+        """AlreadyExists if a tenant has that name."""
+        ...
+
+    def get(self, name: str) -> Tenant | None: ...
+
+    def all(self) -> list[Tenant]:
+        """Every tenant, by name."""
+        ...
+
+    def update(self, tenant: Tenant) -> Tenant:
+        """Replace its quota, borrowing limit and priority classes; NotFound without a record."""
         ...

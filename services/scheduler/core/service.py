@@ -4,11 +4,18 @@
 decides when a job runs; a :class:`~services.scheduler.core.ports.JobRunner` places and runs it and reports
 back through the service, which is its :class:`~services.scheduler.core.ports.JobReporter`.
 
-Admission: one loop task takes QUEUED jobs by priority (descending), then submission order, while fewer than
-``max_running_jobs`` jobs are PLACING or RUNNING and the job's tenant has fewer than ``tenant_max_running``
-(0: no limit); a tenant at its limit does not hold back other tenants' jobs. An admitted job is stored as
-PLACING, then ``runner.run(job, service)`` runs as a task. ``max_running_jobs`` 0 pauses admission, and the
-runner (created lazily by its factory, on the first job admitted or resumed) is then never created.
+Admission: one loop task runs :func:`~services.scheduler.core.policy.plan_admission` over the QUEUED jobs
+(priority, then fair share among tenants, then submission order; each tenant within its quota plus
+borrowing limit; the pool's capacity, with ``max_running_jobs`` as its running-jobs dimension), on every
+wake-up (a submission, a job ending) and every ``admission_poll_s``. What each job's gang holds counts: its
+workers and shards, and every replica of the tenant's deployments. An admitted job is stored as PLACING,
+then ``runner.run(job, service)`` runs as a task. ``max_running_jobs`` 0 pauses admission, and the runner
+(created lazily by its factory, on the first job admitted or resumed) is then never created. Why a job
+waits, and its place in the queue, are kept from the last pass and shown on reads (not stored: they change
+with every pass).
+
+A job that could never be admitted (larger than the whole pool, or than its tenant's quota plus borrowing
+limit) is refused at submission with the reason.
 
 State changes are stored with a condition on the current state, so terminal states are final whatever
 order reports arrive in. Step metrics are kept in memory, published to watchers at once and stored at most
@@ -31,8 +38,8 @@ import secrets
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -51,7 +58,19 @@ from services.scheduler.core.model import (
     job_not_found,
     visible_to,
 )
+from services.scheduler.core.policy import (
+    NONE,
+    UNLIMITED,
+    Candidate,
+    FairShare,
+    Resources,
+    Tenant,
+    check_feasible,
+    gang_demand,
+    plan_admission,
+)
 from services.scheduler.core.ports import JobReporter, JobRepository, JobRunner
+from services.scheduler.core.tenants import TenantService
 from services.scheduler.core.validation import validate_spec
 from shared import names
 from shared.errors import FailedPrecondition, MaasError, Unavailable
@@ -66,6 +85,31 @@ WatchEvent = Job | StepMetrics
 
 _QUEUED = frozenset({JobState.QUEUED})
 _CANCEL_ATTEMPTS = 5
+
+
+@dataclass(frozen=True)
+class TenantUsage:
+    tenant: Tenant
+    used: Resources
+    queued_jobs: int
+    running_jobs: int
+
+
+def job_demand(spec: TrainingJobSpec) -> Resources:
+    """What a job's whole gang holds once placed."""
+    worker, shard = spec.worker_resources, spec.shard_resources
+    return gang_demand(
+        [
+            (spec.workers, worker.cpus, worker.gpus, worker.memory_bytes),
+            (spec.shards, shard.cpus, shard.gpus, shard.memory_bytes),
+        ]
+    )
+
+
+def _unlimited_tenant(name: str, max_running: int) -> Tenant:
+    """A tenant when the service has no tenant records (tests): no quota but the running-jobs cap."""
+    quota = UNLIMITED if max_running <= 0 else replace(UNLIMITED, jobs=max_running)
+    return Tenant(name=name, quota=quota)
 
 
 def new_job_id() -> str:
@@ -150,6 +194,10 @@ class JobService:
         progress_interval_s: float = 1.0,
         watch_queue_size: int = 256,
         admission_poll_s: float = 5.0,
+        tenants: TenantService | None = None,
+        capacity: Callable[[], Resources] = lambda: UNLIMITED,
+        replica_usage: Callable[[], Mapping[str, Resources]] = dict,
+        fair_share_half_life_s: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._repo = repository
@@ -162,6 +210,12 @@ class JobService:
         self._progress_interval = progress_interval_s
         self._watch_queue_size = watch_queue_size
         self._admission_poll_s = admission_poll_s
+        self._tenants = tenants
+        self._capacity = capacity
+        self._replica_usage = replica_usage
+        self._fair = FairShare(fair_share_half_life_s, clock)
+        # Job id -> (place in the queue, why it waits), from the last admission pass.
+        self._waiting: dict[str, tuple[int, str]] = {}
         self._clock = clock
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
@@ -233,10 +287,22 @@ class JobService:
     # Use cases ----------------------------------------------------------------------------------------
 
     async def submit(self, spec: TrainingJobSpec) -> Job:
-        """Validate ``spec`` (InvalidArgument naming the field otherwise) and queue the job."""
+        """Validate ``spec`` (InvalidArgument naming the field otherwise) and queue the job.
+
+        Its priority class (or the default one) gives its priority (InvalidArgument for an unknown class,
+        PermissionDenied for one its tenant was not granted); a job that could never be admitted is refused
+        (FailedPrecondition naming what it needs and what there is).
+        """
+        if self._tenants is not None and (spec.priority_class or not spec.priority):
+            # A priority set directly (no class) is an admin's; the API layer checks who asks.
+            priority = self._tenants.priority(spec.tenant, spec.priority_class)
+            spec = replace(spec, priority=priority)
         validated = await self._run(
             lambda: validate_spec(spec, data_root=self._data_root, default_max_failures=self._default_max_failures)
         )
+        tenant = self._tenant(validated.spec.tenant)
+        capacity = await self._run(self._capacity)
+        check_feasible(job_demand(validated.spec), tenant, replace(capacity, jobs=max(self._max_running, 1)))
         now = datetime.now(UTC)
         job = Job(
             id=new_job_id(),
@@ -257,7 +323,14 @@ class JobService:
         job = await self._run(self._repo.get, names.check_name(job_id, "id"))
         if not visible_to(job.spec.tenant, scope):
             raise job_not_found(job_id)
-        return job
+        return self._with_wait(job)
+
+    def _with_wait(self, job: Job) -> Job:
+        """A QUEUED job with its place in the queue and why it waits, as of the last admission pass."""
+        wait = self._waiting.get(job.id) if job.state is JobState.QUEUED else None
+        if wait is None:
+            return job
+        return replace(job, queue_position=wait[0], message=wait[1])
 
     async def list_jobs(
         self,
@@ -278,7 +351,9 @@ class JobService:
             if tenant and tenant != scope:
                 return Page(items=[])  # another tenant's jobs: none the caller may see
             tenant = scope
-        jobs = await self._run(self._repo.list_jobs, wanted, tenant, page.after, page.size + 1)
+        jobs = [
+            self._with_wait(j) for j in await self._run(self._repo.list_jobs, wanted, tenant, page.after, page.size + 1)
+        ]
         if len(jobs) <= page.size:
             return Page(items=jobs)
         kept = jobs[: page.size]
@@ -354,23 +429,53 @@ class JobService:
             except TimeoutError:
                 pass
 
+    def _tenant(self, name: str) -> Tenant:
+        return self._tenants.tenant(name) if self._tenants is not None else _unlimited_tenant(name, self._tenant_max)
+
+    async def usage(self) -> tuple[dict[str, Resources], list[Job]]:
+        """Tenant -> what it has placed now (its placed and running jobs' whole gangs, its deployments'
+        replicas), and the QUEUED jobs."""
+        active = await self._run(self._repo.in_states, ACTIVE_STATES)
+        held: dict[str, Resources] = dict(self._replica_usage())
+        for job in active:
+            held[job.spec.tenant] = held.get(job.spec.tenant, NONE) + job_demand(job.spec)
+        queued = await self._run(self._repo.in_states, _QUEUED)
+        return held, queued
+
+    async def tenant_usage(self, name: str) -> TenantUsage:
+        """What ``name`` has placed now against its quota, and how many of its jobs wait or run."""
+        held, queued = await self.usage()
+        active = await self._run(self._repo.active_counts)
+        return TenantUsage(
+            tenant=self._tenant(name),
+            used=held.get(name, NONE),
+            queued_jobs=sum(1 for job in queued if job.spec.tenant == name),
+            running_jobs=active.get(name, 0),
+        )
+
     async def _admit(self) -> None:
         if self._max_running <= 0:
             return
-        counts = await self._run(self._repo.active_counts)
-        while not self._closing and sum(counts.values()) < self._max_running:
-            full = frozenset(t for t, n in counts.items() if self._tenant_max and n >= self._tenant_max)
-            candidates = await self._run(self._repo.next_queued, full, frozenset(self._tasks), 1)
-            if not candidates:
+        held, queued = await self.usage()
+        self._fair.observe(held)
+        capacity = replace(await self._run(self._capacity), jobs=self._max_running)
+        candidates = [
+            Candidate(job.id, job.spec.tenant, job.spec.priority, seq, job_demand(job.spec))
+            for seq, job in enumerate(queued)
+            if job.id not in self._tasks
+        ]
+        plan = plan_admission(candidates, self._tenant, held, capacity, self._fair.share)
+        self._waiting = {job_id: (place, reason) for place, (job_id, reason) in enumerate(plan.waiting.items(), 1)}
+        for candidate in plan.admit:
+            if self._closing:
                 return
             runner = self._get_runner()
             placing = JobChanges(state=JobState.PLACING, message="placing workers and shards")
-            job = await self._mutate(self._repo.update, candidates[0].id, placing, _QUEUED)
+            job = await self._mutate(self._repo.update, candidate.id, placing, _QUEUED)
             if job is None:
                 continue  # cancelled meanwhile
             log.info("job_admitted", job_id=job.id, tenant=job.spec.tenant, priority=job.spec.priority)
             self._publish(job.id, job)
-            counts[job.spec.tenant] = counts.get(job.spec.tenant, 0) + 1
             self._launch(job, runner.run)
 
     def _launch(self, job: Job, fn: RunFunction) -> None:
