@@ -133,6 +133,8 @@ async def start(
         capacity=RayCapacity(settings),
         replica_usage=lambda: deployments.placed() if deployments is not None else {},
         fair_share_half_life_s=settings.scheduler_fair_share_half_life_s,
+        preemption=settings.scheduler_preemption,
+        preemption_grace_s=settings.scheduler_preemption_grace_s,
     )
     resolver = RegistryModelResolver.connect(settings.scheduler_registry_address, settings)
     deployments = DeploymentService(

@@ -62,6 +62,14 @@ class SchedulerSettings(CommonSettings):
         gt=0,
         description="Half-life of the recent usage that orders tenants of equal priority (least used first).",
     )
+    scheduler_preemption: bool = Field(
+        True,
+        description="Preempt lower-priority jobs (and jobs on borrowed capacity) when a job that fits its "
+        "tenant's quota cannot be placed; preempted jobs are checkpointed and resume later.",
+    )
+    scheduler_preemption_grace_s: float = Field(
+        30.0, gt=0, description="How long a preempted job's shards get to write their checkpoints."
+    )
     ray_address: str | None = Field(
         None,
         # Ray's own variable works too (every Ray tool reads it); MAAS_RAY_ADDRESS wins when both are set.

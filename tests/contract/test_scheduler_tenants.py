@@ -26,6 +26,8 @@ class HoldingRunner:
 
     def __init__(self) -> None:
         self.running: set[str] = set()
+        self.resumed: list[str] = []
+        self.preempted: list[str] = []
         self._stops: dict[str, asyncio.Event] = {}
 
     async def run(self, job: Job, reporter: JobReporter) -> None:
@@ -38,10 +40,15 @@ class HoldingRunner:
             self.running.discard(job.id)
 
     async def resume(self, job: Job, reporter: JobReporter) -> None:
+        self.resumed.append(job.id)
         await self.run(job, reporter)
 
     async def cancel(self, job_id: str) -> None:
         self._stops.setdefault(job_id, asyncio.Event()).set()
+
+    async def preempt(self, job: Job, grace_s: float) -> None:
+        self.preempted.append(job.id)
+        self._stops.pop(job.id, asyncio.Event()).set()
 
 
 @pytest.fixture
@@ -170,3 +177,29 @@ async def test_priority_classes_are_granted_per_tenant(client: Client) -> None:
     await client.call("CreateTenant", pb.CreateTenantRequest(tenant=tenant("team-a", classes=("high",))))
     high = await submit(client, digits_spec(tenant="team-a", priority_class="high"))
     assert high.spec.priority == 100
+
+
+async def test_a_higher_priority_job_preempts_a_lower_one_which_resumes_later(client: Client, scheduler: Any) -> None:
+    runner: HoldingRunner = scheduler[1]
+    # The low job holds 6 of the pool's 8 CPUs; the urgent one needs 3.
+    big = digits_spec(tenant="team-b", priority_class="low", workers=5)
+    low = await submit(client, big)
+    await job_state(client, low.id, pb.RUNNING)
+    await client.call("CreateTenant", pb.CreateTenantRequest(tenant=tenant("team-a", classes=("high",))))
+    urgent = await submit(client, digits_spec(tenant="team-a", priority_class="high"))
+    await job_state(client, urgent.id, pb.RUNNING)
+    requeued = await job_state(client, low.id, pb.QUEUED)
+    assert runner.preempted == [low.id] and requeued.preemptions == 1
+    assert f"preempted for job {urgent.id} (priority 100" in requeued.message
+    assert "resumes from its checkpoint" in requeued.message
+    # An equal-priority job is never preempted for another: it waits.
+    await client.call("CreateTenant", pb.CreateTenantRequest(tenant=tenant("team-c", classes=("high",))))
+    peer = await submit(client, digits_spec(tenant="team-c", priority_class="high", workers=5))
+    await asyncio.sleep(0.3)
+    assert (await job_state(client, peer.id, pb.QUEUED)).queue_position >= 1
+    assert runner.preempted == [low.id]
+    await client.call("CancelJob", pb.CancelJobRequest(id=peer.id))
+    # The urgent job ends: the preempted one is admitted again, resumed from its checkpoint.
+    await client.call("CancelJob", pb.CancelJobRequest(id=urgent.id))
+    await job_state(client, low.id, pb.RUNNING)
+    assert runner.resumed == [low.id]

@@ -16,6 +16,7 @@ from services.scheduler.core.policy import (
     Resources,
     Tenant,
     check_feasible,
+    choose_victims,
     gang_demand,
     plan_admission,
     replica_demand,
@@ -145,3 +146,27 @@ def test_quota_validation_and_json_round_trip() -> None:
     limit = dataclasses.replace(UNLIMITED, cpus=4, replicas=2)
     assert Resources.from_dict(limit.to_dict()) == limit
     assert limit.to_dict()["gpus"] is None
+
+
+def test_preemption_takes_lower_priorities_newest_first_and_no_more_than_needed() -> None:
+    running = [job("low-old", "b", 2, priority=-1, seq=1), job("low-new", "b", 2, priority=-1, seq=2)]
+    running += [job("same", "c", 4, priority=5, seq=0)]
+    usage = {"b": cpus(4), "c": cpus(4)}
+    head = job("urgent", "a", 2, priority=5, seq=9)
+    assert plan([head], {}, usage).blocked == head
+    victims = choose_victims(head, running, lambda n: Tenant(n), usage, POOL)
+    assert [v.id for v in victims] == ["low-new"]  # equal priorities are never preempted
+    too_big = job("huge", "a", 7, priority=5, seq=9)
+    assert choose_victims(too_big, running, lambda n: Tenant(n), usage, POOL) == []  # could not fit: none
+
+
+def test_borrowed_capacity_is_reclaimed_whatever_its_priority() -> None:
+    tenants = {"owner": Tenant("owner", **quota(4)), "borrower": Tenant("borrower", **quota(2, borrow=4))}
+    running = [job("borrowed", "borrower", 6, priority=50, seq=1)]
+    usage = {"borrower": cpus(6), "owner": cpus(2)}
+    head = job("owners-job", "owner", 2, priority=0, seq=5)
+    victims = choose_victims(head, running, lambda n: tenants[n], usage, POOL)
+    assert [v.id for v in victims] == ["borrowed"]
+    # Beyond its own quota the owner has no claim on it.
+    greedy = job("owners-big", "owner", 4, priority=0, seq=6)
+    assert choose_victims(greedy, running, lambda n: tenants[n], usage, POOL) == []

@@ -10,6 +10,11 @@ service's gRPC server. The runner follows every worker's ``WatchWorker`` stream 
   checkpoint interval of that shard's updates is redone.
 
 After ``max_failures`` losses the job fails with the reason.
+
+Preemption (``preempt``) checkpoints every shard first (workers keep training meanwhile: what they do after
+the checkpoint is the only work lost), then stops the workers, so the job's run returns and its gang is
+released. Admitted again, the job is resumed: new shards restore those checkpoints and the workers ask them
+where to start.
 """
 
 from __future__ import annotations
@@ -74,9 +79,34 @@ class RayJobRunner:
         if gang is not None:
             await asyncio.gather(*(self._stop_worker(m) for m in gang.workers), return_exceptions=True)
 
+    async def preempt(self, job: Job, grace_s: float) -> None:
+        await asyncio.to_thread(self._connect)
+        gang = self._gangs.get(job.id)
+        orphan = gang is None
+        if gang is None:
+            gang = await Gang.find(job)  # a previous scheduler process began this preemption
+            if gang is None:
+                return
+        await asyncio.gather(*(self._checkpoint(job, shard, grace_s) for shard in gang.shards))
+        self._cancelled.add(job.id)
+        await asyncio.gather(*(self._stop_worker(m) for m in gang.workers), return_exceptions=True)
+        if orphan:
+            gang.teardown()
+
+    async def _checkpoint(self, job: Job, shard: Member, grace_s: float) -> None:
+        client = ParamServerClient.connect(shard.address, self._settings)
+        try:
+            result = await client.checkpoint(job.id, timeout=grace_s)
+            log.info("shard_checkpointed_for_preemption", job_id=job.id, shard=shard.index, step=result.step)
+        except Exception as exc:  # noqa: BLE001 - its last periodic checkpoint (or step 0) is what remains
+            log.warning("preemption_checkpoint_failed", job_id=job.id, shard=shard.index, error=str(exc)[:200])
+        finally:
+            await client.close()
+
     # The job's life ----------------------------------------------------------------------------------
 
     async def _execute(self, job: Job, reporter: JobReporter, *, resume: bool) -> None:
+        self._cancelled.discard(job.id)  # preempted before, admitted again
         await asyncio.to_thread(self._connect)
         gang = await Gang.find(job) if resume else None
         shutting_down = False
@@ -92,6 +122,8 @@ class RayJobRunner:
                         f"{self._settings.scheduler_placement_timeout_s:g}s; waiting for resources",
                     )
                     return
+                if job.id in self._cancelled:
+                    return  # cancelled or preempted while it was being placed
                 # Shards restore from their checkpoints when these exist (a resumed job), workers then
                 # ask the shards where to start.
                 await self._start_shards(gang)

@@ -132,6 +132,7 @@ def job_to_pb(job: Job) -> pb.Job:
         model_version=job.model_version,
         dataset_fingerprint=job.dataset_fingerprint,
         failures=job.failures,
+        preemptions=job.preemptions,
         create_time=timestamp(job.create_time),
         update_time=timestamp(job.update_time),
     )

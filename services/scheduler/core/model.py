@@ -40,7 +40,9 @@ class JobState(enum.StrEnum):
     """A job's life: QUEUED -> PLACING -> RUNNING -> SUCCEEDED | FAILED | CANCELLED.
 
     A runner may send a job back from PLACING/RUNNING to QUEUED (requeued, e.g. placement timed out) or
-    from RUNNING to PLACING (re-placing after a failure). Terminal states never change again.
+    from RUNNING to PLACING (re-placing after a failure). Preemption stores PREEMPTED (its shards are
+    checkpointed, its gang released), then QUEUED; admitted again, it resumes from that checkpoint.
+    Terminal states never change again.
     """
 
     QUEUED = "QUEUED"
@@ -49,6 +51,7 @@ class JobState(enum.StrEnum):
     SUCCEEDED = "SUCCEEDED"
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
+    PREEMPTED = "PREEMPTED"
 
     @property
     def terminal(self) -> bool:
@@ -56,12 +59,14 @@ class JobState(enum.StrEnum):
 
     @property
     def active(self) -> bool:
-        """Placed or running: holds one of the scheduler's running slots."""
+        """Placed, running or being preempted: holds its gang's resources."""
         return self in ACTIVE_STATES
 
 
 TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
-ACTIVE_STATES = frozenset({JobState.PLACING, JobState.RUNNING})
+ACTIVE_STATES = frozenset({JobState.PLACING, JobState.RUNNING, JobState.PREEMPTED})
+#: What preemption may interrupt.
+PREEMPTIBLE_STATES = frozenset({JobState.PLACING, JobState.RUNNING})
 LIVE_STATES = frozenset({JobState.QUEUED, *ACTIVE_STATES})
 
 
@@ -247,6 +252,8 @@ class Job:
     dataset_fingerprint: str = ""
     failures: int = 0
     revision: int = 0
+    #: Times it was preempted (a preempted job resumes from its checkpoint when admitted again).
+    preemptions: int = 0
     #: A QUEUED job's place in the admission order as of the last pass (1: next); 0 otherwise. Not stored.
     queue_position: int = 0
 
@@ -271,6 +278,8 @@ class JobChanges:
     step: int | None = None
     metrics: dict[str, float] | None = None
     model_version: int | None = None
+    #: Count one more preemption.
+    preempted: bool = False
 
 
 @dataclass(frozen=True)

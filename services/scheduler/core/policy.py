@@ -144,10 +144,12 @@ class Candidate:
 
 @dataclass
 class Plan:
-    """What one admission pass decided: jobs to admit (in order) and why each other one waits."""
+    """What one admission pass decided: jobs to admit (in order), why each other one waits, and the first
+    job that waits only because the pool is full (what preemption may make room for)."""
 
     admit: list[Candidate] = field(default_factory=list)
     waiting: dict[str, str] = field(default_factory=dict)
+    blocked: Candidate | None = None
 
 
 class FairShare:
@@ -229,12 +231,48 @@ def plan_admission(
                 f"the pool is full: {total.describe(over_pool)} in use of {capacity.describe(over_pool)}; "
                 f"the job needs {job.demand.describe(over_pool)}"
             )
-            blocked_by = job
+            blocked_by = plan.blocked = job
             continue
         held[name] = after
         total = total + job.demand
         plan.admit.append(job)
     return plan
+
+
+def choose_victims(
+    head: Candidate,
+    running: Sequence[Candidate],
+    tenants: Callable[[str], Tenant],
+    usage: Mapping[str, Resources],
+    capacity: Resources,
+) -> list[Candidate]:
+    """The running jobs to preempt so that ``head`` (blocked by a full pool) fits; [] when it cannot be done.
+
+    A job may be preempted for ``head`` when it has a lower priority, or when ``head``'s tenant asks for no
+    more than its nominal quota and the job's tenant holds more than its own (borrowed capacity is
+    reclaimed first, whatever its priority). Borrowers go first, then the lowest priorities, then the most
+    recently submitted; no more are taken than needed.
+    """
+    total = sum(usage.values(), NONE)
+    owner = tenants(head.tenant)
+    within_quota = not (usage.get(head.tenant, NONE) + head.demand).over(owner.quota)
+
+    def borrowing(job: Candidate) -> bool:
+        return bool(usage.get(job.tenant, NONE).over(tenants(job.tenant).quota))
+
+    eligible = [
+        job
+        for job in running
+        if job.priority < head.priority or (within_quota and job.tenant != head.tenant and borrowing(job))
+    ]
+    victims: list[Candidate] = []
+    freed = NONE
+    for job in sorted(eligible, key=lambda j: (not borrowing(j), j.priority, -j.seq)):
+        if not (total - freed + head.demand).over(capacity):
+            break
+        victims.append(job)
+        freed = freed + job.demand
+    return victims if not (total - freed + head.demand).over(capacity) else []
 
 
 def _quota_reason(tenant: Tenant, used: Resources, demand: Resources, over: list[str]) -> str:

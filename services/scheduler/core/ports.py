@@ -111,7 +111,14 @@ class JobRunner(Protocol):
 
     async def resume(self, job: Job, reporter: JobReporter) -> None:
         """Like :meth:`run`, for a job found PLACING or RUNNING at start-up (a previous scheduler process
-        placed it): re-attach to it, or restart it from its checkpoints. The runner decides."""
+        placed it): re-attach to it, or restart it from its checkpoints; also for a preempted job admitted
+        again (it restarts from the checkpoint its preemption took). The runner decides."""
+        ...
+
+    async def preempt(self, job: Job, grace_s: float) -> None:
+        """Checkpoint the job's shards (within ``grace_s``), stop its workers and release its gang; its
+        run() (if this runner is running it) returns soon, and what it reports afterwards is ignored. Also
+        called for a job a previous scheduler process began to preempt: finish it (a gang may be left)."""
         ...
 
 

@@ -49,6 +49,7 @@ import structlog
 from services.scheduler.core.model import (
     ACTIVE_STATES,
     LIVE_STATES,
+    PREEMPTIBLE_STATES,
     Job,
     JobChanges,
     JobState,
@@ -66,6 +67,7 @@ from services.scheduler.core.policy import (
     Resources,
     Tenant,
     check_feasible,
+    choose_victims,
     gang_demand,
     plan_admission,
 )
@@ -84,6 +86,7 @@ RunFunction = Callable[[Job, JobReporter], Awaitable[None]]
 WatchEvent = Job | StepMetrics
 
 _QUEUED = frozenset({JobState.QUEUED})
+_PREEMPTED = frozenset({JobState.PREEMPTED})
 _CANCEL_ATTEMPTS = 5
 
 
@@ -198,6 +201,8 @@ class JobService:
         capacity: Callable[[], Resources] = lambda: UNLIMITED,
         replica_usage: Callable[[], Mapping[str, Resources]] = dict,
         fair_share_half_life_s: float = 600.0,
+        preemption: bool = True,
+        preemption_grace_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._repo = repository
@@ -216,6 +221,11 @@ class JobService:
         self._fair = FairShare(fair_share_half_life_s, clock)
         # Job id -> (place in the queue, why it waits), from the last admission pass.
         self._waiting: dict[str, tuple[int, str]] = {}
+        self._preemption = preemption
+        self._preemption_grace_s = preemption_grace_s
+        # Jobs being preempted: the runner's reports about them are ignored, as for cancelled ones.
+        self._preempting: set[str] = set()
+        self._background: set[asyncio.Task[None]] = set()
         self._clock = clock
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
@@ -253,7 +263,7 @@ class JobService:
             watcher.put(event)
 
     def _is_cancelling(self, job_id: str) -> bool:
-        return self._cancelling[job_id] > 0
+        return self._cancelling[job_id] > 0 or job_id in self._preempting
 
     # Lifecycle ----------------------------------------------------------------------------------------
 
@@ -263,6 +273,11 @@ class JobService:
         if active:
             runner = self._get_runner()
             for job in active:
+                if job.state is JobState.PREEMPTED:
+                    # Stored before it was acted on: finish it (its gang may still be there).
+                    log.info("job_preemption_finishing", job_id=job.id)
+                    self._start_preemption(job, job.message)
+                    continue
                 log.info("job_resuming", job_id=job.id, state=job.state.value)
                 self._launch(job, runner.resume)
         self._loop_task = asyncio.create_task(self._admission_loop(), name="scheduler-admission")
@@ -271,7 +286,7 @@ class JobService:
         """Stop admitting, cancel the runner tasks (their jobs stay PLACING/RUNNING, for ``resume`` at the
         next start), close the runner if it has ``close()``, and end every watch with UNAVAILABLE."""
         self._closing = True
-        tasks: list[asyncio.Task[None]] = [*self._tasks.values()]
+        tasks: list[asyncio.Task[None]] = [*self._tasks.values(), *self._background]
         tasks += [p.flush for p in self._progress.values() if p.flush is not None]
         if self._loop_task is not None:
             tasks.append(self._loop_task)
@@ -330,7 +345,11 @@ class JobService:
         wait = self._waiting.get(job.id) if job.state is JobState.QUEUED else None
         if wait is None:
             return job
-        return replace(job, queue_position=wait[0], message=wait[1])
+        message = wait[1]
+        if job.preemptions:
+            # Why it waits now, and that it will not start over.
+            message += f" (preempted before: {job.message})"
+        return replace(job, queue_position=wait[0], message=message)
 
     async def list_jobs(
         self,
@@ -476,7 +495,76 @@ class JobService:
                 continue  # cancelled meanwhile
             log.info("job_admitted", job_id=job.id, tenant=job.spec.tenant, priority=job.spec.priority)
             self._publish(job.id, job)
-            self._launch(job, runner.run)
+            # A preempted job restarts from the checkpoint its preemption took.
+            self._launch(job, runner.resume if job.preemptions else runner.run)
+        if plan.blocked is not None and self._preemption:
+            await self._preempt_for(plan.blocked, held, capacity)
+
+    # Preemption ---------------------------------------------------------------------------------------
+
+    async def _preempt_for(self, head: Candidate, held: Mapping[str, Resources], capacity: Resources) -> None:
+        """Make room for ``head`` (the first job the full pool holds back) by preempting what the policy
+        allows; nothing when that would not be enough. Jobs already being preempted count as leaving."""
+        if self._preempting:
+            return  # room is being made already: look again once it is
+        active = await self._run(self._repo.in_states, PREEMPTIBLE_STATES)
+        running = [
+            Candidate(job.id, job.spec.tenant, job.spec.priority, seq, job_demand(job.spec))
+            for seq, job in enumerate(active)
+            if job.id in self._tasks
+        ]
+        victims = choose_victims(head, running, self._tenant, held, capacity)
+        for victim in victims:
+            why = f"preempted for job {head.id} (priority {head.priority}, tenant {head.tenant!r})"
+            job = await self._mutate(
+                self._repo.update,
+                victim.id,
+                JobChanges(state=JobState.PREEMPTED, message=f"{why}: checkpointing, releasing its gang"),
+                PREEMPTIBLE_STATES,
+            )
+            if job is None:
+                continue  # it ended meanwhile
+            log.info("job_preempted", job_id=job.id, by=head.id, priority=job.spec.priority)
+            self._publish(job.id, job)
+            self._start_preemption(job, why)
+
+    def _start_preemption(self, job: Job, why: str) -> None:
+        self._preempting.add(job.id)
+        task = asyncio.create_task(self._finish_preemption(job, why), name=f"scheduler-preempt-{job.id}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _finish_preemption(self, job: Job, why: str) -> None:
+        """Checkpoint and release (the runner), wait for the job's run to return, then QUEUED again."""
+        try:
+            run = self._tasks.get(job.id)
+            if run is not None and job.id not in self._started:
+                run.cancel()  # the runner never saw it: nothing was placed
+            else:
+                await self._get_runner().preempt(job, self._preemption_grace_s)
+            if run is not None:
+                await asyncio.wait([run], timeout=self._preemption_grace_s)
+            reason = why.split(":")[0] + "; resumes from its checkpoint when admitted again"
+            queued = await self._transition(
+                job.id, JobState.QUEUED, _PREEMPTED, reason, from_runner=False, preempted=True
+            )
+            if queued is not None:
+                log.info("job_requeued_after_preemption", job_id=job.id, preemptions=queued.preemptions)
+        except asyncio.CancelledError:
+            raise  # shutting down: the job stays PREEMPTED, and the next start finishes this
+        except Exception:
+            error_id = uuid.uuid4().hex[:12]
+            log.exception("preemption_failed", job_id=job.id, error_id=error_id)
+            await self._transition(
+                job.id,
+                JobState.FAILED,
+                _PREEMPTED,
+                f"preemption failed (scheduler log error_id={error_id})",
+                from_runner=False,
+            )
+        finally:
+            self._preempting.discard(job.id)
+            self._wake.set()
 
     def _launch(self, job: Job, fn: RunFunction) -> None:
         self._progress.setdefault(job.id, _Progress(step=job.step))
@@ -524,6 +612,7 @@ class JobService:
         model_version: int | None = None,
         final_metrics: dict[str, float] | None = None,
         step: int | None = None,
+        preempted: bool = False,
     ) -> Job | None:
         """Store ``state`` if the job is in ``only_from``; publish it. None when nothing changed."""
         if from_runner and self._is_cancelling(job_id):
@@ -534,7 +623,9 @@ class JobService:
             step = progress.step
         if final_metrics is not None:
             metrics = {**(metrics or {}), **final_metrics}
-        changes = JobChanges(state=state, message=message, step=step, metrics=metrics, model_version=model_version)
+        changes = JobChanges(
+            state=state, message=message, step=step, metrics=metrics, model_version=model_version, preempted=preempted
+        )
         job = await self._mutate(self._repo.update, job_id, changes, only_from)
         if job is None:
             return None

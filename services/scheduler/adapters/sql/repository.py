@@ -51,6 +51,7 @@ def _to_job(row: sa.Row[Any]) -> Job:
         dataset_fingerprint=row.dataset_fingerprint,
         failures=row.failures,
         revision=row.revision,
+        preemptions=row.preemptions,
         create_time=_utc(row.created_at),
         update_time=_utc(row.updated_at),
     )
@@ -131,6 +132,8 @@ class SqlJobRepository:
                 values["metrics"] = _metrics_out(changes.metrics)
             if changes.model_version is not None:
                 values["model_version"] = changes.model_version
+            if changes.preempted:
+                values["preemptions"] = row.preemptions + 1
             conn.execute(jobs.update().where(jobs.c.seq == row.seq).values(**values))
             return _to_job(self._row(conn, job_id))
 
