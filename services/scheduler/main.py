@@ -25,6 +25,7 @@ from services.scheduler.core.deployment_ports import ReplicaPool
 from services.scheduler.core.deployments import DeploymentService
 from services.scheduler.core.policy import UNLIMITED
 from services.scheduler.core.ports import JobRunner
+from services.scheduler.core.quota import ReplicaQuota
 from services.scheduler.core.reconciler import ReconcilerConfig
 from services.scheduler.core.service import JobService
 from services.scheduler.core.tenants import TenantService
@@ -122,6 +123,7 @@ async def start(
     )
     await tenants.start()
     deployments: DeploymentService | None = None
+    capacity = RayCapacity(settings)
     service = JobService(
         SqlJobRepository(engine),
         runner_factory or ray_runner_factory(settings),
@@ -130,7 +132,7 @@ async def start(
         tenant_max_running=settings.scheduler_tenant_max_running,
         default_max_failures=settings.scheduler_default_max_failures,
         tenants=tenants,
-        capacity=RayCapacity(settings),
+        capacity=capacity,
         replica_usage=lambda: deployments.placed() if deployments is not None else {},
         fair_share_half_life_s=settings.scheduler_fair_share_half_life_s,
         preemption=settings.scheduler_preemption,
@@ -143,6 +145,12 @@ async def start(
         resolver,
         config=reconciler_config(settings),
         default_cpus=settings.scheduler_replica_default_cpus,
+        quota=ReplicaQuota(
+            tenants.tenant,
+            capacity,
+            jobs=lambda: service.placed_jobs,
+            replicas=lambda: deployments.placed() if deployments is not None else {},
+        ),
     )
     await service.start()
     try:

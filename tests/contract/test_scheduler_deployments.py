@@ -362,3 +362,25 @@ async def test_restarted_scheduler_reattaches(
     finally:
         await client.close()
         await second.server.stop(0.2)
+
+
+async def test_replicas_count_against_the_tenants_quota(client: Client, models: list[int]) -> None:
+    quota = pb.Tenant(name="default", quota=pb.Quota(replicas=2))
+    await client.call("CreateTenant", pb.CreateTenantRequest(tenant=quota))
+    too_many = pb.DeploymentSpec(model="mlp", version="1", name="wide", min_replicas=3)
+    with pytest.raises(FailedPrecondition, match="minimum replicas needs 3 replicas; tenant 'default' may hold"):
+        await client.call("CreateDeployment", pb.CreateDeploymentRequest(spec=too_many))
+    spec = pb.DeploymentSpec(model="mlp", version="1", name="fits", min_replicas=2)
+    await client.call("CreateDeployment", pb.CreateDeploymentRequest(spec=spec))
+    await wait_for(client, "fits", lambda d: d.state == pb.DEPLOYMENT_READY and len(ready_replicas(d)) == 2)
+    usage = await client.call("GetUsage", pb.GetUsageRequest(tenant="default"))
+    assert (usage.used.replicas, usage.used.cpus) == (2, 1.0)
+
+    # Scaled beyond its quota, it keeps what it has and says why the rest waits.
+    spec.min_replicas = 3
+    await client.call("UpdateDeployment", pb.UpdateDeploymentRequest(spec=spec))
+    held = await wait_for(client, "fits", lambda d: "waiting: tenant 'default' is at its quota" in d.message)
+    assert "2 replicas in use of 2 replicas" in held.message and len(ready_replicas(held)) == 2
+    quota.quota.replicas = 3
+    await client.call("UpdateQuota", pb.UpdateQuotaRequest(tenant=quota))
+    await wait_for(client, "fits", lambda d: len(ready_replicas(d)) == 3 and d.state == pb.DEPLOYMENT_READY)

@@ -186,3 +186,20 @@ async def test_language_model_trains_on_text(mesh: Mesh) -> None:
     assert job.state == pb.SUCCEEDED, job.message
     # ln(256) = 5.55 nats is a uniform guess over bytes; English text is far more predictable.
     assert job.metrics["loss"] < 3.5, job.metrics
+
+
+async def test_a_preempted_job_resumes_from_its_checkpoint_and_still_converges(mesh: Mesh) -> None:
+    # One running job at a time (the default): the urgent job preempts the low one. The low job checkpoints
+    # only when asked (interval 0): a checkpoint on disk after its preemption is the one preemption took.
+    low = await mesh.submit(priority_class="low", checkpoint_interval=0)
+    await mesh.wait(low.id, lambda j: j.state == pb.RUNNING and j.step >= 120)
+    urgent = await mesh.submit(priority=50, epochs=2, target_model="digits-urgent")
+    preempted = await mesh.wait(low.id, lambda j: j.state == pb.QUEUED and j.preemptions == 1)
+    assert "resumes from its checkpoint" in preempted.message
+    checkpoints = sorted((mesh.settings.checkpoint_root() / low.id).glob("shard-*.safetensors"))
+    assert len(checkpoints) == 2, checkpoints
+    done = await mesh.wait(urgent.id, lambda j: False)
+    assert done.state == pb.SUCCEEDED, done.message
+    resumed = await mesh.wait(low.id, lambda j: False)
+    assert resumed.state == pb.SUCCEEDED, resumed.message
+    assert resumed.preemptions == 1 and resumed.metrics["accuracy"] >= 0.97

@@ -42,6 +42,7 @@ from services.scheduler.core.deployment_model import (
 from services.scheduler.core.deployment_ports import DeploymentRepository, ModelResolver, ReplicaPool
 from services.scheduler.core.model import Page, visible_to
 from services.scheduler.core.policy import NONE, Resources, replica_demand
+from services.scheduler.core.quota import ReplicaQuota
 from services.scheduler.core.reconciler import Reconciler, ReconcilerConfig, parse_replica_id
 from shared import names
 from shared.errors import FailedPrecondition, InvalidArgument, Unavailable
@@ -66,9 +67,11 @@ class DeploymentService:
         config: ReconcilerConfig | None = None,
         default_cpus: float = 1.0,
         report_ttl_s: float = 10.0,
+        quota: ReplicaQuota | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._repo = repository
+        self._quota = quota
         self._pool_factory = pool_factory
         self._pool: ReplicaPool | None = None
         self._resolver = resolver
@@ -110,6 +113,7 @@ class DeploymentService:
             publish=self._publish,
             config=self._config,
             clock=self._clock,
+            admit_replica=self._admit_replica,
         )
         self._reconcilers[deployment.name] = reconciler
         return reconciler
@@ -160,6 +164,8 @@ class DeploymentService:
         """Validate, resolve the versions (in ``tenant``'s models), store as DEPLOYING for ``tenant`` and
         start reconciling."""
         spec = validate_deployment_spec(spec, self._default_cpus)
+        if self._quota is not None:
+            self._quota.check_create(tenant, spec)
         resolved = await self._resolver.resolve(spec.model, spec.version, tenant)
         canary = await self._resolve_canary(spec, resolved, tenant)
         now = datetime.now(UTC)
@@ -179,6 +185,9 @@ class DeploymentService:
         self._reconciler(stored).start()
         self._publish()
         return stored
+
+    def _admit_replica(self, deployment: Deployment) -> str | None:
+        return None if self._quota is None else self._quota.admit(deployment.tenant, deployment.spec)
 
     def placed(self) -> dict[str, Resources]:
         """Tenant -> what its deployments' live replicas hold now (starting, serving and draining ones)."""

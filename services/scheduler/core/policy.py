@@ -275,13 +275,28 @@ def choose_victims(
     return victims if not (total - freed + head.demand).over(capacity) else []
 
 
+def admit_one(tenant: Tenant, usage: Mapping[str, Resources], capacity: Resources, demand: Resources) -> str | None:
+    """Whether ``demand`` (one more inference replica) fits ``tenant``'s quota plus borrowing and the pool:
+    None, or why not."""
+    held = usage.get(tenant.name, NONE)
+    over = (held + demand).over(tenant.ceiling)
+    if over:
+        return _quota_reason(tenant, held, demand, over)
+    total = sum(usage.values(), NONE)
+    over_pool = (total + demand).over(capacity)
+    if over_pool:
+        return f"the pool is full: {total.describe(over_pool)} in use of {capacity.describe(over_pool)}"
+    return None
+
+
 def _quota_reason(tenant: Tenant, used: Resources, demand: Resources, over: list[str]) -> str:
     borrowing = (
         "" if tenant.borrowing_limit == NONE else f" plus its borrowing limit ({tenant.borrowing_limit.describe(over)})"
     )
     return (
         f"tenant {tenant.name!r} is at its quota: {used.describe(over)} in use of "
-        f"{tenant.quota.describe(over)}{borrowing}; the job needs {demand.describe(over)}"
+        f"{tenant.quota.describe(over)}{borrowing}; {'the job' if demand.jobs else 'a replica'} needs "
+        f"{demand.describe(over)}"
     )
 
 

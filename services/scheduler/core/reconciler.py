@@ -87,8 +87,12 @@ class Reconciler:
         publish: Callable[[], None],
         config: ReconcilerConfig,
         clock: Callable[[], float],
+        admit_replica: Callable[[Deployment], str | None] = lambda _deployment: None,
     ) -> None:
         self.deployment = deployment
+        # Whether one more replica fits its tenant's quota and the pool (None) or why not.
+        self._admit_replica = admit_replica
+        self._quota_wait = ""
         self.lock = asyncio.Lock()
         self.deleting = False
         self.versions: dict[int, ResolvedVersion] = {}
@@ -197,6 +201,7 @@ class Reconciler:
             if replica.version not in wanted:
                 self._retire(replica)
         complete = True
+        self._quota_wait = ""
         for version, count in wanted.items():
             mine = sorted(
                 (r for r in current if r.version == version),
@@ -206,6 +211,10 @@ class Reconciler:
                 complete = False
                 if self._clock() >= self._next_start:
                     for _ in range(count - len(mine)):
+                        refused = self._admit_replica(self.deployment)
+                        if refused is not None:
+                            self._quota_wait = refused
+                            break
                         self._launch(version)
             elif len(mine) > count:
                 for replica in mine[: len(mine) - count]:
@@ -237,6 +246,8 @@ class Reconciler:
             message = f"{ready}/{self.target} replicas ready"
         else:
             state = DeploymentState.DEPLOYING
+        if self._quota_wait:
+            message = f"{ready}/{self.target} replicas ready; waiting: {self._quota_wait}"
         if self._failures:
             wait = max(0.0, self._next_start - self._clock())
             message = f"replica start failed ({self._failures} in a row): {self._last_error}; retrying in {wait:.0f}s"

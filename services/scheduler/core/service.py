@@ -221,6 +221,8 @@ class JobService:
         self._fair = FairShare(fair_share_half_life_s, clock)
         # Job id -> (place in the queue, why it waits), from the last admission pass.
         self._waiting: dict[str, tuple[int, str]] = {}
+        #: Tenant -> what its placed jobs hold, as of the last admission pass (deployments read it).
+        self.placed_jobs: dict[str, Resources] = {}
         self._preemption = preemption
         self._preemption_grace_s = preemption_grace_s
         # Jobs being preempted: the runner's reports about them are ignored, as for cancelled ones.
@@ -455,9 +457,13 @@ class JobService:
         """Tenant -> what it has placed now (its placed and running jobs' whole gangs, its deployments'
         replicas), and the QUEUED jobs."""
         active = await self._run(self._repo.in_states, ACTIVE_STATES)
-        held: dict[str, Resources] = dict(self._replica_usage())
+        jobs: dict[str, Resources] = {}
         for job in active:
-            held[job.spec.tenant] = held.get(job.spec.tenant, NONE) + job_demand(job.spec)
+            jobs[job.spec.tenant] = jobs.get(job.spec.tenant, NONE) + job_demand(job.spec)
+        self.placed_jobs = jobs
+        held = dict(self._replica_usage())
+        for tenant, demand in jobs.items():
+            held[tenant] = held.get(tenant, NONE) + demand
         queued = await self._run(self._repo.in_states, _QUEUED)
         return held, queued
 
@@ -494,6 +500,7 @@ class JobService:
             if job is None:
                 continue  # cancelled meanwhile
             log.info("job_admitted", job_id=job.id, tenant=job.spec.tenant, priority=job.spec.priority)
+            self.placed_jobs[job.spec.tenant] = self.placed_jobs.get(job.spec.tenant, NONE) + candidate.demand
             self._publish(job.id, job)
             # A preempted job restarts from the checkpoint its preemption took.
             self._launch(job, runner.resume if job.preemptions else runner.run)
