@@ -23,6 +23,7 @@ from services.scheduler.adapters.sql.tenant_repository import SqlTenantRepositor
 from services.scheduler.api.servicer import AUTHORIZATION, SchedulerServicer
 from services.scheduler.core.deployment_ports import ReplicaPool
 from services.scheduler.core.deployments import DeploymentService
+from services.scheduler.core.events import EventBus
 from services.scheduler.core.policy import UNLIMITED
 from services.scheduler.core.ports import JobRunner
 from services.scheduler.core.quota import ReplicaQuota
@@ -124,6 +125,7 @@ async def start(
     await tenants.start()
     deployments: DeploymentService | None = None
     capacity = RayCapacity(settings)
+    events = EventBus()
     service = JobService(
         SqlJobRepository(engine),
         runner_factory or ray_runner_factory(settings),
@@ -137,6 +139,7 @@ async def start(
         fair_share_half_life_s=settings.scheduler_fair_share_half_life_s,
         preemption=settings.scheduler_preemption,
         preemption_grace_s=settings.scheduler_preemption_grace_s,
+        events=events,
     )
     resolver = RegistryModelResolver.connect(settings.scheduler_registry_address, settings)
     deployments = DeploymentService(
@@ -151,6 +154,7 @@ async def start(
             jobs=lambda: service.placed_jobs,
             replicas=lambda: deployments.placed() if deployments is not None else {},
         ),
+        events=events,
     )
     await service.start()
     try:

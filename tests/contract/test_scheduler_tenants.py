@@ -181,6 +181,15 @@ async def test_priority_classes_are_granted_per_tenant(client: Client) -> None:
 
 async def test_a_higher_priority_job_preempts_a_lower_one_which_resumes_later(client: Client, scheduler: Any) -> None:
     runner: HoldingRunner = scheduler[1]
+    events: list[pb.SchedulerEvent] = []
+    watch = client.stub.WatchEvents(pb.WatchEventsRequest(tenant="team-b"))
+
+    async def collect() -> None:
+        async for event in watch:
+            events.append(event)
+
+    collecting = asyncio.create_task(collect())
+    await asyncio.sleep(0.1)
     # The low job holds 6 of the pool's 8 CPUs; the urgent one needs 3.
     big = digits_spec(tenant="team-b", priority_class="low", workers=5)
     low = await submit(client, big)
@@ -203,3 +212,20 @@ async def test_a_higher_priority_job_preempts_a_lower_one_which_resumes_later(cl
     await client.call("CancelJob", pb.CancelJobRequest(id=urgent.id))
     await job_state(client, low.id, pb.RUNNING)
     assert runner.resumed == [low.id]
+    # The decisions, as team-b's watcher saw them (nothing of the other tenants).
+    await asyncio.sleep(0.1)
+    watch.cancel()
+    await asyncio.gather(collecting, return_exceptions=True)
+    kinds = [pb.SchedulerEventKind.Name(e.kind) for e in events]
+    assert kinds == [
+        "JOB_SUBMITTED",
+        "JOB_ADMITTED",
+        "JOB_RUNNING",
+        "JOB_PREEMPTED",
+        "JOB_REQUEUED",
+        "JOB_ADMITTED",
+        "JOB_RUNNING",
+    ], kinds
+    assert {e.job_id for e in events} == {low.id} and {e.tenant for e in events} == {"team-b"}
+    assert f"preempted for job {urgent.id}" in events[3].reason
+    assert [e.sequence for e in events] == sorted(e.sequence for e in events)

@@ -54,6 +54,7 @@ AUTHORIZATION = rules(
         "ListTenants": Access.DEVELOPER,
         "UpdateQuota": Access.ADMIN,
         "GetUsage": Access.DEVELOPER,
+        "WatchEvents": Access.DEVELOPER,
     },
 )
 
@@ -192,3 +193,16 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             queued_jobs=usage.queued_jobs,
             running_jobs=usage.running_jobs,
         )
+
+    async def WatchEvents(
+        self, request: pb.WatchEventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.SchedulerEvent]:
+        scope = caller_scope()
+        if request.tenant:
+            names.check_name(request.tenant, "tenant")
+            if scope is not None and request.tenant != scope:
+                return  # another tenant's events: none the caller may see
+            scope = request.tenant
+        async with contextlib.aclosing(self._service.events.watch(scope)) as events:
+            async for event in events:
+                yield tenant_convert.event_to_pb(event)

@@ -1,4 +1,5 @@
-"""Tenants, quotas and usage between protobuf and the domain (``core.policy``)."""
+"""Tenants, quotas, usage and scheduler events between protobuf and the domain (``core.policy``,
+``core.events``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 from maas.scheduler.v1 import scheduler_pb2 as pb
 
 from services.scheduler.api.convert import timestamp
+from services.scheduler.core.events import SchedulerEvent
 from services.scheduler.core.policy import NONE, UNLIMITED, Resources, Tenant
 
 _FIELDS = ("cpus", "gpus", "memory_bytes", "jobs", "replicas")
@@ -50,3 +52,16 @@ def tenant_to_pb(tenant: Tenant) -> pb.Tenant:
     if tenant.update_time is not None:
         message.update_time.CopyFrom(timestamp(tenant.update_time))
     return message
+
+
+def event_to_pb(event: SchedulerEvent) -> pb.SchedulerEvent:
+    return pb.SchedulerEvent(
+        sequence=event.sequence,
+        time=timestamp(event.time),
+        kind=pb.SchedulerEventKind.Value(event.kind.value),
+        tenant=event.tenant,
+        job_id=event.job_id,
+        deployment=event.deployment,
+        reason=event.reason,
+        target_replicas=event.target_replicas,
+    )

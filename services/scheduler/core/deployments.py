@@ -40,6 +40,7 @@ from services.scheduler.core.deployment_model import (
     validate_deployment_spec,
 )
 from services.scheduler.core.deployment_ports import DeploymentRepository, ModelResolver, ReplicaPool
+from services.scheduler.core.events import EventBus, EventKind
 from services.scheduler.core.model import Page, visible_to
 from services.scheduler.core.policy import NONE, Resources, replica_demand
 from services.scheduler.core.quota import ReplicaQuota
@@ -68,9 +69,11 @@ class DeploymentService:
         default_cpus: float = 1.0,
         report_ttl_s: float = 10.0,
         quota: ReplicaQuota | None = None,
+        events: EventBus | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._repo = repository
+        self._events = events or EventBus()
         self._quota = quota
         self._pool_factory = pool_factory
         self._pool: ReplicaPool | None = None
@@ -102,7 +105,21 @@ class DeploymentService:
         self._changed = asyncio.Event()
 
     async def _store(self, deployment: Deployment) -> Deployment:
-        return await self._run(self._repo.save, deployment)
+        before = self._reconcilers.get(deployment.name)
+        stored = await self._run(self._repo.save, deployment)
+        if before is not None:
+            old = before.deployment
+            if stored.target_replicas != old.target_replicas:
+                kind = EventKind.DEPLOYMENT_SCALED
+            elif (stored.state, stored.message) != (old.state, old.message):
+                kind = EventKind.DEPLOYMENT_STATE
+            else:
+                return stored
+            reason = stored.message or stored.state.value
+            self._events.publish(
+                kind, stored.tenant, reason, deployment=stored.name, target_replicas=stored.target_replicas
+            )
+        return stored
 
     def _reconciler(self, deployment: Deployment) -> Reconciler:
         reconciler = Reconciler(

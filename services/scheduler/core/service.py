@@ -46,6 +46,7 @@ from typing import Any, TypeVar
 
 import structlog
 
+from services.scheduler.core.events import EventBus, EventKind
 from services.scheduler.core.model import (
     ACTIVE_STATES,
     LIVE_STATES,
@@ -86,6 +87,16 @@ RunFunction = Callable[[Job, JobReporter], Awaitable[None]]
 WatchEvent = Job | StepMetrics
 
 _QUEUED = frozenset({JobState.QUEUED})
+# A stored change of a job as a scheduler event (a job is only ever QUEUED again after submission by a requeue).
+_EVENT_OF = {
+    JobState.QUEUED: EventKind.JOB_REQUEUED,
+    JobState.PLACING: EventKind.JOB_ADMITTED,
+    JobState.RUNNING: EventKind.JOB_RUNNING,
+    JobState.PREEMPTED: EventKind.JOB_PREEMPTED,
+    JobState.SUCCEEDED: EventKind.JOB_SUCCEEDED,
+    JobState.FAILED: EventKind.JOB_FAILED,
+    JobState.CANCELLED: EventKind.JOB_CANCELLED,
+}
 _PREEMPTED = frozenset({JobState.PREEMPTED})
 _CANCEL_ATTEMPTS = 5
 
@@ -203,6 +214,7 @@ class JobService:
         fair_share_half_life_s: float = 600.0,
         preemption: bool = True,
         preemption_grace_s: float = 30.0,
+        events: EventBus | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._repo = repository
@@ -223,6 +235,7 @@ class JobService:
         self._waiting: dict[str, tuple[int, str]] = {}
         #: Tenant -> what its placed jobs hold, as of the last admission pass (deployments read it).
         self.placed_jobs: dict[str, Resources] = {}
+        self.events = events or EventBus()
         self._preemption = preemption
         self._preemption_grace_s = preemption_grace_s
         # Jobs being preempted: the runner's reports about them are ignored, as for cancelled ones.
@@ -263,6 +276,8 @@ class JobService:
     def _publish(self, job_id: str, event: WatchEvent | None) -> None:
         for watcher in self._watchers.get(job_id, ()):
             watcher.put(event)
+        if isinstance(event, Job):
+            self.events.publish(_EVENT_OF[event.state], event.spec.tenant, event.message, job_id=event.id)
 
     def _is_cancelling(self, job_id: str) -> bool:
         return self._cancelling[job_id] > 0 or job_id in self._preempting
@@ -300,6 +315,7 @@ class JobService:
             await close()
         for job_id in list(self._watchers):
             self._publish(job_id, None)
+        self.events.close()
 
     # Use cases ----------------------------------------------------------------------------------------
 
@@ -332,6 +348,7 @@ class JobService:
         )
         stored = await self._mutate(self._repo.insert, job)
         log.info("job_submitted", job_id=stored.id, tenant=stored.spec.tenant, priority=stored.spec.priority)
+        self.events.publish(EventKind.JOB_SUBMITTED, stored.spec.tenant, job_id=stored.id)
         self._wake.set()
         return stored
 
