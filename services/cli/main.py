@@ -12,6 +12,7 @@ from services.cli.infer import generate, infer
 from services.cli.models import models_app
 from services.cli.security import certs_app, keys_app
 from services.cli.settings import CliSettings
+from services.cli.tenants import tenants_app, usage
 from services.cli.train import train_app
 from shared.logging import configure_logging
 
@@ -21,8 +22,10 @@ app.add_typer(train_app, name="train", help="Training jobs in the scheduler.")
 app.add_typer(deploy_app, name="deploy", help="Inference deployments (replicas behind the gateway).")
 app.add_typer(certs_app, name="certs", help="The mesh's development CA and service certificates.")
 app.add_typer(keys_app, name="keys", help="API keys: each belongs to a tenant and carries a role.")
+app.add_typer(tenants_app, name="tenants", help="Tenants' quotas, borrowing limits and priority classes.")
 app.command()(infer)
 app.command()(generate)
+app.command()(usage)
 
 
 @app.command()

@@ -50,7 +50,12 @@ async def submit(
     codec: str = typer.Option("none", help="none, fp16, bf16, int8, topk."),
     codec_option: list[str] = typer.Option([], help="Codec option KEY=NUMBER (e.g. ratio=0.01)."),
     checkpoint_interval: int = typer.Option(50),
-    priority: int = typer.Option(0),
+    priority: int = typer.Option(0, help="Priority (higher runs first); setting it directly needs an admin key."),
+    priority_class: str = typer.Option(
+        "",
+        help="Priority class (e.g. low, normal, high), whose value becomes the job's priority (empty: the default "
+        "class); classes above the default one need a grant (maas tenants quota --priority-class).",
+    ),
     tenant: str = typer.Option("default"),
     watch_job: bool = typer.Option(True, "--watch/--no-watch", help="Follow the job until it ends."),
 ) -> None:
@@ -73,6 +78,7 @@ async def submit(
         codec_options=_floats(codec_option, "--codec-option"),
         checkpoint_interval=checkpoint_interval,
         priority=priority,
+        priority_class=priority_class,
         tenant=tenant,
         target_model=target_model,
     )
@@ -122,7 +128,10 @@ async def _watch(scheduler: Scheduler, job_id: str) -> pb.Job:
 
 def _print_job(job: pb.Job) -> None:
     metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(job.metrics.items()))
-    line = f"{job.id} {pb.JobState.Name(job.state)} step {job.step}/{job.total_steps} {metrics}"
+    line = f"{job.id} {pb.JobState.Name(job.state)}"
+    if job.queue_position:
+        line += f" (position {job.queue_position} in the queue)"
+    line += f" step {job.step}/{job.total_steps} {metrics}"
     if job.model_version:
         line += f" -> {job.spec.target_model}@{job.model_version}"
     if job.message:
@@ -167,18 +176,35 @@ async def cancel(job_id: str) -> None:
 
 @train_app.command("list")
 @run_async
-async def list_jobs(state: list[str] = typer.Option([], help="Only these states (e.g. RUNNING).")) -> None:
-    """List jobs."""
+async def list_jobs(
+    state: list[str] = typer.Option([], help="Only these states (e.g. RUNNING)."),
+    tenant: str = typer.Option("", help="Only this tenant's jobs (admin keys; a tenant's key sees its own)."),
+) -> None:
+    """List jobs; a QUEUED job shows its place in the queue (1: next) and why it waits."""
     scheduler = Scheduler()
     try:
         states = [pb.JobState.Value(s.upper()) for s in state]
-        table = Table("id", "state", "step", "model", "message")
+        table = Table("id", "tenant", "state", "queue", "priority", "step", "model", "message (why a job waits)")
         token = ""
         while True:
-            reply = await scheduler.call("ListJobs", pb.ListJobsRequest(states=states, page_token=token))
+            request = pb.ListJobsRequest(states=states, tenant=tenant, page_token=token)
+            reply = await scheduler.call("ListJobs", request)
             for job in reply.jobs:
                 model = f"{job.spec.target_model}@{job.model_version}" if job.model_version else job.spec.target_model
-                table.add_row(job.id, pb.JobState.Name(job.state), f"{job.step}/{job.total_steps}", model, job.message)
+                position = str(job.queue_position) if job.queue_position else ""
+                priority = str(job.spec.priority)
+                if job.spec.priority_class:
+                    priority = f"{job.spec.priority_class} ({priority})"
+                table.add_row(
+                    job.id,
+                    job.spec.tenant,
+                    pb.JobState.Name(job.state),
+                    position,
+                    priority,
+                    f"{job.step}/{job.total_steps}",
+                    model,
+                    job.message,
+                )
             token = reply.next_page_token
             if not token:
                 break
