@@ -140,6 +140,9 @@ async def start(
         preemption=settings.scheduler_preemption,
         preemption_grace_s=settings.scheduler_preemption_grace_s,
         events=events,
+        max_placement_attempts=settings.scheduler_max_placement_attempts,
+        # Detached actors outlive a scheduler on a cluster it joined: strays are looked for at every start.
+        sweep_at_start=settings.ray_address is not None,
     )
     resolver = RegistryModelResolver.connect(settings.scheduler_registry_address, settings)
     deployments = DeploymentService(
@@ -155,6 +158,7 @@ async def start(
             replicas=lambda: deployments.placed() if deployments is not None else {},
         ),
         events=events,
+        sweep_at_start=settings.ray_address is not None,
     )
     await service.start()
     try:

@@ -86,6 +86,12 @@ class SchedulerSettings(CommonSettings):
     scheduler_placement_timeout_s: float = Field(
         60.0, gt=0, description="How long a job's workers and shards may wait for resources before it is requeued."
     )
+    scheduler_max_placement_attempts: int = Field(
+        3,
+        ge=1,
+        description="Placement timeouts in a row after which a job fails (naming what the cluster lacks) "
+        "instead of being requeued again; the count restarts when the job runs.",
+    )
     scheduler_default_max_failures: int = Field(
         3, ge=0, description="Worker or shard failures a job tolerates when its spec sets max_failures to 0."
     )

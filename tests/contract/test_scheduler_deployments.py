@@ -16,14 +16,24 @@ from grpc_health.v1 import health, health_pb2_grpc
 from maas.scheduler.v1 import scheduler_pb2 as pb
 from maas.scheduler.v1 import scheduler_pb2_grpc
 
-from services.scheduler.core.deployment_model import Batching
+from services.scheduler.adapters.sql.deployment_repository import SqlDeploymentRepository
+from services.scheduler.adapters.sql.tables import MIGRATIONS
+from services.scheduler.core.deployment_model import (
+    Batching,
+    Deployment,
+    DeploymentSpec,
+    DeploymentState,
+    ResolvedVersion,
+)
 from services.scheduler.core.deployment_ports import FoundReplica, ReplicaHealth, ReplicaSpec
 from services.scheduler.core.model import ResourceRequest
 from services.scheduler.main import RunningScheduler, start
 from services.scheduler.settings import SchedulerSettings
+from shared.artifacts import Signature, TensorSpec
 from shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from shared.grpc.channel import make_channel
 from shared.grpc.status import from_rpc_error
+from shared.sql import create_engine, migrate
 from tests.support.artifacts import tiny_artifact
 
 SERVICE = pb.DESCRIPTOR.services_by_name["SchedulerService"]
@@ -384,3 +394,77 @@ async def test_replicas_count_against_the_tenants_quota(client: Client, models: 
     quota.quota.replicas = 3
     await client.call("UpdateQuota", pb.UpdateQuotaRequest(tenant=quota))
     await wait_for(client, "fits", lambda d: len(ready_replicas(d)) == 3 and d.state == pb.DEPLOYMENT_READY)
+
+
+# -- idempotent creation (request_id) ---------------------------------------------------------------------
+
+
+async def create_once(client: Client, spec: pb.DeploymentSpec, request_id: str) -> pb.Deployment:
+    request = pb.CreateDeploymentRequest(spec=spec, request_id=request_id)
+    return (await client.call("CreateDeployment", request)).deployment
+
+
+async def test_a_retry_with_the_same_request_id_returns_the_original_deployment(
+    client: Client, models: list[int], pool: LoopbackPool
+) -> None:
+    spec = pb.DeploymentSpec(model="mlp", version="1", name="retried", min_replicas=2)
+    first = await create_once(client, spec, "create-retried")
+    again = await create_once(client, spec, "create-retried")
+    assert again.name == first.name and again.create_time == first.create_time and again.generation == 1
+    await wait_for(client, "retried", lambda d: d.state == pb.DEPLOYMENT_READY)
+    # The normalised spec decides: the defaulted CPUs sent explicitly are the same request.
+    spec.resources.cpus = 0.5
+    assert (await create_once(client, spec, "create-retried")).create_time == first.create_time
+    assert len([s for s in pool.started if s.replica_id.startswith("dep-retried-")]) == 2
+    # Without a request id the name decides, as before.
+    with pytest.raises(AlreadyExists) as caught:
+        await client.call("CreateDeployment", pb.CreateDeploymentRequest(spec=spec))
+    assert caught.value.reason == "DEPLOYMENT_EXISTS"
+
+
+async def test_racing_creations_make_one_deployment(client: Client, models: list[int], pool: LoopbackPool) -> None:
+    spec = pb.DeploymentSpec(model="mlp", version="1", name="raced")
+    made = await asyncio.gather(*(create_once(client, spec, "create-raced") for _ in range(10)))
+    assert {(d.name, d.create_time.ToNanoseconds()) for d in made} == {("raced", made[0].create_time.ToNanoseconds())}
+    listed = await client.call("ListDeployments", pb.ListDeploymentsRequest())
+    assert [d.name for d in listed.deployments] == ["raced"]
+    await wait_for(client, "raced", lambda d: d.state == pb.DEPLOYMENT_READY)
+    assert len([s for s in pool.started if s.replica_id.startswith("dep-raced-")]) == 1
+
+
+async def test_a_request_id_reused_with_another_spec_is_refused(client: Client, models: list[int]) -> None:
+    await create_once(client, pb.DeploymentSpec(model="mlp", version="1", name="first"), "create-x")
+    with pytest.raises(AlreadyExists) as caught:
+        await create_once(client, pb.DeploymentSpec(model="mlp", version="2", name="second"), "create-x")
+    assert caught.value.reason == "REQUEST_ID_REUSED"
+    assert "deployment first" in caught.value.message
+    assert "spec.name" in caught.value.message and "spec.version" in caught.value.message
+    listed = await client.call("ListDeployments", pb.ListDeploymentsRequest())
+    assert [d.name for d in listed.deployments] == ["first"]
+    with pytest.raises(InvalidArgument) as invalid:
+        await create_once(client, pb.DeploymentSpec(model="mlp", name="third"), "\u00e9")
+    assert invalid.value.violations[0].field == "request_id"
+
+
+def test_tenants_use_deployment_request_ids_independently(database_url: str) -> None:
+    """The store's unique index is per tenant (deployments of other tenants cannot be created through the
+    API in development mode, where every caller is the tenant `default`)."""
+    engine = create_engine(database_url)
+    try:
+        migrate(engine, MIGRATIONS)
+        repo = SqlDeploymentRepository(engine)
+        signature = Signature(inputs=(TensorSpec("x", "FP32", (-1, 4)),), outputs=(TensorSpec("y", "FP32", (-1, 1)),))
+        resolved = ResolvedVersion(1, "mlp", signature)
+
+        def deployment(name: str, tenant: str) -> Deployment:
+            spec = DeploymentSpec(model="mlp", name=name)
+            return Deployment(name, spec, DeploymentState.DEPLOYING, resolved, tenant=tenant, request_id="r-1")
+
+        a, created_a = repo.insert_or_get(deployment("a-model", "team-a"))
+        b, created_b = repo.insert_or_get(deployment("b-model", "team-b"))
+        assert created_a and created_b and (a.request_id, b.request_id) == ("r-1", "r-1")
+        again, created = repo.insert_or_get(deployment("a-model", "team-a"))
+        assert not created and again.name == "a-model"
+        assert repo.by_request_id("team-b", "r-1") == b and repo.by_request_id("team-c", "r-1") is None
+    finally:
+        engine.dispose()

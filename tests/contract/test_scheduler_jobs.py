@@ -26,7 +26,7 @@ from services.scheduler.adapters.sql.tables import MIGRATIONS, VERSION_TABLE, me
 from services.scheduler.core.ports import JobRunner
 from services.scheduler.main import RunningScheduler, start
 from services.scheduler.settings import SchedulerSettings
-from shared.errors import FailedPrecondition, InvalidArgument, NotFound
+from shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from shared.grpc.channel import make_channel
 from shared.grpc.status import from_rpc_error
 from shared.sql import create_engine, migrate
@@ -303,3 +303,57 @@ def test_migrations_match_the_tables(database_url: str) -> None:
         assert diff == []
     finally:
         engine.dispose()
+
+
+# -- idempotent submission (request_id) -------------------------------------------------------------------
+
+
+async def submit_once(client: Client, spec: pb.TrainingJobSpec, request_id: str) -> pb.Job:
+    request = pb.SubmitTrainingJobRequest(spec=spec, request_id=request_id)
+    return (await client.call("SubmitTrainingJob", request)).job
+
+
+async def test_a_retry_with_the_same_request_id_returns_the_original_job(client: Client) -> None:
+    first = await submit_once(client, digits_spec(), "submit-7f3a")
+    again = await submit_once(client, digits_spec(), "submit-7f3a")
+    assert again.id == first.id and again == first
+    # Fields the normaliser fills in may be sent explicitly: the same normalised spec is the same request.
+    explicit = await submit_once(client, digits_spec(tenant="default", max_failures=3), "submit-7f3a")
+    assert explicit.id == first.id
+    listed = await client.call("ListJobs", pb.ListJobsRequest())
+    assert [j.id for j in listed.jobs] == [first.id]
+    # No request id: every submission is a new job.
+    assert (await submit(client, digits_spec())).id != (await submit(client, digits_spec())).id
+
+
+async def test_racing_retries_make_one_job(client: Client) -> None:
+    jobs = await asyncio.gather(*(submit_once(client, digits_spec(), "racing-retries") for _ in range(10)))
+    assert len({j.id for j in jobs}) == 1
+    listed = await client.call("ListJobs", pb.ListJobsRequest())
+    assert [j.id for j in listed.jobs] == [jobs[0].id]
+
+
+async def test_a_request_id_reused_with_another_spec_is_refused(client: Client) -> None:
+    first = await submit_once(client, digits_spec(), "reused")
+    with pytest.raises(AlreadyExists) as caught:
+        await submit_once(client, digits_spec(epochs=3, priority=2), "reused")
+    assert caught.value.reason == "REQUEST_ID_REUSED"
+    assert first.id in caught.value.message
+    assert "spec.epochs" in caught.value.message and "spec.priority" in caught.value.message
+    listed = await client.call("ListJobs", pb.ListJobsRequest())
+    assert [j.id for j in listed.jobs] == [first.id]
+
+
+async def test_tenants_use_request_ids_independently(client: Client) -> None:
+    a = await submit_once(client, digits_spec(tenant="team-a"), "nightly-1")
+    b = await submit_once(client, digits_spec(tenant="team-b", epochs=3), "nightly-1")
+    assert a.id != b.id and (a.spec.tenant, b.spec.tenant) == ("team-a", "team-b")
+    assert (await submit_once(client, digits_spec(tenant="team-b", epochs=3), "nightly-1")).id == b.id
+
+
+@pytest.mark.parametrize("request_id", ["x" * 129, "tab\there", "caf\u00e9", "new\nline"])
+async def test_a_bad_request_id_is_invalid(client: Client, request_id: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        await submit_once(client, digits_spec(), request_id)
+    assert caught.value.violations[0].field == "request_id"
+    assert (await client.call("ListJobs", pb.ListJobsRequest())).jobs == []

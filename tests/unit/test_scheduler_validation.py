@@ -110,7 +110,7 @@ def test_specs_round_trip_through_their_stored_form(tmp_path: Path) -> None:
 
 def test_job_states() -> None:
     assert [s for s in JobState if s.terminal] == [JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED]
-    assert [s for s in JobState if s.active] == [JobState.PLACING, JobState.RUNNING]
+    assert [s for s in JobState if s.active] == [JobState.PLACING, JobState.RUNNING, JobState.PREEMPTED]
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+from collections.abc import Callable, Set
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,9 @@ from services.scheduler.core.model import Job, ResourceRequest
 NAMESPACE = "maas"
 SHARD_ENTRYPOINT = "services.paramserver.main:hosted"
 WORKER_ENTRYPOINT = "services.training.main:hosted"
+# ``<job id>-<role>-<index>-<attempt>`` actors and ``maas-<job id>`` placement groups (job ids: job-<hex>).
+_MEMBER_NAME = re.compile(r"^(job-[0-9a-z]+)-(?:shard|worker)-\d+-\d+$")
+_GROUP_NAME = re.compile(r"^maas-(job-[0-9a-z]+)$")
 
 
 @dataclass
@@ -75,6 +79,28 @@ class Gang:
             remove_placement_group(self.group)
             self.group = None
             return False
+
+    def shortage(self) -> str:
+        """What the cluster lacks for this gang now, in words, from Ray's resource totals (for a job whose
+        placement timed out)."""
+        needed: dict[str, float] = {}
+        for bundle in self._bundles:
+            for name, amount in bundle.items():
+                needed[name] = needed.get(name, 0.0) + amount
+        total, free = ray.cluster_resources(), ray.available_resources()
+        lacking = []
+        for name, amount in sorted(needed.items()):
+            have, available = total.get(name, 0.0), free.get(name, 0.0)
+            if amount > have:
+                lacking.append(f"{amount - have:g} {name} (the gang needs {amount:g}, the cluster has {have:g} in all)")
+            elif amount > available:
+                lacking.append(
+                    f"{amount - available:g} {name} (the gang needs {amount:g}, {available:g} of {have:g} free)"
+                )
+        if not lacking:
+            # Enough in sum: the bundles did not fit on the nodes, or other work released resources since.
+            return "the cluster lacks room for its bundles on its nodes (enough in sum now, not per node)"
+        return "the cluster lacks " + "; ".join(lacking)
 
     def _create(self, role: str, index: int, attempt: int) -> Member:
         assert self.group is not None
@@ -149,3 +175,31 @@ class Gang:
         with contextlib.suppress(Exception):
             gang.group = ray.util.get_placement_group(f"maas-{job.id}")
         return gang
+
+
+def remove_jobs(select: Callable[[str], bool]) -> list[str]:
+    """Kill the shard and worker actors and remove the placement groups of every job whose id ``select``
+    picks; returns their names (blocking: call it in a thread)."""
+    removed: list[str] = []
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        name = entry["name"]
+        match = _MEMBER_NAME.match(name)
+        if entry.get("namespace") != NAMESPACE or match is None or not select(match[1]):
+            continue
+        with contextlib.suppress(ValueError):  # gone meanwhile
+            ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+            removed.append(name)
+    for group_id, info in ray.util.placement_group_table().items():
+        name = info.get("name") or ""
+        match = _GROUP_NAME.match(name)
+        if match is None or info.get("state") == "REMOVED" or not select(match[1]):
+            continue
+        with contextlib.suppress(Exception):  # removed meanwhile
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(group_id)))
+            removed.append(name)
+    return removed
+
+
+def sweep(keep: Set[str]) -> list[str]:
+    """Remove the actors and placement groups of every job not in ``keep`` (blocking)."""
+    return remove_jobs(lambda job_id: job_id not in keep)

@@ -59,7 +59,14 @@ class RayReplicaPool:
             "inference_device": "cuda" if spec.resources.gpus > 0 else "cpu",
             "log_level": settings.log_level,
             "log_format": "json",
-            "models": [{"model": spec.model, "version": spec.version, "batching": spec.batching.to_dict()}],
+            "models": [
+                {
+                    "model": spec.model,
+                    "version": spec.version,
+                    "batching": spec.batching.to_dict(),
+                    "require_signature": spec.require_signature,
+                }
+            ],
         }
         if settings.ray_address:
             options["bind_host"] = "node"

@@ -31,7 +31,7 @@ from maas.registry.v1 import registry_pb2
 from maas.training.v1 import training_pb2 as tr
 from maas.training.v1 import training_pb2_grpc
 
-from services.scheduler.adapters import ray_cluster
+from services.scheduler.adapters import ray_cluster, ray_gang
 from services.scheduler.adapters.actor_env import actor_env
 from services.scheduler.adapters.ray_gang import Gang, Member
 from services.scheduler.core.model import Job, StepMetrics
@@ -93,6 +93,10 @@ class RayJobRunner:
         if orphan:
             gang.teardown()
 
+    async def sweep(self, keep: set[str]) -> list[str]:
+        await asyncio.to_thread(self._connect)
+        return await asyncio.to_thread(ray_gang.sweep, frozenset(keep))
+
     async def _checkpoint(self, job: Job, shard: Member, grace_s: float) -> None:
         client = ParamServerClient.connect(shard.address, self._settings)
         try:
@@ -115,12 +119,11 @@ class RayJobRunner:
                 gang = Gang(job)
                 self._gangs[job.id] = gang
                 await reporter.placing(job.id)
-                if not await gang.place(self._settings.scheduler_placement_timeout_s):
-                    await reporter.requeued(
-                        job.id,
-                        f"could not place {job.spec.shards} shards and {job.spec.workers} workers within "
-                        f"{self._settings.scheduler_placement_timeout_s:g}s; waiting for resources",
-                    )
+                timeout_s = self._settings.scheduler_placement_timeout_s
+                if not await gang.place(timeout_s):
+                    # The scheduler's core decides between requeueing and failing the job.
+                    shortage = await asyncio.to_thread(gang.shortage)
+                    await reporter.placement_timed_out(job.id, timeout_s, shortage)
                     return
                 if job.id in self._cancelled:
                     return  # cancelled or preempted while it was being placed

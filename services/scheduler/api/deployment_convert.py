@@ -73,6 +73,7 @@ def deployment_spec_from_pb(message: pb.DeploymentSpec) -> DeploymentSpec:
             downscale_delay_s=message.autoscaling.downscale_delay_s,
         ),
         canary=canary,
+        require_signature=message.require_signature,
     )
 
 
@@ -90,6 +91,7 @@ def deployment_spec_to_pb(spec: DeploymentSpec) -> pb.DeploymentSpec:
             upscale_delay_s=spec.autoscaling.upscale_delay_s,
             downscale_delay_s=spec.autoscaling.downscale_delay_s,
         ),
+        require_signature=spec.require_signature,
     )
     if spec.canary is not None:
         message.canary.CopyFrom(pb.Canary(version=spec.canary.version, weight_percent=spec.canary.weight_percent))

@@ -78,7 +78,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                 "setting spec.priority directly needs an admin key; name a priority class instead",
                 reason="PRIORITY_NEEDS_ADMIN",
             )
-        job = await self._service.submit(dataclasses.replace(spec, tenant=tenant))
+        job = await self._service.submit(dataclasses.replace(spec, tenant=tenant), request.request_id)
         return pb.SubmitTrainingJobResponse(job=convert.job_to_pb(job))
 
     async def GetJob(self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext) -> pb.GetJobResponse:
@@ -115,7 +115,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         self, request: pb.CreateDeploymentRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateDeploymentResponse:
         spec = dconvert.deployment_spec_from_pb(request.spec)
-        deployment = await self._deployments.create(spec, caller_owner())
+        deployment = await self._deployments.create(spec, caller_owner(), request.request_id)
         return pb.CreateDeploymentResponse(deployment=dconvert.deployment_to_pb(deployment))
 
     async def GetDeployment(

@@ -110,6 +110,7 @@ class DeploymentSpec:
     batching: Batching = field(default_factory=Batching)
     autoscaling: Autoscaling = field(default_factory=Autoscaling)
     canary: Canary | None = None
+    require_signature: bool = False
 
     @property
     def replica_bounds(self) -> tuple[int, int]:
@@ -135,6 +136,7 @@ class DeploymentSpec:
             batching=Batching.from_dict(data.get("batching", {})),
             autoscaling=Autoscaling(**data.get("autoscaling", {})),
             canary=Canary(**canary) if canary else None,
+            require_signature=data.get("require_signature", False),
         )
 
 
@@ -180,7 +182,8 @@ class Replica:
 @dataclass(frozen=True)
 class Deployment:
     """A stored deployment; ``replicas`` is filled in from the live replica set when read. ``tenant`` is
-    the tenant it belongs to (its creator's), also the one whose models it may serve."""
+    the tenant it belongs to (its creator's), also the one whose models it may serve. ``request_id`` is
+    the client's id of the request that created it ("": none), unique per tenant."""
 
     name: str
     spec: DeploymentSpec
@@ -196,6 +199,7 @@ class Deployment:
     create_time: datetime | None = None
     update_time: datetime | None = None
     replicas: tuple[Replica, ...] = ()
+    request_id: str = ""
 
     @property
     def version(self) -> int:

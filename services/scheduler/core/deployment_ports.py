@@ -22,6 +22,16 @@ class DeploymentRepository(Protocol):
         """Store a new deployment; AlreadyExists if one has its name."""
         ...
 
+    def insert_or_get(self, deployment: Deployment) -> tuple[Deployment, bool]:
+        """Store a new deployment and return it with True; but when its tenant already has one with its
+        non-empty ``request_id`` (stored before, or by a concurrent call: the store's unique index
+        decides), store nothing and return that one with False. AlreadyExists if another has its name."""
+        ...
+
+    def by_request_id(self, tenant: str, request_id: str) -> Deployment | None:
+        """The deployment of ``tenant`` created with ``request_id``, if there is one."""
+        ...
+
     def get(self, name: str) -> Deployment:
         """The deployment; NotFound if there is none."""
         ...
@@ -51,6 +61,7 @@ class ReplicaSpec:
     version: int
     batching: Batching
     resources: ResourceRequest
+    require_signature: bool = False
 
 
 @dataclass(frozen=True)

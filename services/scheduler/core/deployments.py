@@ -41,7 +41,7 @@ from services.scheduler.core.deployment_model import (
 )
 from services.scheduler.core.deployment_ports import DeploymentRepository, ModelResolver, ReplicaPool
 from services.scheduler.core.events import EventBus, EventKind
-from services.scheduler.core.model import Page, visible_to
+from services.scheduler.core.model import Page, check_request_id, request_conflict, visible_to
 from services.scheduler.core.policy import NONE, Resources, replica_demand
 from services.scheduler.core.quota import ReplicaQuota
 from services.scheduler.core.reconciler import Reconciler, ReconcilerConfig, parse_replica_id
@@ -70,9 +70,11 @@ class DeploymentService:
         report_ttl_s: float = 10.0,
         quota: ReplicaQuota | None = None,
         events: EventBus | None = None,
+        sweep_at_start: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._repo = repository
+        self._sweep_at_start = sweep_at_start
         self._events = events or EventBus()
         self._quota = quota
         self._pool_factory = pool_factory
@@ -138,9 +140,14 @@ class DeploymentService:
     # Lifecycle ----------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Load the stored deployments, re-attach to their live replicas, stop strays, reconcile."""
+        """Load the stored deployments, re-attach to their live replicas, stop strays, reconcile.
+
+        With no deployment stored the pool is not even created (a local Ray is not started for nothing),
+        unless ``sweep_at_start``: on a Ray cluster that outlives the scheduler, replicas of deployments
+        deleted while it was down (or whose deletion a killed process left half done) would run forever.
+        """
         stored = await self._run(self._repo.all)
-        if not stored:
+        if not stored and not self._sweep_at_start:
             return
         pool = self._get_pool()
         reconcilers = {d.name: self._reconciler(d) for d in stored}
@@ -177,10 +184,20 @@ class DeploymentService:
 
     # Use cases ----------------------------------------------------------------------------------------
 
-    async def create(self, spec: DeploymentSpec, tenant: str) -> Deployment:
+    async def create(self, spec: DeploymentSpec, tenant: str, request_id: str = "") -> Deployment:
         """Validate, resolve the versions (in ``tenant``'s models), store as DEPLOYING for ``tenant`` and
-        start reconciling."""
+        start reconciling.
+
+        A ``request_id`` makes the creation idempotent within ``tenant``: a retry (also one racing the
+        first) returns the deployment the first created; AlreadyExists if its normalised spec differs.
+        """
+        check_request_id(request_id)
         spec = validate_deployment_spec(spec, self._default_cpus)
+        if request_id:
+            # A retry is answered from the store alone: no registry call, whose answer may have changed.
+            earlier = await self._run(self._repo.by_request_id, tenant, request_id)
+            if earlier is not None:
+                return self._retried(earlier, spec, request_id)
         if self._quota is not None:
             self._quota.check_create(tenant, spec)
         resolved = await self._resolver.resolve(spec.model, spec.version, tenant)
@@ -196,8 +213,11 @@ class DeploymentService:
             message="starting replicas",
             create_time=now,
             update_time=now,
+            request_id=request_id,
         )
-        stored = await self._run(self._repo.insert, deployment)
+        stored, created = await self._run(self._repo.insert_or_get, deployment)
+        if not created:
+            return self._retried(stored, spec, request_id)
         log.info("deployment_created", deployment=stored.name, tenant=tenant, version=stored.version)
         self._reconciler(stored).start()
         self._publish()
@@ -215,6 +235,14 @@ class DeploymentService:
             demand = replica_demand(len(reconciler.replicas()), resources.cpus, resources.gpus, resources.memory_bytes)
             held[deployment.tenant] = held.get(deployment.tenant, NONE) + demand
         return held
+
+    def _retried(self, stored: Deployment, spec: DeploymentSpec, request_id: str) -> Deployment:
+        """The deployment an earlier request with ``request_id`` created, if it asked for ``spec`` too."""
+        conflict = request_conflict("deployment", stored.name, request_id, stored.spec.to_dict(), spec.to_dict())
+        if conflict is not None:
+            raise conflict
+        log.info("deployment_create_retried", deployment=stored.name, tenant=stored.tenant, request_id=request_id)
+        return self._live(stored)
 
     async def _resolve_canary(
         self, spec: DeploymentSpec, default: ResolvedVersion, tenant: str

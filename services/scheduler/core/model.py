@@ -17,7 +17,7 @@ from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 from shared.datasets import DatasetSpec
-from shared.errors import InvalidArgument, NotFound
+from shared.errors import AlreadyExists, InvalidArgument, NotFound
 from shared.optim import Optimizer, make_optimizer
 
 T = TypeVar("T")
@@ -237,6 +237,8 @@ class Job:
         dataset_fingerprint: Content fingerprint of the dataset, from submit-time validation.
         failures: Worker or shard failures counted so far.
         revision: Incremented by every stored change; orders snapshots of one job.
+        request_id: The client's id of the submission that created it ("": none); unique per tenant.
+        placement_attempts: Placements that timed out in a row (back to 0 once the job runs).
     """
 
     id: str
@@ -256,12 +258,64 @@ class Job:
     preemptions: int = 0
     #: A QUEUED job's place in the admission order as of the last pass (1: next); 0 otherwise. Not stored.
     queue_position: int = 0
+    request_id: str = ""
+    placement_attempts: int = 0
 
 
 def job_not_found(job_id: str) -> NotFound:
     """The error for a job that does not exist, and for one of another tenant: the same words, so that a
     caller cannot tell the two apart."""
     return NotFound(f"job {job_id!r} not found", reason="JOB_NOT_FOUND")
+
+
+#: Longest client request id (the ``request_id`` columns hold 128 characters).
+MAX_REQUEST_ID = 128
+#: How many differing fields an idempotency conflict names (the rest are counted).
+_MAX_NAMED_DIFFERENCES = 5
+
+
+def check_request_id(value: str, field_name: str = "request_id") -> str:
+    """A client request id as given: empty (none) or 1-128 printable ASCII characters.
+
+    Raises:
+        InvalidArgument: Naming ``field_name`` otherwise.
+    """
+    if len(value) > MAX_REQUEST_ID or not all(" " <= c <= "~" for c in value):
+        raise InvalidArgument.field(
+            field_name, f"must be at most {MAX_REQUEST_ID} printable ASCII characters (empty: none)"
+        )
+    return value
+
+
+def _differences(old: Any, new: Any, path: str) -> list[str]:
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        found: list[str] = []
+        for key in sorted({*old, *new}, key=str):
+            found += _differences(old.get(key), new.get(key), f"{path}.{key}")
+        return found
+    return [] if old == new else [path]
+
+
+def request_conflict(
+    kind: str, ident: str, request_id: str, stored: Mapping[str, Any], sent: Mapping[str, Any]
+) -> AlreadyExists | None:
+    """The error for a request id reused with another spec, or None when the normalised specs agree.
+
+    ``stored`` and ``sent`` are the specs' ``to_dict()``; both go through JSON first, as the stored one
+    did, so that a tuple and the list it was stored as compare equal.
+    """
+    fields = _differences(json.loads(json.dumps(stored)), json.loads(json.dumps(sent)), "spec")
+    if not fields:
+        return None
+    named = ", ".join(fields[:_MAX_NAMED_DIFFERENCES])
+    if len(fields) > _MAX_NAMED_DIFFERENCES:
+        named += f" and {len(fields) - _MAX_NAMED_DIFFERENCES} more"
+    return AlreadyExists(
+        f"request_id {request_id!r} already created {kind} {ident} with a different spec ({named} differ); "
+        "use a new request_id for a new request",
+        reason="REQUEST_ID_REUSED",
+        metadata={"request_id": request_id, kind: ident},
+    )
 
 
 def visible_to(tenant: str, scope: str | None) -> bool:
@@ -280,6 +334,7 @@ class JobChanges:
     model_version: int | None = None
     #: Count one more preemption.
     preempted: bool = False
+    placement_attempts: int | None = None
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,12 @@ class JobRepository(Protocol):
     """Job storage. Every method is one transaction."""
 
     def insert(self, job: Job) -> Job: ...
+    def insert_or_get(self, job: Job) -> tuple[Job, bool]:
+        """Store ``job`` and return it with True; but when its tenant already has a job with its non-empty
+        ``request_id`` (stored before, or by a concurrent call: the store's unique index decides), store
+        nothing and return that job with False."""
+        ...
+
     def get(self, job_id: str) -> Job:
         """The job; NotFound if there is none."""
         ...
@@ -80,6 +86,12 @@ class JobReporter(Protocol):
         """Back to the queue (e.g. placement timed out): frees the job's running slot; admitted again later."""
         ...
 
+    async def placement_timed_out(self, job_id: str, timeout_s: float, shortage: str) -> None:
+        """The gang could not be placed within ``timeout_s``; ``shortage`` says what the cluster lacks
+        ("the cluster lacks 3 CPU: ..."). The scheduler requeues the job, or fails it after
+        ``max_placement_attempts`` timeouts in a row (a job that runs starts counting again)."""
+        ...
+
     async def failure(self, job_id: str, reason: str) -> int:
         """Count one worker or shard failure; returns the job's count so far. The runner compares it with
         ``job.spec.max_failures`` (already defaulted) and calls :meth:`failed` when it is exceeded."""
@@ -119,6 +131,13 @@ class JobRunner(Protocol):
         """Checkpoint the job's shards (within ``grace_s``), stop its workers and release its gang; its
         run() (if this runner is running it) returns soon, and what it reports afterwards is ignored. Also
         called for a job a previous scheduler process began to preempt: finish it (a gang may be left)."""
+        ...
+
+    async def sweep(self, keep: set[str]) -> list[str]:
+        """Remove what no stored job accounts for: the actors and placement groups of every job whose id is
+        not in ``keep`` (a previous scheduler process left them: killed before it could tear them down, or
+        its jobs ended while it was down). Called at start, before any job is resumed. Returns the names of
+        what it removed."""
         ...
 
 

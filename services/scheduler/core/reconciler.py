@@ -293,7 +293,9 @@ class Reconciler:
         rid = replica_id(d.name, self.deployment.replica_generation, version, seq)
         replica = _Replica(rid, version, self.deployment.replica_generation, seq)
         self._replicas[rid] = replica
-        spec = ReplicaSpec(rid, d.spec.model, version, d.spec.batching, d.spec.resources)
+        spec = ReplicaSpec(
+            rid, d.spec.model, version, d.spec.batching, d.spec.resources, require_signature=d.spec.require_signature
+        )
         replica.task = asyncio.create_task(self._start_replica(replica, spec), name=f"replica-{rid}")
 
     async def _start_replica(self, replica: _Replica, spec: ReplicaSpec) -> None:

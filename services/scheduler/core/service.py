@@ -10,7 +10,13 @@ borrowing limit; the pool's capacity, with ``max_running_jobs`` as its running-j
 wake-up (a submission, a job ending) and every ``admission_poll_s``. What each job's gang holds counts: its
 workers and shards, and every replica of the tenant's deployments. An admitted job is stored as PLACING,
 then ``runner.run(job, service)`` runs as a task. ``max_running_jobs`` 0 pauses admission, and the runner
-(created lazily by its factory, on the first job admitted or resumed) is then never created. Why a job
+(created lazily by its factory, on the first job admitted or resumed) is then never created.
+
+Start-up removes strays: ``runner.sweep`` ends the actors and placement groups of every job not stored
+PLACING, RUNNING or PREEMPTED, before anything is resumed. It runs when the runner is created at start (some
+job is active) and, with ``sweep_at_start``, always: on a Ray cluster that outlives the scheduler (detached
+actors survive it there) strays may exist with no job active. A local Ray is the scheduler's own (``maas up``
+ends one a killed scheduler left), so there a scheduler with nothing active still never starts Ray. Why a job
 waits, and its place in the queue, are kept from the last pass and shown on reads (not stored: they change
 with every pass).
 
@@ -57,7 +63,9 @@ from services.scheduler.core.model import (
     Page,
     StepMetrics,
     TrainingJobSpec,
+    check_request_id,
     job_not_found,
+    request_conflict,
     visible_to,
 )
 from services.scheduler.core.policy import (
@@ -205,6 +213,7 @@ class JobService:
         max_running_jobs: int = 1,
         tenant_max_running: int = 0,
         default_max_failures: int = 3,
+        max_placement_attempts: int = 3,
         progress_interval_s: float = 1.0,
         watch_queue_size: int = 256,
         admission_poll_s: float = 5.0,
@@ -215,15 +224,18 @@ class JobService:
         preemption: bool = True,
         preemption_grace_s: float = 30.0,
         events: EventBus | None = None,
+        sweep_at_start: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._repo = repository
+        self._sweep_at_start = sweep_at_start
         self._runner_factory = runner_factory
         self._runner: JobRunner | None = None
         self._data_root = data_root
         self._max_running = max_running_jobs
         self._tenant_max = tenant_max_running
         self._default_max_failures = default_max_failures
+        self._max_placement_attempts = max_placement_attempts
         self._progress_interval = progress_interval_s
         self._watch_queue_size = watch_queue_size
         self._admission_poll_s = admission_poll_s
@@ -285,10 +297,12 @@ class JobService:
     # Lifecycle ----------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Hand jobs a previous process left PLACING or RUNNING to ``runner.resume``; start admitting."""
+        """Remove what a previous process left that no stored job accounts for; hand jobs it left PLACING or
+        RUNNING to ``runner.resume`` and finish the preemptions it began; start admitting."""
         active = await self._run(self._repo.in_states, ACTIVE_STATES)
-        if active:
+        if active or self._sweep_at_start:
             runner = self._get_runner()
+            await self._sweep(runner, {job.id for job in active})
             for job in active:
                 if job.state is JobState.PREEMPTED:
                     # Stored before it was acted on: finish it (its gang may still be there).
@@ -298,6 +312,19 @@ class JobService:
                 log.info("job_resuming", job_id=job.id, state=job.state.value)
                 self._launch(job, runner.resume)
         self._loop_task = asyncio.create_task(self._admission_loop(), name="scheduler-admission")
+
+    async def _sweep(self, runner: JobRunner, keep: set[str]) -> None:
+        """Remove the gangs of jobs not in ``keep``, before anything is resumed. A scheduler killed while it
+        placed, preempted or ended a job leaves its actors and placement group (detached: they outlive it),
+        holding the cluster's resources with nothing to end them: the next process is the only one that
+        can. Housekeeping: a failure is logged and start-up goes on."""
+        try:
+            removed = await runner.sweep(keep)
+        except Exception:
+            log.exception("job_strays_sweep_failed")
+            return
+        if removed:
+            log.info("job_strays_removed", count=len(removed), removed=sorted(removed))
 
     async def close(self) -> None:
         """Stop admitting, cancel the runner tasks (their jobs stay PLACING/RUNNING, for ``resume`` at the
@@ -319,13 +346,18 @@ class JobService:
 
     # Use cases ----------------------------------------------------------------------------------------
 
-    async def submit(self, spec: TrainingJobSpec) -> Job:
+    async def submit(self, spec: TrainingJobSpec, request_id: str = "") -> Job:
         """Validate ``spec`` (InvalidArgument naming the field otherwise) and queue the job.
 
         Its priority class (or the default one) gives its priority (InvalidArgument for an unknown class,
         PermissionDenied for one its tenant was not granted); a job that could never be admitted is refused
         (FailedPrecondition naming what it needs and what there is).
+
+        A ``request_id`` makes the submission idempotent within the spec's tenant: a retry (also one
+        racing the first) returns the job the first created; AlreadyExists if that job's normalised spec
+        differs from this one's.
         """
+        check_request_id(request_id)
         if self._tenants is not None and (spec.priority_class or not spec.priority):
             # A priority set directly (no class) is an admin's; the API layer checks who asks.
             priority = self._tenants.priority(spec.tenant, spec.priority_class)
@@ -345,8 +377,15 @@ class JobService:
             update_time=now,
             total_steps=validated.total_steps,
             dataset_fingerprint=validated.dataset.fingerprint,
+            request_id=request_id,
         )
-        stored = await self._mutate(self._repo.insert, job)
+        stored, created = await self._mutate(self._repo.insert_or_get, job)
+        if not created:
+            conflict = request_conflict("job", stored.id, request_id, stored.spec.to_dict(), job.spec.to_dict())
+            if conflict is not None:
+                raise conflict
+            log.info("job_submit_retried", job_id=stored.id, tenant=stored.spec.tenant, request_id=request_id)
+            return stored
         log.info("job_submitted", job_id=stored.id, tenant=stored.spec.tenant, priority=stored.spec.priority)
         self.events.publish(EventKind.JOB_SUBMITTED, stored.spec.tenant, job_id=stored.id)
         self._wake.set()
@@ -637,6 +676,7 @@ class JobService:
         final_metrics: dict[str, float] | None = None,
         step: int | None = None,
         preempted: bool = False,
+        placement_attempts: int | None = None,
     ) -> Job | None:
         """Store ``state`` if the job is in ``only_from``; publish it. None when nothing changed."""
         if from_runner and self._is_cancelling(job_id):
@@ -648,7 +688,13 @@ class JobService:
         if final_metrics is not None:
             metrics = {**(metrics or {}), **final_metrics}
         changes = JobChanges(
-            state=state, message=message, step=step, metrics=metrics, model_version=model_version, preempted=preempted
+            state=state,
+            message=message,
+            step=step,
+            metrics=metrics,
+            model_version=model_version,
+            preempted=preempted,
+            placement_attempts=placement_attempts,
         )
         job = await self._mutate(self._repo.update, job_id, changes, only_from)
         if job is None:
@@ -669,7 +715,8 @@ class JobService:
         await self._transition(job_id, JobState.PLACING, ACTIVE_STATES, "placing workers and shards")
 
     async def running(self, job_id: str) -> None:
-        await self._transition(job_id, JobState.RUNNING, ACTIVE_STATES)
+        # Placed: the timeouts counted so far were a busy cluster, not a job that can never fit.
+        await self._transition(job_id, JobState.RUNNING, ACTIVE_STATES, placement_attempts=0)
 
     async def progress(self, job_id: str, metrics: StepMetrics) -> None:
         progress = self._progress.get(job_id)
@@ -712,6 +759,20 @@ class JobService:
 
     async def requeued(self, job_id: str, reason: str) -> None:
         await self._transition(job_id, JobState.QUEUED, ACTIVE_STATES, reason)
+
+    async def placement_timed_out(self, job_id: str, timeout_s: float, shortage: str) -> None:
+        # Decided here, not in the runner: a job requeued forever would hold its place in the queue and
+        # its tenant's share while it can never run, so after max_placement_attempts timeouts in a row it
+        # fails, saying what the cluster lacks.
+        job = await self._run(self._repo.get, job_id)
+        attempts = job.placement_attempts + 1
+        what = f"could not place {job.spec.shards} shards and {job.spec.workers} workers within {timeout_s:g}s"
+        if attempts >= self._max_placement_attempts:
+            reason = f"{what}, {attempts} times; {shortage}"
+            await self._transition(job_id, JobState.FAILED, ACTIVE_STATES, reason, placement_attempts=attempts)
+        else:
+            reason = f"{what} (attempt {attempts} of {self._max_placement_attempts}); {shortage}; waiting for resources"
+            await self._transition(job_id, JobState.QUEUED, ACTIVE_STATES, reason, placement_attempts=attempts)
 
     async def failure(self, job_id: str, reason: str) -> int:
         job = await self._mutate(self._repo.add_failure, job_id, reason)

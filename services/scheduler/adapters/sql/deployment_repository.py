@@ -37,6 +37,7 @@ def _to_deployment(row: sa.Row[Any]) -> Deployment:
         replica_generation=row.replica_generation,
         create_time=_utc(row.created_at),
         update_time=_utc(row.updated_at),
+        request_id=row.request_id or "",
     )
 
 
@@ -78,6 +79,7 @@ class SqlDeploymentRepository:
                         name=deployment.name,
                         # The owner never changes: set here only, not by save().
                         tenant=deployment.tenant,
+                        request_id=deployment.request_id or None,
                         created_at=deployment.create_time or now,
                         updated_at=deployment.update_time or now,
                         **_values(deployment),
@@ -86,6 +88,23 @@ class SqlDeploymentRepository:
                 return _to_deployment(self._row(conn, deployment.name))
         except sa.exc.IntegrityError:
             raise AlreadyExists(f"deployment {deployment.name!r} already exists", reason="DEPLOYMENT_EXISTS") from None
+
+    def insert_or_get(self, deployment: Deployment) -> tuple[Deployment, bool]:
+        try:
+            return self.insert(deployment), True
+        except AlreadyExists:
+            # The unique index on (tenant, request_id) decides between racing creations (the name's
+            # primary key may trip first: the same lookup tells a retry from a clash of names).
+            existing = self.by_request_id(deployment.tenant, deployment.request_id) if deployment.request_id else None
+            if existing is None:
+                raise
+            return existing, False
+
+    def by_request_id(self, tenant: str, request_id: str) -> Deployment | None:
+        query = sa.select(deployments).where(deployments.c.tenant == tenant, deployments.c.request_id == request_id)
+        with self._read() as conn:
+            row = conn.execute(query).first()
+        return _to_deployment(row) if row is not None else None
 
     def get(self, name: str) -> Deployment:
         with self._read() as conn:

@@ -54,6 +54,8 @@ def _to_job(row: sa.Row[Any]) -> Job:
         preemptions=row.preemptions,
         create_time=_utc(row.created_at),
         update_time=_utc(row.updated_at),
+        request_id=row.request_id or "",
+        placement_attempts=row.placement_attempts,
     )
 
 
@@ -96,9 +98,30 @@ class SqlJobRepository:
                     revision=job.revision,
                     created_at=job.create_time,
                     updated_at=job.update_time,
+                    request_id=job.request_id or None,
+                    placement_attempts=job.placement_attempts,
                 )
             )
             return _to_job(self._row(conn, job.id))
+
+    def insert_or_get(self, job: Job) -> tuple[Job, bool]:
+        try:
+            return self.insert(job), True
+        except sa.exc.IntegrityError:
+            # The unique index on (tenant, request_id) decides between racing submissions; the loser's
+            # transaction is gone, so the winner's row is read in a new one.
+            if not job.request_id:
+                raise
+            existing = self._by_request_id(job.spec.tenant, job.request_id)
+            if existing is None:
+                raise  # another constraint (an id collision): not an idempotent retry
+            return existing, False
+
+    def _by_request_id(self, tenant: str, request_id: str) -> Job | None:
+        query = sa.select(jobs).where(jobs.c.tenant == tenant, jobs.c.request_id == request_id)
+        with self._read() as conn:
+            row = conn.execute(query).first()
+        return _to_job(row) if row is not None else None
 
     def get(self, job_id: str) -> Job:
         with self._read() as conn:
@@ -134,6 +157,8 @@ class SqlJobRepository:
                 values["model_version"] = changes.model_version
             if changes.preempted:
                 values["preemptions"] = row.preemptions + 1
+            if changes.placement_attempts is not None:
+                values["placement_attempts"] = changes.placement_attempts
             conn.execute(jobs.update().where(jobs.c.seq == row.seq).values(**values))
             return _to_job(self._row(conn, job_id))
 
