@@ -64,6 +64,9 @@ bench: setup proto ## Run the benchmarks; figures go to benchmarks/results/ and 
 	$(BIN)/python -m benchmarks.training
 	$(BIN)/python -m benchmarks.serving
 	$(BIN)/python -m benchmarks.security_cost
+	$(BIN)/python -m benchmarks.artifact_trust
+	$(BIN)/python -m benchmarks.shared_memory
+	$(BIN)/python -m benchmarks.scheduler_admission
 
 lock: setup ## Rewrite constraints.txt from what .venv holds (after changing pyproject.toml).
 	{ echo '# Exact versions `make setup` installs (pip -c): one tested set. Regenerate with `make lock`.'; \

@@ -72,6 +72,12 @@ class Unavailable(MaasError):
     default_reason = "UNAVAILABLE"
 
 
+class DataLoss(MaasError):
+    """Stored bytes failed their integrity check (a flipped bit, a truncated blob): never served."""
+
+    default_reason = "DATA_LOSS"
+
+
 class Unauthenticated(MaasError):
     default_reason = "UNAUTHENTICATED"
 

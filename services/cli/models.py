@@ -1,7 +1,8 @@
-"""``maas models``: list, show, push, pull, alias, derive, delete."""
+"""``maas models``: list, show, push (optionally signed), pull, sign, alias, derive, delete, trust."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import tempfile
 from pathlib import Path
@@ -12,6 +13,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColu
 from rich.table import Table
 
 from services.cli.common import console, out, registry_client, run_async
+from shared.artifacts import signing
 from shared.clients.registry import parse_ref
 from shared.errors import InvalidArgument
 
@@ -90,6 +92,10 @@ async def push(
     arg: list[str] = typer.Option([], help="Zoo architecture argument KEY=JSON_VALUE."),
     tag: list[str] = typer.Option([], help="Version tag KEY=VALUE."),
     description: str = typer.Option("", help="Lineage source text."),
+    sign: Path | None = typer.Option(
+        None, help="EC private key (PEM) to sign the artifact with (OpenSSF Model Signing) before it is uploaded."
+    ),
+    key_password: str | None = typer.Option(None, envvar="MAAS_SIGNING_KEY_PASSWORD", help="The key's password."),
 ) -> None:
     """Upload a new version (streamed in chunks, with a progress bar)."""
     from services.cli.quickstart import zoo_artifact
@@ -110,6 +116,11 @@ async def push(
             if embedded is None:
                 raise InvalidArgument(f"{artifact} has no embedded manifest; pass --manifest")
             manifest_json = Manifest.from_json(embedded).to_json()
+        bundle = public = None
+        if sign is not None:
+            # Signed before upload: the bytes signed are the bytes sent, whatever happens to them after.
+            bundle = await asyncio.to_thread(signing.sign_file, artifact, sign, key_password)
+            public = signing.public_key_of(sign, key_password)
         client = registry_client()
         try:
             with _progress() as progress:
@@ -122,9 +133,86 @@ async def push(
                     lineage=pb.Lineage(source=description or "maas models push"),
                     progress=lambda n: progress.advance(task, n),
                 )
+            if bundle is not None and public is not None:
+                ref = pb.VersionRef(model=version.model, version=str(version.number))
+                request = pb.SignVersionRequest(ref=ref, signature=bundle, public_key_pem=public.decode())
+                version = (await client.call("SignVersion", request)).version
         finally:
             await client.close()
-    out.print(f"{version.model}@{version.number} sha256={version.sha256} size={version.size_bytes}")
+    signed = f" signed by key {version.signatures[0].key_id[:16]}" if version.signatures else ""
+    out.print(f"{version.model}@{version.number} sha256={version.sha256} size={version.size_bytes}{signed}")
+
+
+@models_app.command("sign")
+@run_async
+async def sign_version(
+    ref: str = typer.Argument(..., help="MODEL@VERSION or MODEL@ALIAS."),
+    key: Path = typer.Option(..., help="EC private key (PEM)."),
+    key_password: str | None = typer.Option(None, envvar="MAAS_SIGNING_KEY_PASSWORD", help="The key's password."),
+) -> None:
+    """Add a signature to a version (a new signature, never new bytes): its bytes are downloaded, checked
+    and signed here, and the registry checks the signature against them."""
+    client = registry_client()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.safetensors"
+            fetched = await client.download_file(parse_ref(ref), path)
+            exact = pb.VersionRef(model=fetched.model, version=str(fetched.number))
+            version = await client.sign_file(exact, path, key, key_password)
+    finally:
+        await client.close()
+    key_id = signing.key_id(signing.public_key_of(key, key_password))
+    out.print(f"{version.model}@{version.number} sha256={version.sha256} signed by key {key_id[:16]}")
+
+
+trust_app = typer.Typer(
+    no_args_is_help=True, help="The tenant's trust policy: keys whose signatures deployments accept."
+)
+models_app.add_typer(trust_app, name="trust")
+
+
+@trust_app.command("list")
+@run_async
+async def trust_list(model: str = typer.Option("", help="The policy of this model's tenant (default: yours).")) -> None:
+    """List the trusted keys."""
+    client = registry_client()
+    try:
+        reply = await client.call("GetTrustPolicy", pb.GetTrustPolicyRequest(model=model))
+        table = Table("name", "key id", "added")
+        for k in reply.keys:
+            table.add_row(k.name, k.key_id, k.create_time.ToDatetime().isoformat(timespec="seconds"))
+        out.print(f"tenant {reply.tenant}")
+        out.print(table)
+    finally:
+        await client.close()
+
+
+@trust_app.command("add")
+@run_async
+async def trust_add(
+    name: str = typer.Argument(..., help="A name for the key."),
+    public_key: Path = typer.Argument(..., help="EC public key (PEM)."),
+) -> None:
+    """Trust a public key's signatures (admin keys)."""
+    client = registry_client()
+    try:
+        request = pb.AddTrustedKeyRequest(name=name, public_key_pem=public_key.read_text())
+        reply = await client.call("AddTrustedKey", request)
+        out.print(f"trusted {reply.key.name} (key {reply.key.key_id[:16]})")
+    finally:
+        await client.close()
+
+
+@trust_app.command("remove")
+@run_async
+async def trust_remove(name: str = typer.Argument(...)) -> None:
+    """Stop trusting a key (admin keys); versions it signed no longer load where a signature is required."""
+    client = registry_client()
+    try:
+        await client.call("RemoveTrustedKey", pb.RemoveTrustedKeyRequest(name=name))
+        out.print(f"removed {name}")
+    finally:
+        await client.close()
 
 
 @models_app.command()

@@ -22,6 +22,7 @@ from services.gateway.core.control import Repository
 from services.gateway.core.load import LoadTracker, report_forever
 from services.gateway.core.ports import DeploymentControl, EndpointSource, LoadSink, Replicas
 from services.gateway.core.service import Gateway
+from services.gateway.core.shm import SharedMemoryRegions
 from services.gateway.core.table import EndpointTable
 from services.gateway.settings import GatewaySettings
 from shared.grpc.server import ServiceServer, start_service
@@ -106,6 +107,14 @@ async def start(
         max_held=settings.gateway_max_held_requests,
     )
     repository = Repository(deployment_control, table)
+    regions = None
+    if settings.gateway_shared_memory:
+        regions = SharedMemoryRegions(settings.gateway_shared_memory_max_regions)
+
+        async def unmap_regions(regions: SharedMemoryRegions = regions) -> None:
+            regions.close()
+
+        closers.append(unmap_regions)
     servicer = InferenceServicer(
         gateway,
         repository,
@@ -114,6 +123,7 @@ async def start(
         stream_max_in_flight=settings.gateway_stream_max_in_flight,
         stream_buffer=settings.gateway_stream_buffer,
         stream_idle_s=settings.gateway_stream_idle_s,
+        shared_memory=regions,
     )
     tasks = [
         asyncio.create_task(source.follow(gateway.apply_snapshot, gateway.table.mark_stale), name="gateway-endpoints"),

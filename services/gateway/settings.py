@@ -79,6 +79,14 @@ class GatewaySettings(CommonSettings):
         description="A ModelStreamInfer stream that sends nothing while nothing of it runs for this long is ended "
         "(DEADLINE_EXCEEDED); one waiting for a long generation is not idle.",
     )
+    gateway_shared_memory: bool = Field(
+        False,
+        description="Serve Triton's system shared-memory extension (SystemSharedMemoryRegister/Status/Unregister; "
+        "inputs and outputs in POSIX shared memory of the gateway's host, per tenant); off as in Triton.",
+    )
+    gateway_shared_memory_max_regions: int = Field(
+        64, ge=1, description="Shared-memory regions one tenant may hold registered at once."
+    )
     gateway_trace_workers: bool = Field(
         True, description="Propagate the trace context (traceparent) on the calls the gateway makes to workers."
     )

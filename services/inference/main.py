@@ -130,7 +130,12 @@ async def hosted(options: dict[str, Any]) -> RunningWorker:
     try:
         for spec in options.get("models", ()):
             batching = BatchingSettings.resolve(**dict(spec.get("batching") or {}))
-            await running.host.load(str(spec["model"]), int(spec["version"]), batching)
+            await running.host.load(
+                str(spec["model"]),
+                int(spec["version"]),
+                batching,
+                require_signature=bool(spec.get("require_signature", False)),
+            )
     except BaseException:
         await running.stop(0)
         raise

@@ -15,6 +15,7 @@ from services.registry.api.servicer import AUTHORIZATION, RegistryServicer
 from services.registry.core.ports import ArtifactStore
 from services.registry.core.service import RegistryCore
 from services.registry.settings import RegistrySettings
+from shared.artifacts.crypto import BlobCipher, LocalKms
 from shared.grpc.server import ServiceServer, start_service
 from shared.logging import configure_logging
 from shared.sql import create_engine, migrate
@@ -42,14 +43,33 @@ class RunningRegistry:
         return self.server.internal_port
 
 
+def _kms(settings: RegistrySettings) -> LocalKms | None:
+    """The KEK: from the setting, else its file (made at the first start when encryption is on)."""
+    if settings.registry_kek is not None:
+        return LocalKms.from_text(settings.registry_kek.get_secret_value())
+    path = settings.kek_file()
+    if settings.registry_encryption or path.exists():
+        # Kept even with encryption off, so blobs encrypted before stay readable.
+        return LocalKms.from_file(path, create=True)
+    return None
+
+
 def _artifact_store(settings: RegistrySettings) -> ArtifactStore:
+    kms = _kms(settings)
+    cipher = BlobCipher(kms) if kms is not None else None
+    # With encryption off, new blobs are written in the clear; the cipher still reads encrypted ones.
+    write_cipher = cipher if settings.registry_encryption else None
     if settings.registry_artifact_url:
         from services.registry.adapters.s3_store import S3ArtifactStore
 
         return S3ArtifactStore(
-            settings.registry_artifact_url, settings.artifact_dir() / "spool", settings.registry_s3_endpoint_url
+            settings.registry_artifact_url,
+            settings.artifact_dir() / "spool",
+            settings.registry_s3_endpoint_url,
+            cipher=cipher,
+            encrypt=write_cipher is not None,
         )
-    return LocalArtifactStore(settings.artifact_dir())
+    return LocalArtifactStore(settings.artifact_dir(), cipher=cipher, encrypt=write_cipher is not None)
 
 
 async def start(settings: RegistrySettings) -> RunningRegistry:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 
 from shared.names import ALIAS_NAME
 from shared.settings import CommonSettings, MiB
@@ -53,6 +53,21 @@ class RegistrySettings(CommonSettings):
         2.0, gt=0, description="How often watchers re-read the change feed for changes made by other replicas."
     )
 
+    registry_encryption: bool = Field(
+        True,
+        description="Encrypt new artifacts at rest (AES-256-GCM in 1 MiB chunks under a per-artifact data key "
+        "wrapped by the key-encryption key); artifacts stored before are still read.",
+    )
+    registry_kek: SecretStr | None = Field(
+        None,
+        description="The key-encryption key, base64 of 32 bytes (wins over MAAS_REGISTRY_KEK_FILE); keep it out "
+        "of the artifact store's backups.",
+    )
+    registry_kek_file: Path | None = Field(
+        None,
+        description="File holding the key-encryption key (base64 of 32 bytes); default: "
+        "MAAS_HOME/registry/kek.key, created (mode 0600) at the first start when missing.",
+    )
     registry_protected_aliases: list[str] = Field(
         default_factory=lambda: ["production"],
         description="Aliases only an admin key, a key with the protected-aliases grant (in its tenant) or the "
@@ -73,6 +88,9 @@ class RegistrySettings(CommonSettings):
         if self.registry_database_url:
             return self.registry_database_url
         return f"sqlite:///{(self.home / 'registry' / 'registry.db').resolve()}"
+
+    def kek_file(self) -> Path:
+        return self.registry_kek_file or self.home / "registry" / "kek.key"
 
     def artifact_dir(self) -> Path:
         return self.registry_artifact_dir or self.home / "registry" / "artifacts"

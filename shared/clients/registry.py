@@ -105,6 +105,19 @@ class RegistryClient:
             raise from_rpc_error(exc) from None
         return response.version
 
+    async def sign_file(
+        self, ref: pb.VersionRef, path: Path, private_key: Path, password: str | None = None
+    ) -> pb.Version:
+        """Sign ``path`` (the version's bytes) with an EC private key (OpenSSF Model Signing, offline) and add
+        the signature to the version; the registry checks it signs exactly the version's sha256."""
+        from shared.artifacts import signing
+
+        bundle = await asyncio.to_thread(signing.sign_file, path, private_key, password)
+        public = signing.public_key_of(private_key, password)
+        request = pb.SignVersionRequest(ref=ref, signature=bundle, public_key_pem=public.decode())
+        response: pb.SignVersionResponse = await self.call("SignVersion", request)
+        return response.version
+
     async def download_file(
         self, ref: pb.VersionRef, dest: Path, *, resume: bool = True, progress: Progress | None = None
     ) -> pb.Version:

@@ -33,8 +33,11 @@ __all__ = [
     "decode_inputs",
     "encode_bytes",
     "encode_response",
+    "mark_shared_output",
+    "raw_output",
     "request_parameters",
     "validate_request",
+    "write_raw_output",
 ]
 
 #: The ``InferTensorContents`` field that carries each datatype; FP16 and BF16 have none (raw only).
@@ -77,7 +80,7 @@ def _fmt(shape: Sequence[int]) -> str:
     return "[" + ", ".join(str(int(d)) for d in shape) + "]"
 
 
-def _bytes_count(data: bytes, name: str, limit: int) -> int:
+def _bytes_count(data: bytes | memoryview, name: str, limit: int) -> int:
     """Counts the BYTES elements of raw contents, checking every length prefix; stops past ``limit``."""
     offset, count, end = 0, 0, len(data)
     while offset < end:
@@ -109,13 +112,20 @@ def _check_shape(spec: TensorSpec, shape: Sequence[int], batched: bool) -> None:
     raise InvalidArgument(f"input '{spec.name}': expected shape {expected}, got {_fmt(shape)}")
 
 
-def validate_request(request: grpc_service_pb2.ModelInferRequest, signature: Signature, max_batch_size: int) -> int:
+def validate_request(
+    request: grpc_service_pb2.ModelInferRequest,
+    signature: Signature,
+    max_batch_size: int,
+    raw: Sequence[bytes | memoryview] | None = None,
+) -> int:
     """Checks a request against a signature without decoding its data.
 
     Args:
         request: The client's request.
         signature: The served version's signature (shapes include the batch dimension).
         max_batch_size: The largest batch a request may carry; 0 when the model has no batch dimension.
+        raw: Every input's raw contents in input order, in place of ``request.raw_input_contents`` (inputs
+            read from shared memory).
 
     Returns:
         The request's batch size (the first dimension of its inputs), or 1 when ``max_batch_size`` is 0.
@@ -137,7 +147,8 @@ def validate_request(request: grpc_service_pb2.ModelInferRequest, signature: Sig
         if name not in seen:
             raise InvalidArgument(f"missing input '{name}'")
 
-    raw = request.raw_input_contents
+    if raw is None:
+        raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise InvalidArgument(
             f"raw_input_contents holds {len(raw)} tensors but the request has {len(request.inputs)} inputs"
@@ -190,7 +201,7 @@ def validate_request(request: grpc_service_pb2.ModelInferRequest, signature: Sig
     return batch if batched and batch is not None else 1
 
 
-def _check_raw(name: str, datatype: str, shape: Sequence[int], elements: int, data: bytes) -> None:
+def _check_raw(name: str, datatype: str, shape: Sequence[int], elements: int, data: bytes | memoryview) -> None:
     size = datatype_size(datatype)
     if size is None:
         count = _bytes_count(data, name, elements)
@@ -234,17 +245,21 @@ _INT_RANGES: dict[str, tuple[int, int]] = {
 }
 
 
-def decode_inputs(request: grpc_service_pb2.ModelInferRequest) -> dict[str, np.ndarray]:
+def decode_inputs(
+    request: grpc_service_pb2.ModelInferRequest, raw: Sequence[bytes | memoryview] | None = None
+) -> dict[str, np.ndarray]:
     """Decodes the inputs of a validated request.
 
-    Raw fixed-size tensors are zero-copy, read-only views of the message bytes. BYTES tensors become
+    Raw fixed-size tensors are zero-copy, read-only views of the message bytes (or of ``raw``, every
+    input's raw contents in input order when given: inputs read from shared memory). BYTES tensors become
     object arrays of ``bytes``; BF16 tensors ``uint16`` arrays of their bit patterns.
 
     Raises:
         InvalidArgument: If a typed INT8/INT16/UINT8/UINT16 value does not fit its datatype.
     """
     out: dict[str, np.ndarray] = {}
-    raw = request.raw_input_contents
+    if raw is None:
+        raw = request.raw_input_contents
     for index, tensor in enumerate(request.inputs):
         shape = tuple(tensor.shape)
         datatype = tensor.datatype
@@ -265,7 +280,7 @@ def decode_inputs(request: grpc_service_pb2.ModelInferRequest) -> dict[str, np.n
     return out
 
 
-def _split_bytes(data: bytes) -> list[bytes]:
+def _split_bytes(data: bytes | memoryview) -> list[bytes]:
     items, offset = [], 0
     view = memoryview(data)
     while offset < len(data):
@@ -303,6 +318,60 @@ def _raw_output(value: np.ndarray | torch.Tensor) -> tuple[str, tuple[int, ...],
     if datatype == "BYTES":
         return datatype, array.shape, encode_bytes(array)
     return datatype, array.shape, np.ascontiguousarray(array, dtype=_RAW_DTYPES[datatype]).tobytes()
+
+
+def raw_output(value: np.ndarray | torch.Tensor) -> tuple[str, tuple[int, ...], bytes]:
+    """An output tensor's KServe datatype, shape and raw contents.
+
+    Raises:
+        InvalidArgument: The tensor has no KServe datatype.
+    """
+    return _raw_output(value)
+
+
+def write_raw_output(value: np.ndarray | torch.Tensor, into: memoryview, name: str) -> tuple[str, tuple[int, ...], int]:
+    """Writes an output tensor's raw contents at the start of ``into`` (a shared-memory window) with one copy.
+
+    Returns:
+        The output's datatype, shape and the number of bytes written.
+
+    Raises:
+        InvalidArgument: The tensor has no KServe datatype, or does not fit ``into``.
+    """
+    array = value if isinstance(value, np.ndarray) else None
+    datatype = None if array is None else _NUMPY_DATATYPES.get(array.dtype.str)
+    if array is None or datatype is None:  # torch, BF16, BYTES, other byte orders: through the encoder
+        datatype, shape, data = _raw_output(value)
+        _fits(name, len(data), len(into))
+        into[: len(data)] = data
+        return datatype, tuple(shape), len(data)
+    _fits(name, array.nbytes, len(into))
+    np.copyto(np.ndarray(array.shape, dtype=array.dtype, buffer=into), array, casting="no")
+    return datatype, array.shape, array.nbytes
+
+
+def _fits(name: str, size: int, room: int) -> None:
+    if size > room:
+        raise InvalidArgument(
+            f"output '{name}': {size} bytes do not fit its shared-memory window of {room} bytes "
+            "(shared_memory_byte_size)"
+        )
+
+
+# Native little-endian numpy dtypes written to shared memory as they are (one memcpy).
+_NUMPY_DATATYPES: dict[str, str] = {
+    dtype.str: datatype for datatype, dtype in _RAW_DTYPES.items() if datatype != "BF16"
+}
+
+
+def mark_shared_output(
+    output: grpc_service_pb2.ModelInferResponse.InferOutputTensor, region: str, byte_size: int, offset: int
+) -> None:
+    """Says in an output's parameters where its data was written (its raw contents stay empty, as Triton's)."""
+    output.parameters["shared_memory_region"].string_param = region
+    output.parameters["shared_memory_byte_size"].int64_param = byte_size
+    if offset:
+        output.parameters["shared_memory_offset"].int64_param = offset
 
 
 def encode_response(

@@ -74,7 +74,7 @@ class ServingMesh:
         self._servers: list[Any] = []
         self._channels: list[grpc.aio.Channel] = []
 
-    async def start(self, **scheduler_settings: Any) -> None:
+    async def start(self, gateway_settings: dict[str, Any] | None = None, **scheduler_settings: Any) -> None:
         from services.gateway.main import start as start_gateway
         from services.gateway.settings import GatewaySettings
         from services.registry.main import start as start_registry
@@ -101,6 +101,7 @@ class ServingMesh:
                 gateway_scheduler_address=self.scheduler_address,
                 gateway_registry_address=self.registry_address,
                 **common,
+                **(gateway_settings or {}),
             )
         )
         self._servers.append(gateway)

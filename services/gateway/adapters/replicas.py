@@ -13,10 +13,12 @@ from maas.inference.v1 import worker_pb2 as wpb
 from opentelemetry import propagate
 
 from services.gateway.adapters.streams import StreamLink, StreamUnsupported
+from services.gateway.core.shm import SharedMemoryUnreachable
 from services.gateway.core.statistics import BatchStats, Duration, VersionStats
+from shared.errors import FailedPrecondition
 from shared.grpc.channel import make_channel
 from shared.grpc.status import from_rpc_error
-from shared.kserve.metadata import VERSION_KEY
+from shared.kserve.metadata import SHARED_MEMORY_UNREACHABLE, VERSION_KEY
 from shared.settings import CommonSettings
 
 log = structlog.get_logger("maas.gateway.replicas")
@@ -35,7 +37,7 @@ class _Worker:
     """A channel to one worker, its method callables (identity serializers for the data plane: bytes in,
     bytes out), and its InferStream link (None: plain calls)."""
 
-    __slots__ = ("channel", "link", "send_one", "statistics", "stream")
+    __slots__ = ("channel", "link", "send_one", "shared_memory_unreachable", "statistics", "stream")
 
     def __init__(
         self,
@@ -48,6 +50,8 @@ class _Worker:
     ) -> None:
         self.channel = channel
         self.send_one = send_one  # ModelInfer, the request bytes unchanged
+        # Learnt from the worker's first answer to a request by reference: it cannot map our shared memory.
+        self.shared_memory_unreachable = False
         self.stream = channel.stream_stream(_STREAM)
         self.statistics = channel.unary_unary(
             _STATISTICS,
@@ -159,15 +163,38 @@ class ReplicaPool:
             propagate.inject(carrier)
         return carrier
 
-    async def infer(self, address: str, version: int, payload: bytes, timeout: float | None) -> bytes:
+    async def infer(
+        self, address: str, version: int, payload: bytes, timeout: float | None, shared_memory: bytes = b""
+    ) -> bytes:
         worker = self._worker(address)
         link = worker.link
+        if shared_memory:
+            return await self._infer_by_reference(worker, version, payload, timeout, shared_memory)
         if link is not None and not link.unsupported:
             try:
                 return await link.infer(payload, version, timeout, self._trace_context().get("traceparent", ""))
             except StreamUnsupported:
                 log.info("worker_without_infer_stream", address=address)
         return await worker.send_one(payload, version, timeout)
+
+    async def _infer_by_reference(
+        self, worker: _Worker, version: int, payload: bytes, timeout: float | None, shared_memory: bytes
+    ) -> bytes:
+        """A request whose tensors the worker maps itself; only an InferStream entry carries the windows."""
+        link = worker.link
+        if link is None or link.unsupported or worker.shared_memory_unreachable:
+            raise SharedMemoryUnreachable
+        windows = wpb.SharedMemoryTensors.FromString(shared_memory)
+        traceparent = self._trace_context().get("traceparent", "")
+        try:
+            return await link.infer(payload, version, timeout, traceparent, shared_memory=windows)
+        except StreamUnsupported:
+            raise SharedMemoryUnreachable from None
+        except FailedPrecondition as exc:
+            if exc.reason != SHARED_MEMORY_UNREACHABLE:
+                raise
+            worker.shared_memory_unreachable = True
+            raise SharedMemoryUnreachable from None
 
     async def stream(self, address: str, version: int, payload: bytes, timeout: float | None) -> AsyncIterator[bytes]:
         call = self._worker(address).stream(iter((payload,)), timeout=timeout, metadata=self._version_metadata(version))

@@ -216,8 +216,16 @@ class StreamLink:
         if self._stream is stream:
             self._stream = None
 
-    async def infer(self, payload: bytes, version: int, timeout: float | None, traceparent: str = "") -> bytes:
-        """Sends one serialized ModelInferRequest and returns the serialized response.
+    async def infer(
+        self,
+        payload: bytes,
+        version: int,
+        timeout: float | None,
+        traceparent: str = "",
+        shared_memory: wpb.SharedMemoryTensors | None = None,
+    ) -> bytes:
+        """Sends one serialized ModelInferRequest (with the shared-memory windows its worker maps, if any)
+        and returns the serialized response.
 
         Raises:
             shared.errors.MaasError: The worker's error for this request; DeadlineExceeded when ``timeout``
@@ -237,9 +245,12 @@ class StreamLink:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bytes] = loop.create_future()
         stream.pending[request_id] = future
-        stream.send(
-            Entry(id=request_id, request=payload, version=version, timeout_s=_seconds(timeout), traceparent=traceparent)
+        entry = Entry(
+            id=request_id, request=payload, version=version, timeout_s=_seconds(timeout), traceparent=traceparent
         )
+        if shared_memory is not None:
+            entry.shared_memory.CopyFrom(shared_memory)
+        stream.send(entry)
         timer = None
         if timeout is not None:
             timer = loop.call_later(max(timeout, 0.0), self._expire, stream, request_id, future, timeout)

@@ -22,13 +22,16 @@ from google.protobuf.message import DecodeError
 from inference import grpc_service_pb2 as kpb
 
 from services.gateway.api import convert
+from services.gateway.api.shm import REGION, SharedMemoryRequest, uses_shared_memory
 from services.gateway.core.control import Repository
+from services.gateway.core.model import Route
 from services.gateway.core.service import Gateway
-from shared.errors import DeadlineExceeded, InvalidArgument, MaasError
+from services.gateway.core.shm import SharedMemoryCall, SharedMemoryRegions
+from shared.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, MaasError
 from shared.kserve.batching import BatchingSettings
 from shared.kserve.codec import validate_request
 from shared.kserve.convert import model_config_pb, model_metadata_pb
-from shared.security.access import Access, caller_scope, rules
+from shared.security.access import Access, caller_owner, caller_scope, rules
 
 SERVICE_NAME = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 # Who may call what (shared.security.access): an inference key serves and describes models; the
@@ -48,10 +51,17 @@ AUTHORIZATION = rules(
         "RepositoryIndex": Access.DEVELOPER,
         "RepositoryModelLoad": Access.DEVELOPER,
         "RepositoryModelUnload": Access.DEVELOPER,
+        # Serving with shared memory is inference; the regions belong to the caller's tenant.
+        "SystemSharedMemoryStatus": Access.INFERENCE,
+        "SystemSharedMemoryRegister": Access.INFERENCE,
+        "SystemSharedMemoryUnregister": Access.INFERENCE,
     },
 )
-# Only extensions whose semantics the gateway implements (no shared memory, no binary tensor data).
+# Only extensions whose semantics the gateway implements (no CUDA shared memory, no binary tensor data);
+# system shared memory only when enabled (off by default, as in Triton).
 EXTENSIONS = ("model_repository", "statistics", "model_configuration")
+SHARED_MEMORY_EXTENSION = "system_shared_memory"
+SHARED_MEMORY_RPCS = ("SystemSharedMemoryStatus", "SystemSharedMemoryRegister", "SystemSharedMemoryUnregister")
 
 
 def _version() -> str:
@@ -80,6 +90,8 @@ class InferenceServicer:
         repository: The model repository RPCs.
         statistics_timeout_s: Deadline of each worker's ModelStatistics call.
         load_timeout_s: Longest RepositoryModelLoad waits for READY (a shorter client deadline wins).
+        shared_memory: The system shared-memory regions; None: the extension is off (its RPCs, and requests
+            naming a region, answer FAILED_PRECONDITION, after authentication as every RPC).
     """
 
     def __init__(
@@ -92,6 +104,7 @@ class InferenceServicer:
         stream_max_in_flight: int = 64,
         stream_buffer: int = 256,
         stream_idle_s: float = 300.0,
+        shared_memory: SharedMemoryRegions | None = None,
     ) -> None:
         self._gateway = gateway
         self._repository = repository
@@ -100,7 +113,9 @@ class InferenceServicer:
         self._stream_max_in_flight = stream_max_in_flight
         self._stream_buffer = stream_buffer
         self._stream_idle_s = stream_idle_s
-        self._metadata = kpb.ServerMetadataResponse(name="maas", version=_version(), extensions=EXTENSIONS)
+        self.shared_memory = shared_memory
+        extensions = (*EXTENSIONS, SHARED_MEMORY_EXTENSION) if shared_memory is not None else EXTENSIONS
+        self._metadata = kpb.ServerMetadataResponse(name="maas", version=_version(), extensions=extensions)
 
     async def ServerLive(self, request: kpb.ServerLiveRequest, context: Any) -> kpb.ServerLiveResponse:
         return kpb.ServerLiveResponse(live=True)
@@ -141,8 +156,52 @@ class InferenceServicer:
         request = _parse_infer(data)
         timeout = context.time_remaining()
         route = await self._gateway.route(request.model_name, request.model_version, timeout, caller_scope())
+        if uses_shared_memory(request):
+            return await self._infer_shared(request, route, context.time_remaining())
         validate_request(request, route.served.signature, route.served.max_batch_size)
         return await self._gateway.infer(route, data, context.time_remaining())
+
+    async def _infer_shared(self, request: kpb.ModelInferRequest, route: Route, timeout: float | None) -> bytes:
+        """A request whose inputs or outputs name shared-memory regions of the caller's tenant."""
+        regions = self._regions()
+        plan = SharedMemoryRequest.resolve(request, regions, caller_owner())
+        validate_request(request, route.served.signature, route.served.max_batch_size, raw=plan.raw)
+        payload, windows = plan.by_reference(request)
+        call = SharedMemoryCall(payload, windows, lambda: plan.inline(request), plan.write_outputs)
+        return await self._gateway.infer(route, payload, timeout, shared=call)
+
+    def _regions(self) -> SharedMemoryRegions:
+        if self.shared_memory is None:
+            raise FailedPrecondition(
+                f"system shared memory is not enabled on this server (parameter '{REGION}'); send the data "
+                "in the request",
+                reason="SHARED_MEMORY_DISABLED",
+            )
+        return self.shared_memory
+
+    async def SystemSharedMemoryRegister(
+        self, request: kpb.SystemSharedMemoryRegisterRequest, context: Any
+    ) -> kpb.SystemSharedMemoryRegisterResponse:
+        self._regions().register(caller_owner(), request.name, request.key, request.offset, request.byte_size)
+        return kpb.SystemSharedMemoryRegisterResponse()
+
+    async def SystemSharedMemoryStatus(
+        self, request: kpb.SystemSharedMemoryStatusRequest, context: Any
+    ) -> kpb.SystemSharedMemoryStatusResponse:
+        response = kpb.SystemSharedMemoryStatusResponse()
+        for region in self._regions().status(caller_owner(), request.name):
+            response.regions[region.name].CopyFrom(
+                kpb.SystemSharedMemoryStatusResponse.RegionStatus(
+                    name=region.name, key=region.key, offset=region.offset, byte_size=region.byte_size
+                )
+            )
+        return response
+
+    async def SystemSharedMemoryUnregister(
+        self, request: kpb.SystemSharedMemoryUnregisterRequest, context: Any
+    ) -> kpb.SystemSharedMemoryUnregisterResponse:
+        self._regions().unregister(caller_owner(), request.name)
+        return kpb.SystemSharedMemoryUnregisterResponse()
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
@@ -170,6 +229,8 @@ class InferenceServicer:
             request = None
             try:
                 request = _parse_infer(data)
+                if uses_shared_memory(request):
+                    raise InvalidArgument("shared-memory inputs and outputs are served on ModelInfer only")
                 route = await self._gateway.route(
                     request.model_name, request.model_version, context.time_remaining(), scope
                 )
@@ -290,6 +351,7 @@ def handlers(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
             "RepositoryIndex",
             "RepositoryModelLoad",
             "RepositoryModelUnload",
+            *SHARED_MEMORY_RPCS,
         )
     }
     # No (de)serializers: the handler sees the request's bytes and returns the worker's bytes.

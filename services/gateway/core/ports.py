@@ -12,11 +12,17 @@ from services.gateway.core.statistics import VersionStats
 class Replicas(Protocol):
     """The data plane of the inference workers, by address."""
 
-    async def infer(self, address: str, version: int, payload: bytes, timeout: float | None) -> bytes:
+    async def infer(
+        self, address: str, version: int, payload: bytes, timeout: float | None, shared_memory: bytes = b""
+    ) -> bytes:
         """Forward a serialized ModelInferRequest; returns the serialized ModelInferResponse.
+
+        ``shared_memory`` (``SharedMemoryCall.windows``) names the windows the worker reads its inputs from
+        and writes its outputs to, on this host.
 
         Raises:
             shared.errors.MaasError: The worker's error (Unavailable when the replica is gone or draining).
+            services.gateway.core.shm.SharedMemoryUnreachable: The worker cannot use ``shared_memory``.
         """
         ...
 

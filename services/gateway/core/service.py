@@ -12,6 +12,7 @@ from services.gateway.core.load import LoadTracker
 from services.gateway.core.model import Deployment, Endpoint, Route
 from services.gateway.core.ports import Replicas
 from services.gateway.core.router import Router
+from services.gateway.core.shm import SharedMemoryCall, SharedMemoryUnreachable
 from services.gateway.core.statistics import VersionStats, merge
 from services.gateway.core.table import EndpointTable, served_version
 from shared.errors import DeadlineExceeded, MaasError, NotFound, ResourceExhausted, Unavailable
@@ -151,12 +152,15 @@ class Gateway:
             raise DeadlineExceeded(f"deadline exceeded before model '{route.deployment.name}' could answer")
         return route, endpoint, remaining
 
-    async def infer(self, route: Route, payload: bytes, timeout: float | None) -> bytes:
+    async def infer(
+        self, route: Route, payload: bytes, timeout: float | None, shared: SharedMemoryCall | None = None
+    ) -> bytes:
         """Forward ``payload`` (a serialized ModelInferRequest) to a replica of ``route``'s version.
 
         Holds while no replica is ready (the deployment scales from zero or replicas restart) and retries
         another replica when one answers UNAVAILABLE, within ``timeout`` seconds (None: no deadline; then
-        holding is bounded by ``max_hold_s``).
+        holding is bounded by ``max_hold_s``). A request using shared memory (``shared``; ``payload`` is
+        then unused) goes by reference to a replica on this host, inline to another.
 
         Raises:
             shared.errors.MaasError: DeadlineExceeded or Unavailable when no replica could answer in time;
@@ -171,6 +175,8 @@ class Gateway:
                 address = endpoint.address
                 self._router.acquire(address)
                 try:
+                    if shared is not None:
+                        return await self._infer_shared(address, route.version, shared, remaining)
                     return await self._replicas.infer(address, route.version, payload, remaining)
                 except Unavailable as exc:
                     self._failed(route, endpoint, attempts, exc)
@@ -178,6 +184,13 @@ class Gateway:
                     self._router.release(address)
         finally:
             self.load.end(name)
+
+    async def _infer_shared(self, address: str, version: int, shared: SharedMemoryCall, timeout: float | None) -> bytes:
+        try:
+            return await self._replicas.infer(address, version, shared.payload, timeout, shared.windows)
+        except SharedMemoryUnreachable:
+            pass  # the replica cannot see this host's shared memory: the data travels in the request
+        return shared.finish_inline(await self._replicas.infer(address, version, shared.inline(), timeout))
 
     async def stream(self, route: Route, payload: bytes, timeout: float | None) -> AsyncIterator[bytes]:
         """Like :meth:`infer` on a worker's ModelStreamInfer: yields the serialized stream responses.

@@ -1,26 +1,59 @@
-"""Artifacts from the registry, cached on local disk by their sha256."""
+"""Artifacts from the registry, cached on local disk by their sha256 and verified on every load.
+
+Replicas on one node share the cache directory. A per-digest lock file (``fcntl.flock``) lets one process
+at a time check, download or evict an entry, and a download lands in ``<digest>.safetensors.part`` and is
+renamed into place only once its digest matches: a reader never sees a half-written or unverified file,
+and a download interrupted by a crash resumes from the ``.part`` the next time.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
+import os
 import re
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import structlog
 from maas.registry.v1 import registry_pb2 as pb
 
-from shared.clients.registry import RegistryClient
-from shared.errors import Unavailable
+from services.inference.core.host import FetchedArtifact
+from shared.artifacts import signing
+from shared.clients.registry import RegistryClient, sha256_file
+from shared.errors import DataLoss, InvalidArgument, Unavailable
 
 __all__ = ["RegistryArtifactSource"]
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+# How often a replica waiting for another one's download of the same digest looks again.
+_LOCK_POLL_S = 0.05
+log = structlog.get_logger("maas.inference")
+
+
+@contextlib.asynccontextmanager
+async def _file_lock(path: Path) -> AsyncIterator[None]:
+    """An exclusive lock between processes. Polled without blocking, so a cancelled wait leaves nothing behind."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                await asyncio.sleep(_LOCK_POLL_S)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 class RegistryArtifactSource:
-    """Downloads versions (sha256-verified by the client) into ``cache_dir/<sha256>.safetensors``.
+    """Downloads versions into ``cache_dir/<sha256>.safetensors`` and re-hashes them on every fetch.
 
-    Files are named by the registry's digest, never by client input, so a model name cannot steer a path;
-    a cached file of the right size is reused (the download verified its digest when it was written).
+    Files are named by the registry's digest, never by client input, so a model name cannot steer a path.
+    A cached file is never trusted for its size alone: every fetch hashes it, and one whose bytes changed
+    (a flipped bit on disk, a tampered cache) is evicted and downloaded again.
     """
 
     def __init__(self, client: RegistryClient, cache_dir: Path) -> None:
@@ -28,18 +61,76 @@ class RegistryArtifactSource:
         self.cache_dir = cache_dir
         self._locks: dict[str, asyncio.Lock] = {}
 
-    async def fetch(self, model: str, version: int) -> Path:
+    async def fetch(self, model: str, version: int) -> FetchedArtifact:
         ref = pb.VersionRef(model=model, version=str(version))
         info: pb.Version = (await self.client.call("GetVersion", pb.GetVersionRequest(ref=ref))).version
         if not _SHA256.fullmatch(info.sha256):
             raise Unavailable(f"the registry reported a malformed sha256 for {model}:{version}")
         dest = self.cache_dir / f"{info.sha256}.safetensors"
-        async with self._locks.setdefault(info.sha256, asyncio.Lock()):
-            if dest.exists() and dest.stat().st_size == info.size_bytes:
-                return dest
-            await asyncio.to_thread(self.cache_dir.mkdir, parents=True, exist_ok=True)
-            await self.client.download_file(ref, dest)
-        return dest
+        await asyncio.to_thread(self.cache_dir.mkdir, parents=True, exist_ok=True)
+        async with (
+            self._locks.setdefault(info.sha256, asyncio.Lock()),
+            _file_lock(self.cache_dir / f"{info.sha256}.lock"),
+        ):
+            cached = False
+            if await asyncio.to_thread(dest.exists):
+                actual = await asyncio.to_thread(sha256_file, dest)
+                cached = actual == info.sha256
+                if not cached:
+                    log.warning("cache_entry_corrupt_evicted", model=model, version=version, sha256=info.sha256)
+                    await asyncio.to_thread(dest.unlink, missing_ok=True)
+            if not cached:
+                await self._download(ref, dest, info.sha256)
+        signers, problem = await self._check_signatures(info)
+        return FetchedArtifact(dest, info.sha256, signers, problem)
+
+    async def _check_signatures(self, info: pb.Version) -> tuple[tuple[str, ...], str]:
+        """The signers whose signatures verify under the tenant's trust policy, and else why none does.
+
+        The bytes were just hashed to ``info.sha256``: a signature verifies when it was made by a trusted key
+        and signs that digest, so the artifact is not hashed again for it.
+        """
+        if not info.signatures:
+            return (), "the version is not signed"
+        request = pb.GetTrustPolicyRequest(model=info.model)
+        policy: pb.GetTrustPolicyResponse = await self.client.call("GetTrustPolicy", request)
+        trusted = {key.key_id: key for key in policy.keys}
+        signers: list[str] = []
+        problems: list[str] = []
+        for signature in info.signatures:
+            key = trusted.get(signature.key_id)
+            if key is None:
+                problems.append(f"key {signature.key_id[:16]} is not trusted by tenant {policy.tenant!r}")
+                continue
+            try:
+                signed = await asyncio.to_thread(signing.verify_with_key, signature.bundle, key.public_key_pem.encode())
+            except signing.SignatureError as exc:
+                problems.append(str(exc))
+                continue
+            if signed.sha256 != info.sha256:
+                problems.append(f"the signature by {key.name!r} signs sha256 {signed.sha256}, not the bytes loaded")
+                continue
+            signers.append(f"{key.name} ({key.key_id[:16]})")
+        return tuple(signers), "; ".join(problems)
+
+    async def _download(self, ref: pb.VersionRef, dest: Path, digest: str) -> None:
+        # The client verifies the digest before it renames the download into place. One retry from scratch
+        # covers a stale .part a crashed process left (its bytes may belong to a different attempt).
+        for attempt in (1, 2):
+            try:
+                version = await self.client.download_file(ref, dest)
+            except InvalidArgument:
+                if attempt == 2:
+                    raise DataLoss(
+                        f"the artifact of {ref.model}:{ref.version} failed verification twice after download",
+                        reason="ARTIFACT_CORRUPT",
+                    ) from None
+                continue
+            if version.sha256 != digest:
+                # The version's bytes cannot change; a different digest means the registry answered oddly.
+                await asyncio.to_thread(dest.unlink, missing_ok=True)
+                raise Unavailable(f"the registry changed its answer for {ref.model}:{ref.version}; retry")
+            return
 
     async def close(self) -> None:
         await self.client.close()

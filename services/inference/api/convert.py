@@ -29,6 +29,8 @@ def loaded_to_pb(served: ServedVersion) -> wpb.LoadedModel:
         memory_bytes=served.memory_bytes,
         device=served.device,
         ongoing=served.ongoing,
+        sha256=served.sha256,
+        signers=list(served.signers),
     )
 
 

@@ -17,6 +17,7 @@ from maas.inference.v1 import worker_pb2_grpc
 
 from services.inference.api import convert
 from services.inference.api.infer import infer_one
+from services.inference.api.shm import SharedMemoryMaps
 from services.inference.api.stream import StreamSession
 from services.inference.core.host import ModelHost, ServedVersion
 from shared.errors import MaasError, NotFound
@@ -177,11 +178,18 @@ class WorkerServicer(worker_pb2_grpc.InferenceWorkerServicer):
         self._max_bytes = max_stream_message_bytes
         self._draining = asyncio.Event()
         self._sessions: set[StreamSession] = set()
+        # Shared by every stream: a region mapped once serves all of them.
+        self._shared_memory = SharedMemoryMaps()
 
     async def LoadModel(
         self, request: wpb.LoadModelRequest, context: grpc.aio.ServicerContext
     ) -> wpb.LoadModelResponse:
-        served = await self._host.load(request.ref.model, request.ref.version, batching_from_pb(request.batching))
+        served = await self._host.load(
+            request.ref.model,
+            request.ref.version,
+            batching_from_pb(request.batching),
+            require_signature=request.require_signature,
+        )
         return wpb.LoadModelResponse(model=convert.loaded_to_pb(served))
 
     async def UnloadModel(
@@ -203,7 +211,7 @@ class WorkerServicer(worker_pb2_grpc.InferenceWorkerServicer):
     ) -> AsyncIterator[wpb.InferStreamResponse]:
         # The gateway writes nothing before this arrives (the stream is accepted).
         await context.send_initial_metadata((STREAM_ACCEPTED,))
-        session = StreamSession(self._host, self._draining, self._max_bytes)
+        session = StreamSession(self._host, self._draining, self._max_bytes, self._shared_memory)
         self._sessions.add(session)
         try:
             async with aclosing(session.serve(requests)) as responses:

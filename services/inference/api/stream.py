@@ -20,6 +20,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
 
 from services.inference.api.infer import infer_one
+from services.inference.api.shm import SharedMemoryMaps
 from services.inference.core.host import ModelHost
 from shared.errors import InvalidArgument, MaasError, Unavailable
 from shared.grpc.status import status_bytes
@@ -42,14 +43,15 @@ def _entry_span(traceparent: str) -> Iterator[None]:
         yield
 
 
-async def _answer(host: ModelHost, entry: wpb.InferStreamRequest.Entry) -> Result:
+async def _answer(host: ModelHost, entry: wpb.InferStreamRequest.Entry, maps: SharedMemoryMaps) -> Result:
     try:
         request = kpb.ModelInferRequest.FromString(entry.request)
     except DecodeError:
         return Result(id=entry.id, status=status_bytes(InvalidArgument("undecodable ModelInferRequest")))
     with _entry_span(entry.traceparent):
         try:
-            response = await infer_one(host, request, entry.version or None, entry.timeout_s or None)
+            shared = (entry.shared_memory, maps) if entry.HasField("shared_memory") else None
+            response = await infer_one(host, request, entry.version or None, entry.timeout_s or None, shared)
         except MaasError as exc:
             return Result(id=entry.id, status=status_bytes(exc))
     return Result(id=entry.id, response=response.SerializeToString())
@@ -63,10 +65,14 @@ class StreamSession:
         draining: Set when the worker stops: new entries are answered UNAVAILABLE (the gateway retries them
             elsewhere) and the stream ends once the running ones are answered.
         max_bytes: Bytes of results one response message may carry (one larger result goes alone).
+        shared_memory: The worker's shared-memory mappings (entries that name windows).
     """
 
-    def __init__(self, host: ModelHost, draining: asyncio.Event, max_bytes: int) -> None:
+    def __init__(
+        self, host: ModelHost, draining: asyncio.Event, max_bytes: int, shared_memory: SharedMemoryMaps | None = None
+    ) -> None:
         self._host = host
+        self._maps = shared_memory or SharedMemoryMaps()
         self._draining = draining
         self._max_bytes = max_bytes
         self._tasks: dict[int, asyncio.Task[None]] = {}
@@ -84,7 +90,7 @@ class StreamSession:
 
     async def _run(self, entry: wpb.InferStreamRequest.Entry) -> None:
         try:
-            result = await _answer(self._host, entry)
+            result = await _answer(self._host, entry, self._maps)
         finally:
             # A cancelled id may already be reused by a newer entry: only forget our own task.
             if self._tasks.get(entry.id) is asyncio.current_task():

@@ -23,22 +23,35 @@ from services.inference.core.observer import NULL_HOST_OBSERVER, HostObserver
 from services.inference.core.runner import TorchRunner, model_bytes
 from services.inference.core.stats import BatchTimings, VersionStats
 from shared.artifacts import ArtifactError, Manifest, Signature, build_model, load_artifact, read_manifest
-from shared.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from shared.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from shared.kserve.batching import BatchingSettings
 
-__all__ = ["ArtifactSource", "ModelHost", "ServedVersion"]
+__all__ = ["ArtifactSource", "FetchedArtifact", "ModelHost", "ServedVersion"]
 
 log = structlog.get_logger("maas.inference")
+
+
+@dataclass(frozen=True)
+class FetchedArtifact:
+    """A local artifact whose bytes were hashed for this load and matched the version's digest."""
+
+    path: Path
+    sha256: str
+    #: Signers whose signatures verified against these bytes under the tenant's trust policy.
+    trusted_signers: tuple[str, ...] = ()
+    #: Why no signature counts, when none does (shown in the FAILED_PRECONDITION of a required signature).
+    signature_problem: str = "the version is not signed"
 
 
 class ArtifactSource(Protocol):
     """Where artifacts come from (the registry, in production)."""
 
-    async def fetch(self, model: str, version: int) -> Path:
-        """Returns a local path to the version's verified artifact.
+    async def fetch(self, model: str, version: int) -> FetchedArtifact:
+        """Returns the version's artifact, verified against its digest (cache included) for this load.
 
         Raises:
             NotFound: If the registry has no such version.
+            DataLoss: If no copy whose bytes match the digest can be had.
         """
         ...
 
@@ -55,6 +68,9 @@ class ServedVersion:
     stats: VersionStats
     memory_bytes: int
     device: str
+    #: The digest of the bytes loaded, and who signed them (trusted signers; empty: none).
+    sha256: str = ""
+    signers: tuple[str, ...] = ()
     last_used: float = field(default_factory=time.monotonic)
     streams: int = 0
     closing: bool = False
@@ -152,12 +168,18 @@ class ModelHost:
     def memory_used_bytes(self) -> int:
         return sum(v.memory_bytes for v in self._versions.values())
 
-    async def load(self, model: str, version: int, batching: BatchingSettings) -> ServedVersion:
-        """Downloads, loads and warms up a version; a loaded one only takes the new batching settings.
+    async def load(
+        self, model: str, version: int, batching: BatchingSettings, *, require_signature: bool = False
+    ) -> ServedVersion:
+        """Downloads, verifies, loads and warms up a version; a loaded one only takes the new batching settings.
+
+        Every load re-hashes the bytes (cached ones too); with ``require_signature`` a signature by a key the
+        tenant trusts must verify against them, before anything is loaded.
 
         Raises:
             InvalidArgument: If the reference is malformed or the artifact cannot be loaded.
             NotFound: If the registry has no such version.
+            FailedPrecondition: If a signature is required and none verifies under the trust policy.
             ResourceExhausted: If the version does not fit the memory budget, even after unloading every
                 idle version.
         """
@@ -166,9 +188,21 @@ class ModelHost:
         async with self._load_lock:
             served = self._versions.get((model, version))
             if served is not None and not served.closing:
+                if require_signature and not served.signers:
+                    raise FailedPrecondition(
+                        f"model {model}:{version} is loaded here unsigned; a signature is required",
+                        reason="SIGNATURE_REQUIRED",
+                    )
                 served.batcher.update(batching)
                 return served
-            path = await self.source.fetch(model, version)
+            artifact = await self.source.fetch(model, version)
+            if require_signature and not artifact.trusted_signers:
+                raise FailedPrecondition(
+                    f"model {model}:{version} cannot be loaded where a signature is required: "
+                    f"{artifact.signature_problem}",
+                    reason="SIGNATURE_REQUIRED",
+                )
+            path = artifact.path
             planned = await asyncio.to_thread(_planned_bytes, path)
             if planned > self.memory_budget_bytes:
                 raise ResourceExhausted(
@@ -192,7 +226,18 @@ class ModelHost:
                 merge=not runner.streaming and batching.max_batch_size > 1,
                 max_queue_bytes=self.max_queue_bytes,
             )
-            served = ServedVersion(model, version, manifest, runner, batcher, stats, size, self.device)
+            served = ServedVersion(
+                model,
+                version,
+                manifest,
+                runner,
+                batcher,
+                stats,
+                size,
+                self.device,
+                sha256=artifact.sha256,
+                signers=artifact.trusted_signers,
+            )
             served.streams_idle.set()
             self._versions[served.key] = served
             log.info("model_loaded", model=model, version=version, bytes=size, device=self.device)

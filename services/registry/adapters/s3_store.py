@@ -4,6 +4,9 @@ Uploads spool to a local temporary file while they are hashed (the key is the di
 end), then go to ``<prefix>sha256/<digest>`` in one managed (multipart, parallel) upload; an object appears
 whole or not at all, so a crash leaves at most a local temp file, removed at the next start. Downloads
 stream ranged GETs. Credentials come from boto3's usual chain (environment, config files, instance roles).
+With a ``BlobCipher`` objects are encrypted in the spool as they arrive (the bucket only ever holds
+ciphertext) and decrypted chunk by chunk on the way out; a resumed download starts its ranged GET at the
+ciphertext chunk holding its offset.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from botocore.exceptions import ClientError
 
 from services.registry.adapters.local_store import LocalWriter
 from services.registry.core.ports import ArtifactWriter
+from shared.artifacts.crypto import BlobCipher
 
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
@@ -31,7 +35,19 @@ _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 class S3ArtifactStore:
     """Implements ``core.ports.ArtifactStore`` on a bucket (and key prefix)."""
 
-    def __init__(self, url: str, spool_dir: Path, endpoint_url: str | None = None, client: Any = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        spool_dir: Path,
+        endpoint_url: str | None = None,
+        client: Any = None,
+        cipher: BlobCipher | None = None,
+        *,
+        encrypt: bool = True,
+    ) -> None:
+        # ``cipher`` reads encrypted objects; new ones are encrypted with it when ``encrypt`` is set.
+        self.cipher = cipher
+        self.encrypt = encrypt and cipher is not None
         if not url.startswith("s3://"):
             raise ValueError(f"not an s3:// URL: {url!r}")
         bucket, _, prefix = url.removeprefix("s3://").partition("/")
@@ -52,7 +68,9 @@ class S3ArtifactStore:
         return shutil.disk_usage(self._spool).free
 
     def writer(self) -> LocalWriter:
-        return LocalWriter(self._spool / f"{uuid.uuid4().hex}.part")
+        return LocalWriter(
+            self._spool / f"{uuid.uuid4().hex}.part", self.cipher.encryptor() if self.cipher and self.encrypt else None
+        )
 
     def commit(self, writer: ArtifactWriter) -> bool:
         assert isinstance(writer, LocalWriter), "writers come from this store"
@@ -76,6 +94,11 @@ class S3ArtifactStore:
             raise
 
     def read(self, sha256: str, offset: int, chunk_size: int) -> Iterator[bytes]:
+        if self.cipher is None:
+            return self._read_raw(sha256, offset, chunk_size)
+        return self.cipher.read(lambda at: self._read_raw(sha256, at, 1024 * 1024), offset, chunk_size)
+
+    def _read_raw(self, sha256: str, offset: int, chunk_size: int) -> Iterator[bytes]:
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": self._key(sha256)}
         if offset:
             kwargs["Range"] = f"bytes={offset}-"
@@ -98,7 +121,12 @@ class S3ArtifactStore:
     def local_copy(self, sha256: str) -> Iterator[Path]:
         with tempfile.TemporaryDirectory(dir=self._spool) as tmp:
             path = Path(tmp) / sha256
-            self._s3.download_file(self.bucket, self._key(sha256), str(path))
+            if self.cipher is None:
+                self._s3.download_file(self.bucket, self._key(sha256), str(path))
+            else:
+                with path.open("xb") as out:
+                    for block in self.read(sha256, 0, 4 * 1024 * 1024):
+                        out.write(block)
             yield path
 
     def delete(self, sha256: str) -> None:

@@ -8,7 +8,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from maas.common.v1 import common_pb2
 from maas.registry.v1 import registry_pb2 as pb
 
-from services.registry.core.model import Alias, Event, Lineage, Model, UploadRequest, Version
+from services.registry.core.model import Alias, Event, Lineage, Model, TrustedKey, UploadRequest, Version
 from shared.artifacts import Manifest
 
 
@@ -80,6 +80,25 @@ def version_to_pb(version: Version) -> pb.Version:
         lineage=lineage_to_pb(version.lineage),
         aliases=list(version.aliases),
         create_time=timestamp(version.create_time),
+        signatures=[
+            pb.VersionSignature(
+                key_id=sig.key_id,
+                sha256=sig.sha256,
+                bundle=sig.bundle,
+                public_key_pem=sig.public_key_pem.decode(),
+                create_time=timestamp(sig.create_time),
+            )
+            for sig in version.signatures
+        ],
+    )
+
+
+def trusted_key_to_pb(key: TrustedKey) -> pb.TrustedKey:
+    return pb.TrustedKey(
+        name=key.name,
+        key_id=key.key_id,
+        public_key_pem=key.public_key_pem.decode(),
+        create_time=timestamp(key.create_time),
     )
 
 

@@ -46,6 +46,11 @@ AUTHORIZATION = rules(
         "DeleteAlias": Access.DEVELOPER,
         "ListAliases": Access.DEVELOPER,
         "WatchEvents": Access.DEVELOPER,
+        "SignVersion": Access.DEVELOPER,
+        "GetTrustPolicy": Access.DEVELOPER,
+        # What a tenant's deployments trust is an administrator's call, as protected aliases are.
+        "AddTrustedKey": Access.ADMIN,
+        "RemoveTrustedKey": Access.ADMIN,
     },
 )
 
@@ -188,6 +193,40 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     ) -> pb.ListAliasesResponse:
         aliases = await self._core.list_aliases(request.model, tenant=caller_scope())
         return pb.ListAliasesResponse(aliases=[convert.alias_to_pb(a) for a in aliases])
+
+    async def SignVersion(
+        self, request: pb.SignVersionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SignVersionResponse:
+        version = await self._core.sign_version(
+            request.ref.model,
+            request.ref.version,
+            request.signature,
+            request.public_key_pem.encode(),
+            tenant=caller_scope(),
+        )
+        return pb.SignVersionResponse(version=convert.version_to_pb(version))
+
+    async def GetTrustPolicy(
+        self, request: pb.GetTrustPolicyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetTrustPolicyResponse:
+        if request.model:
+            tenant = await self._core.model_tenant(request.model, tenant=caller_scope())
+        else:
+            tenant = caller_owner()
+        keys = await self._core.trust_policy(tenant)
+        return pb.GetTrustPolicyResponse(tenant=tenant, keys=[convert.trusted_key_to_pb(k) for k in keys])
+
+    async def AddTrustedKey(
+        self, request: pb.AddTrustedKeyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AddTrustedKeyResponse:
+        key = await self._core.add_trusted_key(request.name, request.public_key_pem.encode(), owner=caller_owner())
+        return pb.AddTrustedKeyResponse(key=convert.trusted_key_to_pb(key))
+
+    async def RemoveTrustedKey(
+        self, request: pb.RemoveTrustedKeyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RemoveTrustedKeyResponse:
+        await self._core.remove_trusted_key(request.name, owner=caller_owner())
+        return pb.RemoveTrustedKeyResponse()
 
     async def WatchEvents(
         self, request: pb.WatchEventsRequest, context: grpc.aio.ServicerContext

@@ -38,6 +38,28 @@ class Model:
 
 
 @dataclass(frozen=True)
+class VersionSignature:
+    """An OpenSSF Model Signing bundle over a version's bytes, checked when it was added."""
+
+    key_id: str
+    sha256: str
+    bundle: bytes
+    public_key_pem: bytes
+    create_time: datetime
+
+
+@dataclass(frozen=True)
+class TrustedKey:
+    """A public key whose signatures a tenant's deployments accept."""
+
+    tenant: str
+    name: str
+    key_id: str
+    public_key_pem: bytes
+    create_time: datetime
+
+
+@dataclass(frozen=True)
 class Version:
     model: str
     number: int
@@ -48,6 +70,7 @@ class Version:
     lineage: Lineage
     aliases: tuple[str, ...]
     create_time: datetime
+    signatures: tuple[VersionSignature, ...] = ()
 
 
 @dataclass(frozen=True)

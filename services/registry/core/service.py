@@ -12,10 +12,14 @@ site cannot forget them and silently see every tenant.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
+
+import structlog
 
 from services.registry.core.events import ChangeSignal
 from services.registry.core.ingest import HeaderCollector, check_artifact, check_header_early
@@ -26,18 +30,22 @@ from services.registry.core.model import (
     Model,
     NewVersion,
     Page,
+    TrustedKey,
     UploadRequest,
     Version,
+    VersionSignature,
 )
 from services.registry.core.pipeline import BackgroundWriter
 from services.registry.core.ports import ArtifactStore, ArtifactWriter, Repository
 from services.registry.core.tenancy import ProtectedAliases, model_not_found, name_taken, visible
 from shared import names
-from shared.artifacts import ArtifactError, Manifest, derive_variant
-from shared.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from shared.artifacts import ArtifactError, Manifest, derive_variant, signing
+from shared.artifacts.crypto import BlobIntegrityError
+from shared.errors import DataLoss, FailedPrecondition, InvalidArgument, ResourceExhausted
 from shared.paging import encode_token, parse_page
 
 T = TypeVar("T")
+log = structlog.get_logger("maas.registry")
 MAX_CHUNK_BYTES = 4 * 1024 * 1024
 VARIANTS = ("fp16", "bf16", "int8")
 
@@ -287,13 +295,34 @@ class RegistryCore:
         return version, self._stream(version.sha256, offset, chunk_size or self._chunk)
 
     async def _stream(self, digest: str, offset: int, chunk_size: int) -> AsyncIterator[bytes]:
-        reader = await self._run(self._store.read, digest, offset, chunk_size)
+        """The stored bytes from ``offset``, verified against ``digest`` as they pass.
+
+        The blob is hashed from its first byte whatever the offset (the bytes before it are read, not sent),
+        and the last chunk is held back until the digest matches: a corrupt blob ends the stream with
+        DATA_LOSS before the client holds all of its bytes, and a client verifying its download never
+        accepts them. An encrypted blob's chunks are also authenticated one by one (``BlobIntegrityError``).
+        """
+        reader = await self._run(self._store.read, digest, 0, chunk_size)
+        hasher = hashlib.sha256()
+        position = 0
+        held: bytes | None = None
         try:
             while True:
-                chunk = await self._run(next, reader, b"")
+                chunk = await self._run(_next_hashed, reader, hasher)
                 if not chunk:
-                    return
-                yield chunk
+                    break
+                start, position = position, position + len(chunk)
+                if position <= offset:
+                    continue
+                if held is not None:
+                    yield held
+                held = chunk[offset - start :] if start < offset else chunk
+            if hasher.hexdigest() != digest:
+                raise _corrupt(digest, f"its bytes hash to {hasher.hexdigest()}")
+            if held is not None:
+                yield held
+        except BlobIntegrityError as exc:
+            raise _corrupt(digest, str(exc)) from None
         finally:
             reader.close()  # type: ignore[attr-defined]
 
@@ -341,8 +370,63 @@ class RegistryCore:
 
     def _derive_file(self, digest: str, manifest: Manifest, variant: str, dest: Path) -> Manifest:
         # One thread for fetch and conversion: a remote store's local copy is a download.
-        with self._store.local_copy(digest) as source:
-            return derive_variant(source, manifest, variant, dest)
+        try:
+            with self._store.local_copy(digest) as source:
+                # The parent is verified before new bytes are made from it (hashing is cheap beside conversion).
+                if (actual := _sha256_file(source)) != digest:
+                    raise _corrupt(digest, f"its bytes hash to {actual}")
+                return derive_variant(source, manifest, variant, dest)
+        except BlobIntegrityError as exc:
+            raise _corrupt(digest, str(exc)) from None
+
+    # Signatures and trust -------------------------------------------------------------------------------
+
+    async def sign_version(
+        self, model: str, ref: str, bundle: bytes, public_key_pem: bytes, *, tenant: str | None
+    ) -> Version:
+        """Add an OpenSSF Model Signing signature to a version (new signature, never new bytes).
+
+        The signature must verify with ``public_key_pem`` and sign exactly the version's sha256; whether the
+        key is trusted is each tenant's policy, checked where a version is loaded.
+        """
+        version = await self.get_version(model, ref, tenant=tenant)
+        try:
+            signed = await self._run(signing.verify_with_key, bundle, public_key_pem)
+        except signing.SignatureError as exc:
+            raise InvalidArgument.field("signature", str(exc), reason="BAD_SIGNATURE") from None
+        if signed.sha256 != version.sha256:
+            raise InvalidArgument.field(
+                "signature",
+                f"signs bytes with sha256 {signed.sha256}, not version {version.number}'s {version.sha256}",
+                reason="SIGNATURE_MISMATCH",
+            )
+        record = VersionSignature(
+            key_id=signed.key_id,
+            sha256=signed.sha256,
+            bundle=bundle,
+            public_key_pem=signing.public_key_pem(public_key_pem),
+            create_time=datetime.now(UTC),
+        )
+        return await self._mutate(self._repo.add_signature, model, version.number, record, tenant=tenant)
+
+    async def trust_policy(self, tenant: str) -> list[TrustedKey]:
+        return await self._run(self._repo.trusted_keys, tenant)
+
+    async def model_tenant(self, model: str, *, tenant: str | None) -> str:
+        """The tenant owning ``model``, which the caller must see."""
+        return (await self.get_model(model, tenant=tenant)).tenant
+
+    async def add_trusted_key(self, name: str, public_key_pem: bytes, *, owner: str) -> TrustedKey:
+        names.check_name(name, "name")
+        try:
+            pem = signing.public_key_pem(public_key_pem)
+        except signing.SignatureError as exc:
+            raise InvalidArgument.field("public_key_pem", str(exc), reason="BAD_KEY") from None
+        key = TrustedKey(owner, name, signing.key_id(pem), pem, datetime.now(UTC))
+        return await self._run(self._repo.add_trusted_key, key)
+
+    async def remove_trusted_key(self, name: str, *, owner: str) -> None:
+        await self._run(self._repo.remove_trusted_key, owner, names.check_name(name, "name"))
 
     # Aliases ------------------------------------------------------------------------------------------
 
@@ -443,9 +527,22 @@ class RegistryCore:
         return Page(items=kept, next_page_token=encode_token(key(kept[-1]), query))
 
 
-def _sha256_file(path: Path) -> str:
-    import hashlib
+def _next_hashed(reader: Iterator[bytes], hasher: Any) -> bytes:
+    # Hashing on the reading thread keeps the event loop free (hashlib releases the GIL on large buffers).
+    chunk = next(reader, b"")
+    hasher.update(chunk)
+    return chunk
 
+
+def _corrupt(digest: str, detail: str) -> DataLoss:
+    log.error("artifact_corrupt", sha256=digest, detail=detail)
+    return DataLoss(
+        f"the stored artifact {digest[:12]}... failed its integrity check ({detail}); it is not served",
+        reason="ARTIFACT_CORRUPT",
+    )
+
+
+def _sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         while block := fh.read(MAX_CHUNK_BYTES):

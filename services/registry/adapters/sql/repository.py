@@ -13,8 +13,26 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from services.registry.adapters.sql.tables import aliases, events, model_tags, models, versions
-from services.registry.core.model import Alias, Event, EventType, Lineage, Model, NewVersion, Version
+from services.registry.adapters.sql.tables import (
+    aliases,
+    events,
+    model_tags,
+    models,
+    signatures,
+    trusted_keys,
+    versions,
+)
+from services.registry.core.model import (
+    Alias,
+    Event,
+    EventType,
+    Lineage,
+    Model,
+    NewVersion,
+    TrustedKey,
+    Version,
+    VersionSignature,
+)
 from services.registry.core.tenancy import ProtectedAliases, model_exists, model_not_found, name_taken, visible
 from shared.errors import AlreadyExists, FailedPrecondition, NotFound
 from shared.names import version_number
@@ -112,6 +130,18 @@ class SqlRepository:
             lineage=Lineage(**row.lineage),
             aliases=tuple(names),
             create_time=_utc(row.created_at),
+            signatures=tuple(
+                VersionSignature(
+                    key_id=sig.key_id,
+                    sha256=sig.sha256,
+                    bundle=sig.bundle.encode(),
+                    public_key_pem=sig.public_key_pem.encode(),
+                    create_time=_utc(sig.created_at),
+                )
+                for sig in conn.execute(
+                    sa.select(signatures).where(signatures.c.version_id == row.id).order_by(signatures.c.created_at)
+                ).all()
+            ),
         )
 
     @staticmethod
@@ -238,14 +268,18 @@ class SqlRepository:
             self._event(conn, EventType.VERSION_CREATED, row, version=number)
             return self._get_version(conn, new.model, number, tenant)
 
-    def _get_version(self, conn: sa.Connection, model: str, number: int, tenant: str | None) -> Version:
-        model_row = self._model_row(conn, model, tenant)
+    @staticmethod
+    def _version_row(conn: sa.Connection, model: str, model_id: int, number: int) -> sa.Row[Any]:
         row = conn.execute(
-            sa.select(versions).where(versions.c.model_id == model_row.id, versions.c.number == number)
+            sa.select(versions).where(versions.c.model_id == model_id, versions.c.number == number)
         ).first()
         if row is None:
             raise NotFound(f"model {model!r} has no version {number}", reason="VERSION_NOT_FOUND")
-        return self._to_version(conn, model, model_row.id, row)
+        return row
+
+    def _get_version(self, conn: sa.Connection, model: str, number: int, tenant: str | None) -> Version:
+        model_row = self._model_row(conn, model, tenant)
+        return self._to_version(conn, model, model_row.id, self._version_row(conn, model, model_row.id, number))
 
     def get_version(self, model: str, number: int, *, tenant: str | None) -> Version:
         with self._read() as conn:
@@ -275,6 +309,69 @@ class SqlRepository:
             if after is not None:
                 query = query.where(versions.c.number > after)
             return [self._to_version(conn, model, row.id, v) for v in conn.execute(query).all()]
+
+    # Signatures and trust ------------------------------------------------------------------------------
+
+    def add_signature(self, model: str, number: int, signature: VersionSignature, *, tenant: str | None) -> Version:
+        with self._engine.begin() as conn:
+            model_row = self._model_row(conn, model, tenant)
+            row = self._version_row(conn, model, model_row.id, number)
+            taken = conn.execute(
+                sa.select(signatures.c.key_id).where(
+                    signatures.c.version_id == row.id, signatures.c.key_id == signature.key_id
+                )
+            ).first()
+            if taken is not None:
+                raise AlreadyExists(
+                    f"version {number} of {model!r} is already signed by key {signature.key_id[:16]}",
+                    reason="ALREADY_SIGNED",
+                )
+            conn.execute(
+                signatures.insert().values(
+                    version_id=row.id,
+                    key_id=signature.key_id,
+                    sha256=signature.sha256,
+                    bundle=signature.bundle.decode(),
+                    public_key_pem=signature.public_key_pem.decode(),
+                    created_at=signature.create_time,
+                )
+            )
+            return self._to_version(conn, model, model_row.id, row)
+
+    def trusted_keys(self, tenant: str) -> list[TrustedKey]:
+        with self._read() as conn:
+            rows = conn.execute(
+                sa.select(trusted_keys).where(trusted_keys.c.tenant == tenant).order_by(trusted_keys.c.name)
+            ).all()
+        return [TrustedKey(r.tenant, r.name, r.key_id, r.public_key_pem.encode(), _utc(r.created_at)) for r in rows]
+
+    def add_trusted_key(self, key: TrustedKey) -> TrustedKey:
+        with self._engine.begin() as conn:
+            taken = conn.execute(
+                sa.select(trusted_keys.c.name).where(
+                    trusted_keys.c.tenant == key.tenant, trusted_keys.c.name == key.name
+                )
+            ).first()
+            if taken is not None:
+                raise AlreadyExists(f"a trusted key named {key.name!r} exists; remove it first", reason="KEY_EXISTS")
+            conn.execute(
+                trusted_keys.insert().values(
+                    tenant=key.tenant,
+                    name=key.name,
+                    key_id=key.key_id,
+                    public_key_pem=key.public_key_pem.decode(),
+                    created_at=key.create_time,
+                )
+            )
+        return key
+
+    def remove_trusted_key(self, tenant: str, name: str) -> None:
+        with self._engine.begin() as conn:
+            result = conn.execute(
+                trusted_keys.delete().where(trusted_keys.c.tenant == tenant, trusted_keys.c.name == name)
+            )
+            if not result.rowcount:
+                raise NotFound(f"no trusted key named {name!r}", reason="KEY_NOT_FOUND")
 
     # Aliases ------------------------------------------------------------------------------------------
 

@@ -82,3 +82,27 @@ events = sa.Table(
     sa.Column("alias", sa.String(63), nullable=False, server_default=""),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
 )
+
+# Signatures of versions (OpenSSF Model Signing bundles), at most one per signing key and version.
+signatures = sa.Table(
+    "signatures",
+    metadata,
+    sa.Column("version_id", sa.Integer, sa.ForeignKey("versions.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("key_id", sa.String(64), primary_key=True),
+    # The digest the signature vouches for (checked equal to the version's when it was added).
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("bundle", sa.Text, nullable=False),
+    sa.Column("public_key_pem", sa.Text, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+# Each tenant's trust policy: the public keys whose signatures its deployments accept.
+trusted_keys = sa.Table(
+    "trusted_keys",
+    metadata,
+    sa.Column("tenant", sa.String(63), primary_key=True),
+    sa.Column("name", sa.String(63), primary_key=True),
+    sa.Column("key_id", sa.String(64), nullable=False),
+    sa.Column("public_key_pem", sa.Text, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
