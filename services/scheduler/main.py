@@ -24,7 +24,7 @@ from services.scheduler.api.servicer import AUTHORIZATION, SchedulerServicer
 from services.scheduler.core.deployment_ports import ReplicaPool
 from services.scheduler.core.deployments import DeploymentService
 from services.scheduler.core.events import EventBus
-from services.scheduler.core.policy import UNLIMITED
+from services.scheduler.core.policy import UNLIMITED, Candidate
 from services.scheduler.core.ports import JobRunner
 from services.scheduler.core.quota import ReplicaQuota
 from services.scheduler.core.reconciler import ReconcilerConfig
@@ -94,6 +94,21 @@ def reconciler_config(settings: SchedulerSettings) -> ReconcilerConfig:
     )
 
 
+class _DeploymentsLater:
+    """``core.ports.ElasticReplicas`` for the job service, which is made before the deployment service (each
+    reads the other's usage)."""
+
+    def __init__(self) -> None:
+        self.target: DeploymentService | None = None
+
+    def preemptible(self, priority: int) -> list[Candidate]:
+        return self.target.preemptible(priority) if self.target is not None else []
+
+    def shed(self, replica_ids: list[str], hold_s: float, reason: str) -> None:
+        if self.target is not None:
+            self.target.shed(replica_ids, hold_s, reason)
+
+
 async def start(
     settings: SchedulerSettings,
     runner_factory: Callable[[], JobRunner] | None = None,
@@ -124,6 +139,7 @@ async def start(
     )
     await tenants.start()
     deployments: DeploymentService | None = None
+    later = _DeploymentsLater()
     capacity = RayCapacity(settings)
     events = EventBus()
     service = JobService(
@@ -143,6 +159,9 @@ async def start(
         max_placement_attempts=settings.scheduler_max_placement_attempts,
         # Detached actors outlive a scheduler on a cluster it joined: strays are looked for at every start.
         sweep_at_start=settings.ray_address is not None,
+        replicas=later,
+        # Replicas rank as jobs of the default class: higher classes may take those above the minimums.
+        replica_priority=settings.scheduler_priority_classes[settings.scheduler_default_priority_class],
     )
     resolver = RegistryModelResolver.connect(settings.scheduler_registry_address, settings)
     deployments = DeploymentService(
@@ -160,6 +179,7 @@ async def start(
         events=events,
         sweep_at_start=settings.ray_address is not None,
     )
+    later.target = deployments
     await service.start()
     try:
         await deployments.start()

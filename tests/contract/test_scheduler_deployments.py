@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2_grpc
+from maas.common.v1 import common_pb2
 from maas.scheduler.v1 import scheduler_pb2 as pb
 from maas.scheduler.v1 import scheduler_pb2_grpc
 
@@ -468,3 +469,52 @@ def test_tenants_use_deployment_request_ids_independently(database_url: str) -> 
         assert repo.by_request_id("team-b", "r-1") == b and repo.by_request_id("team-c", "r-1") is None
     finally:
         engine.dispose()
+
+
+async def test_replicas_above_the_minimum_are_preempted_for_a_higher_priority_job(
+    settings: SchedulerSettings, pool: LoopbackPool, models: list[int]
+) -> None:
+    from services.scheduler.core.model import JobState
+    from tests.contract.test_scheduler_jobs import digits_spec
+    from tests.contract.test_scheduler_tenants import HoldingRunner
+
+    # A pool of 4 CPUs; replicas of 1 CPU; the job's gang (1 worker, 1 shard) needs 2.
+    settings = settings.model_copy(update={"scheduler_max_running_jobs": 4, "ray_num_cpus": 4})
+    runner = HoldingRunner()
+    running = await start(settings, lambda: runner, lambda: pool)
+    client = Client(running.port, settings)
+    try:
+        spec = pb.DeploymentSpec(
+            model="mlp",
+            version="1",
+            name="elastic",
+            min_replicas=1,
+            max_replicas=3,
+            resources=common_pb2.ResourceRequest(cpus=1),
+            autoscaling=pb.AutoscalingConfig(target_ongoing_requests=1, upscale_delay_s=0, downscale_delay_s=60),
+        )
+        await client.call("CreateDeployment", pb.CreateDeploymentRequest(spec=spec))
+        await client.call("ReportLoad", pb.ReportLoadRequest(gateway_id="gw", ongoing={"elastic": 3}))
+        await wait_for(client, "elastic", lambda d: len(ready_replicas(d)) == 3)
+        one = common_pb2.ResourceRequest(cpus=1)
+        job_spec = digits_spec(workers=1, shards=1, worker_resources=one, shard_resources=one)
+        # At the default priority it waits: replicas rank as the default class, never preempted by an equal.
+        equal = (await client.call("SubmitTrainingJob", pb.SubmitTrainingJobRequest(spec=job_spec))).job
+        await asyncio.sleep(0.5)
+        assert (await client.call("GetJob", pb.GetJobRequest(id=equal.id))).job.state == pb.QUEUED
+        await client.call("CancelJob", pb.CancelJobRequest(id=equal.id))
+        job_spec.priority = 50
+        urgent = (await client.call("SubmitTrainingJob", pb.SubmitTrainingJobRequest(spec=job_spec))).job
+        for _ in range(100):
+            # The gateway still asks for 3: the cap holds while the job runs, and the minimum always stays.
+            await client.call("ReportLoad", pb.ReportLoadRequest(gateway_id="gw", ongoing={"elastic": 3}))
+            job = await running.service.get(urgent.id)
+            if job.state is JobState.RUNNING:
+                break
+            await asyncio.sleep(0.1)
+        assert job.state is JobState.RUNNING, job.message
+        d = await wait_for(client, "elastic", lambda d: len(d.replicas) == 2)
+        assert len(ready_replicas(d)) == 2 and "replicas above the minimum preempted for job" in d.message
+    finally:
+        await client.close()
+        await running.server.stop(0.2)

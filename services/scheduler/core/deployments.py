@@ -42,7 +42,7 @@ from services.scheduler.core.deployment_model import (
 from services.scheduler.core.deployment_ports import DeploymentRepository, ModelResolver, ReplicaPool
 from services.scheduler.core.events import EventBus, EventKind
 from services.scheduler.core.model import Page, check_request_id, request_conflict, visible_to
-from services.scheduler.core.policy import NONE, Resources, replica_demand
+from services.scheduler.core.policy import NONE, Candidate, Resources, replica_demand
 from services.scheduler.core.quota import ReplicaQuota
 from services.scheduler.core.reconciler import Reconciler, ReconcilerConfig, parse_replica_id
 from shared import names
@@ -225,6 +225,36 @@ class DeploymentService:
 
     def _admit_replica(self, deployment: Deployment) -> str | None:
         return None if self._quota is None else self._quota.admit(deployment.tenant, deployment.spec)
+
+    def preemptible(self, priority: int) -> list[Candidate]:
+        """Every deployment's replicas above its minimum, as preemption candidates of ``priority``."""
+        found = []
+        for reconciler in self._reconcilers.values():
+            if reconciler.deleting:
+                continue
+            d = reconciler.deployment
+            r = d.spec.resources
+            for order, replica in enumerate(reconciler.preemptible()):
+                # Replicas sort after every job of their priority (seq), newest first within a deployment.
+                found.append(
+                    Candidate(
+                        replica.id, d.tenant, priority, 2**62 - order, replica_demand(1, r.cpus, r.gpus, r.memory_bytes)
+                    )
+                )
+        return found
+
+    def shed(self, replica_ids: list[str], hold_s: float, reason: str) -> None:
+        """Give up those replicas (their deployments scale down, draining first: no request fails)."""
+        counts: dict[str, int] = {}
+        for replica_id in replica_ids:
+            parsed = parse_replica_id(replica_id)
+            if parsed is not None:
+                counts[parsed[0]] = counts.get(parsed[0], 0) + 1
+        for name, count in counts.items():
+            reconciler = self._reconcilers.get(name)
+            if reconciler is not None:
+                log.info("replicas_preempted", deployment=name, count=count, reason=reason)
+                reconciler.shed(count, hold_s, reason)
 
     def placed(self) -> dict[str, Resources]:
         """Tenant -> what its deployments' live replicas hold now (starting, serving and draining ones)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from services.scheduler.core.model import Job, JobChanges, JobState, StepMetrics
-from services.scheduler.core.policy import Tenant
+from services.scheduler.core.policy import Candidate, Tenant
 
 
 class JobRepository(Protocol):
@@ -156,4 +156,17 @@ class TenantRepository(Protocol):
 
     def update(self, tenant: Tenant) -> Tenant:
         """Replace its quota, borrowing limit and priority classes; NotFound without a record."""
+        ...
+
+
+class ElasticReplicas(Protocol):
+    """Inference replicas above their deployments' minimums, which preemption may take for a job
+    (``core.deployments.DeploymentService``)."""
+
+    def preemptible(self, priority: int) -> list[Candidate]:
+        """Candidates (one per replica, id = replica id) of ``priority``."""
+        ...
+
+    def shed(self, replica_ids: list[str], hold_s: float, reason: str) -> None:
+        """Give those replicas up, draining first; their deployments stay scaled down for ``hold_s``."""
         ...

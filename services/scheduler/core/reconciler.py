@@ -93,6 +93,11 @@ class Reconciler:
         # Whether one more replica fits its tenant's quota and the pool (None) or why not.
         self._admit_replica = admit_replica
         self._quota_wait = ""
+        # Preemption of replicas above the minimum: the target is capped at ``_cap`` until ``_cap_until``
+        # (long enough for the job it made room for to be placed), then the autoscaler decides again.
+        self._cap: int | None = None
+        self._cap_until = 0.0
+        self._cap_reason = ""
         self.lock = asyncio.Lock()
         self.deleting = False
         self.versions: dict[int, ResolvedVersion] = {}
@@ -135,6 +140,22 @@ class Reconciler:
         self._replicas[replica_id] = _Replica(replica_id, version, generation, seq, address, ReplicaState.READY)
         self._seq = max(self._seq, seq + 1)
         self._had_ready = True
+
+    def preemptible(self) -> list[Replica]:
+        """Its replicas above the minimum, newest first: what preemption may take (the minimum never)."""
+        low, _ = self.deployment.spec.replica_bounds
+        live = [r for r in self._replicas.values() if r.state is not ReplicaState.DRAINING]
+        live.sort(key=lambda r: (r.generation, r.seq), reverse=True)
+        return [r.view() for r in live[: max(len(live) - low, 0)]]
+
+    def shed(self, count: int, hold_s: float, reason: str) -> None:
+        """Give up ``count`` replicas (never below the minimum) for ``hold_s`` seconds; they drain first."""
+        low, _ = self.deployment.spec.replica_bounds
+        live = sum(r.state is not ReplicaState.DRAINING for r in self._replicas.values())
+        self._cap = max(low, live - count)
+        self._cap_until = self._clock() + hold_s
+        self._cap_reason = reason
+        self.wake()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name=f"deployment-{self.deployment.name}")
@@ -190,6 +211,11 @@ class Reconciler:
         d = self.deployment
         low, high = d.spec.replica_bounds
         self.target = self._autoscaler.target(d.name, d.spec.autoscaling, low, high, self._clock())
+        if self._cap is not None:
+            if self._clock() < self._cap_until:
+                self.target = max(low, min(self.target, self._cap))
+            else:
+                self._cap = None
         weight = d.spec.canary.weight_percent if d.canary is not None and d.spec.canary is not None else 0
         n_default, n_canary = split_replicas(self.target, weight)
         wanted = {d.version: n_default}
@@ -246,6 +272,8 @@ class Reconciler:
             message = f"{ready}/{self.target} replicas ready"
         else:
             state = DeploymentState.DEPLOYING
+        if self._cap is not None:
+            message = f"{ready}/{self.target} replicas ready; {self._cap_reason}"
         if self._quota_wait:
             message = f"{ready}/{self.target} replicas ready; waiting: {self._quota_wait}"
         if self._failures:

@@ -80,7 +80,7 @@ from services.scheduler.core.policy import (
     gang_demand,
     plan_admission,
 )
-from services.scheduler.core.ports import JobReporter, JobRepository, JobRunner
+from services.scheduler.core.ports import ElasticReplicas, JobReporter, JobRepository, JobRunner
 from services.scheduler.core.tenants import TenantService
 from services.scheduler.core.validation import validate_spec
 from shared import names
@@ -225,6 +225,8 @@ class JobService:
         preemption_grace_s: float = 30.0,
         events: EventBus | None = None,
         sweep_at_start: bool = False,
+        replicas: ElasticReplicas | None = None,
+        replica_priority: int = 0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._repo = repository
@@ -252,6 +254,11 @@ class JobService:
         self._preemption_grace_s = preemption_grace_s
         # Jobs being preempted: the runner's reports about them are ignored, as for cancelled ones.
         self._preempting: set[str] = set()
+        # Replicas above their minimums may be preempted too, as jobs of ``replica_priority``; while the ones
+        # given up drain (until ``_shedding_until``), no more are taken.
+        self._replicas = replicas
+        self._replica_priority = replica_priority
+        self._shedding_until = -math.inf
         self._background: set[asyncio.Task[None]] = set()
         self._clock = clock
         self._wake = asyncio.Event()
@@ -568,7 +575,7 @@ class JobService:
     async def _preempt_for(self, head: Candidate, held: Mapping[str, Resources], capacity: Resources) -> None:
         """Make room for ``head`` (the first job the full pool holds back) by preempting what the policy
         allows; nothing when that would not be enough. Jobs already being preempted count as leaving."""
-        if self._preempting:
+        if self._preempting or self._clock() < self._shedding_until:
             return  # room is being made already: look again once it is
         active = await self._run(self._repo.in_states, PREEMPTIBLE_STATES)
         running = [
@@ -576,9 +583,16 @@ class JobService:
             for seq, job in enumerate(active)
             if job.id in self._tasks
         ]
-        victims = choose_victims(head, running, self._tenant, held, capacity)
+        replicas = self._replicas.preemptible(self._replica_priority) if self._replicas is not None else []
+        victims = choose_victims(head, [*running, *replicas], self._tenant, held, capacity)
+        why = f"preempted for job {head.id} (priority {head.priority}, tenant {head.tenant!r})"
+        shed = [victim.id for victim in victims if victim in replicas]
+        if shed and self._replicas is not None:
+            self._shedding_until = self._clock() + self._preemption_grace_s
+            self._replicas.shed(shed, 2 * self._preemption_grace_s, f"replicas above the minimum {why}")
         for victim in victims:
-            why = f"preempted for job {head.id} (priority {head.priority}, tenant {head.tenant!r})"
+            if victim in replicas:
+                continue
             job = await self._mutate(
                 self._repo.update,
                 victim.id,
