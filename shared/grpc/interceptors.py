@@ -173,6 +173,10 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
             await context.abort(code, message, trailing_metadata=trailing)
         if isinstance(exc, grpc.aio.AbortError) or _is_cancellation(exc):
             raise exc
+        if isinstance(exc, NotImplementedError):
+            # A generated servicer's default body: a method of the service this server does not offer (the
+            # workers serve GRPCInferenceService without the gateway's shared-memory RPCs, for example).
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by this server")
         log.exception("rpc_internal_error", error_type=type(exc).__name__)
         await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log for this trace id")
         raise AssertionError("unreachable")  # pragma: no cover - abort raises
