@@ -86,6 +86,12 @@ class RayJobRunner:
         if gang is None:
             gang = await Gang.find(job)  # a previous scheduler process began this preemption
             if gang is None:
+                # It was killed as it tore the gang down: what is left (a shard, the placement group) would
+                # hold its resources until the job is admitted again, which may be never (a stray) or
+                # only after the job it was preempted for, whose placement it would block.
+                removed = await asyncio.to_thread(ray_gang.remove_jobs, lambda job_id: job_id == job.id)
+                if removed:
+                    log.info("preempted_gang_remains_removed", job_id=job.id, removed=sorted(removed))
                 return
         await asyncio.gather(*(self._checkpoint(job, shard, grace_s) for shard in gang.shards))
         self._cancelled.add(job.id)
