@@ -15,6 +15,8 @@ Defaults filled in (the wire's zero values): ``arguments_json`` "" -> "{}"; ``da
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -158,22 +160,34 @@ def _check_model(spec: TrainingJobSpec) -> None:
     except InvalidArgument as exc:
         raise _renamed(exc, _prefix("spec")) from None
     try:
-        get_architecture(spec.architecture)
+        canonical = json.dumps(arguments, sort_keys=True)
+    except (TypeError, ValueError):
+        raise InvalidArgument.field("spec.arguments_json", "must be plain JSON") from None
+    _check_built_model(spec.architecture, canonical, spec.shards, zoo_max_elements())
+
+
+@functools.lru_cache(maxsize=256)
+def _check_built_model(architecture: str, arguments_json: str, shards: int, limit: int) -> None:
+    """:func:`_check_model` once per distinct model: building even a meta-device model was a large share of
+    a submission's time, and a queue of thousands of jobs repeats a handful of models. Refusals are not
+    cached (an exception leaves no entry)."""
+    arguments = json.loads(arguments_json)
+    try:
+        get_architecture(architecture)
     except ArtifactError as exc:
         raise InvalidArgument.field("spec.architecture", str(exc)) from None
     try:
-        manifest = Manifest.for_model(spec.architecture, arguments)
+        manifest = Manifest.for_model(architecture, arguments)
         state = build_model(manifest, "meta").state_dict()
     except ArtifactError as exc:
         raise InvalidArgument.field("spec.arguments_json", str(exc)) from None
     elements = sum(t.numel() for t in state.values() if t.is_floating_point())
-    limit = zoo_max_elements()
     if elements > limit:
         raise InvalidArgument.field(
             "spec.arguments_json", f"the model has {elements:,} weights, more than the limit of {limit:,}"
         )
     try:
-        plan_for_state(state, spec.shards)
+        plan_for_state(state, shards)
     except InvalidArgument as exc:
         detail = exc.violations[0].description if exc.violations else str(exc)
         raise InvalidArgument.field("spec.shards", detail) from None
