@@ -52,11 +52,6 @@ class JobRepository(Protocol):
         """Tenant -> how many of its jobs are PLACING or RUNNING (tenants with none are left out)."""
         ...
 
-    def next_queued(self, exclude_tenants: frozenset[str], exclude_ids: frozenset[str], limit: int) -> list[Job]:
-        """QUEUED jobs in admission order (priority descending, then submission order), skipping the
-        tenants and ids given."""
-        ...
-
 
 class JobReporter(Protocol):
     """How a runner tells the scheduler what its job is doing. Every method is safe to call at any time:

@@ -186,17 +186,3 @@ class SqlJobRepository:
         )
         with self._read() as conn:
             return {tenant: int(count) for tenant, count in conn.execute(query).all()}
-
-    def next_queued(self, exclude_tenants: frozenset[str], exclude_ids: frozenset[str], limit: int) -> list[Job]:
-        query = (
-            sa.select(jobs)
-            .where(jobs.c.state == JobState.QUEUED.value)
-            .order_by(jobs.c.priority.desc(), jobs.c.seq)
-            .limit(limit)
-        )
-        if exclude_tenants:
-            query = query.where(jobs.c.tenant.not_in(sorted(exclude_tenants)))
-        if exclude_ids:
-            query = query.where(jobs.c.id.not_in(sorted(exclude_ids)))
-        with self._read() as conn:
-            return [_to_job(row) for row in conn.execute(query).all()]
