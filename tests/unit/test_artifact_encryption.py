@@ -40,7 +40,9 @@ def test_round_trip_from_every_kind_of_offset(size: int) -> None:
     cipher = _cipher()
     data = os.urandom(size)
     blob = encrypt(cipher, data)
-    assert blob.startswith(MAGIC) and data not in blob
+    assert blob.startswith(MAGIC)
+    if size >= 16:  # a short random plaintext turns up in random ciphertext by chance (1 byte: most runs)
+        assert data not in blob
     for offset in {0, 1, CHUNK - 1, CHUNK, CHUNK + 1, size // 2, size - 1, size}:
         if offset <= size:
             assert decrypt(cipher, blob, offset, out=64) == data[offset:], offset
