@@ -15,7 +15,8 @@ scheduler submissions/s over echo calls/s.
 
 Targets (the scheduler issue): >= 500 submissions/s persisted, p99 < 50 ms. Written to
 ``benchmarks/results/scheduler_admission.json``. ``--profile`` samples the scheduler process with py-spy
-(every thread) and writes its top functions next to the figures.
+(every thread, the measured submissions only) and writes its top functions next to the figures and the
+collapsed stacks to ``benchmarks/results/scheduler_admission-profile-*.txt``.
 """
 
 from __future__ import annotations
@@ -102,45 +103,20 @@ async def serve_echo() -> None:
 
 
 @contextlib.contextmanager
-def child(*args: str, profile: Path | None = None) -> Iterator[tuple[int, subprocess.Popen[str]]]:
+def child(*args: str) -> Iterator[tuple[int, subprocess.Popen[str]]]:
     """Start ``python -m benchmarks.scheduler_admission <args>``; yield its port; stop it (stdin closed)."""
     env = {**os.environ, "MAAS_INSECURE": "1", "RAY_DISABLE_USAGE_STATS": "1"}
     command = [sys.executable, "-m", "benchmarks.scheduler_admission", *args]
     proc = subprocess.Popen(
         command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True
     )
-    spy: subprocess.Popen[str] | None = None
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         if not line.startswith("PORT "):
             raise RuntimeError(f"{args[0]} did not start (exit {proc.poll()})")
-        if profile is not None:
-            spy = subprocess.Popen(
-                [
-                    shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"),
-                    "record",
-                    "--pid",
-                    str(proc.pid),
-                    "--format",
-                    "raw",
-                    "--output",
-                    str(profile),
-                    "--rate",
-                    "200",
-                    "--threads",
-                    "--nonblocking",
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            time.sleep(1.0)
         yield int(line.split()[1]), proc
     finally:
-        if spy is not None:
-            spy.send_signal(signal.SIGINT)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                spy.wait(30)
         if proc.stdin is not None:
             proc.stdin.close()
         try:
@@ -148,6 +124,37 @@ def child(*args: str, profile: Path | None = None) -> Iterator[tuple[int, subpro
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of process ``pid`` (all its threads) so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def spying(pid: int, profile: Path | None) -> Iterator[None]:
+    """Sample ``pid`` with py-spy into ``profile`` (collapsed stacks) while the block runs: the measured
+    submissions only, not the start-up and warm-up (imports and first validations would dominate)."""
+    if profile is None:
+        yield
+        return
+    spy = subprocess.Popen(
+        [
+            shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"),
+            *("record", "--pid", str(pid), "--format", "raw", "--output", str(profile)),
+            *("--rate", "200", "--threads", "--nonblocking"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(1.0)
+    try:
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            spy.wait(30)
 
 
 # -- the load ----------------------------------------------------------------------------------------------
@@ -259,7 +266,7 @@ async def measure_scheduler(
     from maas.scheduler.v1 import scheduler_pb2_grpc
 
     requests = [job_request(i, dataset) for i in range(warmup + jobs)]
-    with child("--serve-scheduler", url, str(home), profile=profile) as (port, _):
+    with child("--serve-scheduler", url, str(home)) as (port, proc):
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
 
@@ -267,7 +274,11 @@ async def measure_scheduler(
                 return await stub.SubmitTrainingJob(requests[i], timeout=30)
 
             await drive(call, 0, warmup, concurrency)
-            figures = await drive(call, warmup, jobs, concurrency)
+            cpu_before = cpu_seconds(proc.pid)
+            with spying(proc.pid, profile):
+                figures = await drive(call, warmup, jobs, concurrency)
+            # CPU time per submission: what the scheduler spends, whatever else the machine runs.
+            figures["cpu_ms_per_submission"] = round(1000 * (cpu_seconds(proc.pid) - cpu_before) / jobs, 3)
             # A retry of a stored submission: answered from the store, no new job.
             figures["retries_same_job"] = (await call(warmup)).job.id == (await call(warmup)).job.id
     stored = await asyncio.to_thread(count_jobs, url)
@@ -325,11 +336,12 @@ async def run(
     print(
         f"echo baseline    {echo['per_s']:8.1f} calls/s  p50 {echo['p50_ms']} ms  p99 {echo['p99_ms']} ms", flush=True
     )
+    RESULTS.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="maas-bench-admission-") as tmp:
         for kind, dataset in [(k, d) for k in kinds for d in datasets]:
             workdir = Path(tmp) / f"{kind}-{dataset}"
             workdir.mkdir()
-            raw = workdir / "profile.txt" if profile else None
+            raw = RESULTS / f"scheduler_admission-profile-{kind}-{dataset}.txt" if profile else None
             async with database(kind, workdir) as url:
                 figures = await measure_scheduler(url, workdir / "home", jobs, warmup, concurrency, raw, dataset)
             figures["ratio_to_echo"] = round(figures["per_s"] / echo["per_s"], 3) if echo["per_s"] else None
@@ -339,7 +351,9 @@ async def run(
             print(
                 f"scheduler {kind:10} {dataset:24} {figures['persisted_per_s']:8.1f} persisted/s  "
                 f"p50 {figures['p50_ms']} ms  "
-                f"p99 {figures['p99_ms']} ms  errors {figures['errors']}  ratio to echo {figures['ratio_to_echo']}  "
+                f"p99 {figures['p99_ms']} ms  cpu {figures['cpu_ms_per_submission']} ms/job  "
+                f"errors {figures['errors']}  "
+                f"ratio to echo {figures['ratio_to_echo']}  "
                 f"target {'met' if figures['meets_target'] else 'missed'}",
                 flush=True,
             )

@@ -157,6 +157,7 @@ async def start(
         preemption_grace_s=settings.scheduler_preemption_grace_s,
         events=events,
         max_placement_attempts=settings.scheduler_max_placement_attempts,
+        admission_min_interval_s=settings.scheduler_admission_min_interval_s,
         # Detached actors outlive a scheduler on a cluster it joined: strays are looked for at every start.
         sweep_at_start=settings.ray_address is not None,
         replicas=later,

@@ -86,6 +86,14 @@ class SchedulerSettings(CommonSettings):
     scheduler_placement_timeout_s: float = Field(
         60.0, gt=0, description="How long a job's workers and shards may wait for resources before it is requeued."
     )
+    scheduler_admission_min_interval_s: float = Field(
+        0.05,
+        ge=0,
+        le=5,
+        description="Least time between two admission passes under a burst of submissions (a pass orders the "
+        "whole queue: one per submission made a burst quadratic). A submission after a quiet spell is "
+        "admitted at once.",
+    )
     scheduler_max_placement_attempts: int = Field(
         3,
         ge=1,

@@ -170,3 +170,16 @@ def test_borrowed_capacity_is_reclaimed_whatever_its_priority() -> None:
     # Beyond its own quota the owner has no claim on it.
     greedy = job("owners-big", "owner", 4, priority=0, seq=6)
     assert choose_victims(greedy, running, lambda n: tenants[n], usage, POOL) == []
+
+
+def test_resource_arithmetic_covers_every_dimension() -> None:
+    # The operators are spelled out field by field (speed): a new dimension must be added to each.
+    from dataclasses import fields
+
+    names = [f.name for f in fields(Resources)]
+    a = Resources(**{name: 2.0 + i for i, name in enumerate(names)})
+    b = Resources(**{name: 1.0 for name in names})
+    assert [getattr(a + b, n) for n in names] == [3.0 + i for i in range(len(names))]
+    assert [getattr(a - b, n) for n in names] == [1.0 + i for i in range(len(names))]
+    assert [getattr(b.scaled(3), n) for n in names] == [3.0] * len(names)
+    assert sorted(a.over(b)) == sorted(names)

@@ -7,6 +7,7 @@ is what actually places and runs a job (on Ray, in production); it talks back th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from services.scheduler.core.model import Job, JobChanges, JobState, StepMetrics
@@ -21,6 +22,12 @@ class JobRepository(Protocol):
         """Store ``job`` and return it with True; but when its tenant already has a job with its non-empty
         ``request_id`` (stored before, or by a concurrent call: the store's unique index decides), store
         nothing and return that job with False."""
+        ...
+
+    def insert_many(self, batch: Sequence[Job]) -> list[tuple[Job, bool] | Exception]:
+        """``insert_or_get`` for each job of ``batch``, in one transaction where it can (group commit): a
+        request id repeated within the batch gives the first job of it. A job the store refuses gets its
+        error in its place; the others are stored all the same."""
         ...
 
     def get(self, job_id: str) -> Job:
@@ -46,6 +53,14 @@ class JobRepository(Protocol):
 
     def in_states(self, states: frozenset[JobState]) -> list[Job]:
         """Every job in ``states``, oldest first."""
+        ...
+
+    def revisions_in_states(self, states: frozenset[JobState]) -> list[tuple[str, int]]:
+        """(id, revision) of every job in ``states``, oldest first: what changed since a read, cheaply."""
+        ...
+
+    def get_many(self, job_ids: Sequence[str]) -> list[Job]:
+        """The jobs of ``job_ids`` that exist, in no particular order."""
         ...
 
     def active_counts(self) -> dict[str, int]:

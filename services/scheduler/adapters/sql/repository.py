@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -79,30 +80,76 @@ class SqlJobRepository:
             raise job_not_found(job_id)
         return row
 
+    @staticmethod
+    def _values(job: Job) -> dict[str, Any]:
+        return {
+            "id": job.id,
+            "tenant": job.spec.tenant,
+            "state": job.state.value,
+            "priority": job.spec.priority,
+            "spec": job.spec.to_dict(),
+            "message": job.message,
+            "step": job.step,
+            "total_steps": job.total_steps,
+            "metrics": _metrics_out(job.metrics),
+            "model_version": job.model_version,
+            "dataset_fingerprint": job.dataset_fingerprint,
+            "failures": job.failures,
+            "revision": job.revision,
+            "created_at": job.create_time,
+            "updated_at": job.update_time,
+            "request_id": job.request_id or None,
+            "placement_attempts": job.placement_attempts,
+        }
+
     def insert(self, job: Job) -> Job:
         with self._engine.begin() as conn:
-            conn.execute(
-                jobs.insert().values(
-                    id=job.id,
-                    tenant=job.spec.tenant,
-                    state=job.state.value,
-                    priority=job.spec.priority,
-                    spec=job.spec.to_dict(),
-                    message=job.message,
-                    step=job.step,
-                    total_steps=job.total_steps,
-                    metrics=_metrics_out(job.metrics),
-                    model_version=job.model_version,
-                    dataset_fingerprint=job.dataset_fingerprint,
-                    failures=job.failures,
-                    revision=job.revision,
-                    created_at=job.create_time,
-                    updated_at=job.update_time,
-                    request_id=job.request_id or None,
-                    placement_attempts=job.placement_attempts,
-                )
-            )
+            conn.execute(jobs.insert().values(**self._values(job)))
             return _to_job(self._row(conn, job.id))
+
+    def insert_many(self, batch: Sequence[Job]) -> list[tuple[Job, bool] | Exception]:
+        try:
+            return list(self._insert_many(batch))
+        except sa.exc.IntegrityError:
+            # Another process stored one of these request ids between our read and our insert (or an id
+            # collided): the whole transaction is gone, so each job is stored on its own, where the unique
+            # index decides for that one alone, and only the job at fault gets the error.
+            results: list[tuple[Job, bool] | Exception] = []
+            for job in batch:
+                try:
+                    results.append(self.insert_or_get(job))
+                except sa.exc.IntegrityError as exc:
+                    results.append(exc)
+            return results
+
+    def _insert_many(self, batch: Sequence[Job]) -> list[tuple[Job, bool]]:
+        keys = {(job.spec.tenant, job.request_id) for job in batch if job.request_id}
+        results: list[tuple[Job, bool]] = []
+        with self._engine.begin() as conn:
+            # The write transaction (SQLite: BEGIN IMMEDIATE) is open, so no other writer in this database
+            # adds a request id between this read and the insert; on PostgreSQL the unique index still
+            # decides, and insert_many falls back to one transaction per job.
+            known: dict[tuple[str, str], Job] = {}
+            if keys:
+                tenants = sorted({tenant for tenant, _ in keys})
+                request_ids = sorted({request_id for _, request_id in keys})
+                query = sa.select(jobs).where(jobs.c.tenant.in_(tenants), jobs.c.request_id.in_(request_ids))
+                for row in conn.execute(query).all():
+                    if (row.tenant, row.request_id) in keys:
+                        known[(row.tenant, row.request_id)] = _to_job(row)
+            rows: list[dict[str, Any]] = []
+            for job in batch:
+                key = (job.spec.tenant, job.request_id)
+                if job.request_id and key in known:
+                    results.append((known[key], False))  # a retry, maybe of a job earlier in this batch
+                    continue
+                rows.append(self._values(job))
+                results.append((job, True))
+                if job.request_id:
+                    known[key] = job
+            if rows:
+                conn.execute(jobs.insert(), rows)
+        return results
 
     def insert_or_get(self, job: Job) -> tuple[Job, bool]:
         try:
@@ -177,6 +224,24 @@ class SqlJobRepository:
         query = sa.select(jobs).where(jobs.c.state.in_(sorted(s.value for s in states))).order_by(jobs.c.seq)
         with self._read() as conn:
             return [_to_job(row) for row in conn.execute(query).all()]
+
+    def revisions_in_states(self, states: frozenset[JobState]) -> list[tuple[str, int]]:
+        query = (
+            sa.select(jobs.c.id, jobs.c.revision)
+            .where(jobs.c.state.in_(sorted(s.value for s in states)))
+            .order_by(jobs.c.seq)
+        )
+        with self._read() as conn:
+            return [(row.id, row.revision) for row in conn.execute(query).all()]
+
+    def get_many(self, job_ids: Sequence[str]) -> list[Job]:
+        found: list[Job] = []
+        with self._read() as conn:
+            # Bounded IN lists: SQLite's limit on bound parameters, and PostgreSQL's planner, like them short.
+            for start in range(0, len(job_ids), 500):
+                query = sa.select(jobs).where(jobs.c.id.in_(job_ids[start : start + 500]))
+                found.extend(_to_job(row) for row in conn.execute(query).all())
+        return found
 
     def active_counts(self) -> dict[str, int]:
         query = (
