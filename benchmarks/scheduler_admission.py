@@ -60,6 +60,14 @@ class HoldingRunner:
     async def cancel(self, job_id: str) -> None:
         return None
 
+    async def preempt(self, job: Any, grace_s: float) -> None:
+        # Nothing to checkpoint at the Ray boundary: the gang is released at once (a higher-priority
+        # submission preempts the held job, as on a real pool).
+        return None
+
+    async def sweep(self, keep: set[str]) -> list[str]:
+        return []
+
 
 async def _until_stdin_closes() -> None:
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
