@@ -28,7 +28,8 @@ from shared.artifacts import ArtifactError, Manifest, build_model
 from shared.compression import CODECS, Encoded, EncodingError, decode
 from shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unavailable
 from shared.names import check_name
-from shared.optim.optimizers import Optimizer, make_optimizer
+from shared.optim import wire
+from shared.optim.optimizers import Optimizer
 from shared.sharding import ShardPlan, plan_for_state
 
 __all__ = [
@@ -41,8 +42,6 @@ __all__ = [
     "ShardHost",
     "ShardStatus",
     "checkpoint_path",
-    "optimizer_arguments",
-    "schedule_arguments",
 ]
 
 log = structlog.get_logger("maas.paramserver")
@@ -53,13 +52,6 @@ log = structlog.get_logger("maas.paramserver")
 #: float32 value (int8 with one-element buckets sends 5). Bounds what a push may declare.
 MAX_WIRE_BYTES_PER_ELEMENT = 8
 _WIRE_SLACK_BYTES = 64
-
-# Hyperparameters travel as doubles; these are booleans (0 or 1) for make_optimizer.
-_BOOL_HPARAMS = ("nesterov", "amsgrad", "decoupled_weight_decay")
-# Adam's betas travel as two doubles; a missing one takes torch's default.
-_DEFAULT_BETAS = (0.9, 0.999)
-# Schedule arguments that are step counts (integers) for make_schedule.
-_INT_SCHEDULE_ARGS = ("step_size", "total_steps", "warmup_steps")
 
 
 @dataclass(frozen=True)
@@ -141,56 +133,20 @@ def _int(name: str, value: object, minimum: int) -> int:
     return value
 
 
-def _integral(value: float) -> int | float:
-    return int(value) if isinstance(value, float) and value.is_integer() else value
-
-
-def optimizer_arguments(hyperparameters: Mapping[str, float]) -> dict[str, Any]:
-    """Wire hyperparameters (flat doubles) as :func:`make_optimizer` keyword arguments.
-
-    Raises:
-        InvalidArgument: If a boolean hyperparameter is not 0 or 1.
-    """
-    kwargs: dict[str, Any] = {}
-    for name, value in hyperparameters.items():
-        if name in _BOOL_HPARAMS:
-            if value not in (0, 1):
-                raise InvalidArgument.field(
-                    f"config.optimizer.hyperparameters[{name}]", f"must be 0 or 1, got {value!r}"
-                )
-            kwargs[name] = bool(value)
-        elif name not in ("beta1", "beta2"):
-            kwargs[name] = value
-    if "beta1" in hyperparameters or "beta2" in hyperparameters:
-        kwargs["betas"] = (
-            hyperparameters.get("beta1", _DEFAULT_BETAS[0]),
-            hyperparameters.get("beta2", _DEFAULT_BETAS[1]),
-        )
-    return kwargs
-
-
-def schedule_arguments(kind: str, arguments: Mapping[str, float]) -> dict[str, Any] | None:
-    """A :func:`make_schedule` config for the wire's schedule name and flat arguments (None: constant)."""
-    if not kind:
-        if arguments:
-            raise InvalidArgument.field("config.optimizer.schedule_arguments", "given without a schedule")
-        return None
-    if "kind" in arguments:
-        raise InvalidArgument.field("config.optimizer.schedule_arguments", "'kind' is the schedule field")
-    params: dict[str, Any] = {
-        name: _integral(value) if name in _INT_SCHEDULE_ARGS else value for name, value in arguments.items()
-    }
-    return {**params, "kind": kind}
-
-
 def build_optimizer(config: ShardConfig) -> Optimizer:
-    """The config's optimizer, validated.
+    """The config's optimizer, validated (the translation from the wire is ``shared.optim.wire``'s, the
+    scheduler's too).
 
     Raises:
         InvalidArgument: On an unknown optimizer, schedule or hyperparameter, or a value out of range.
     """
-    schedule = schedule_arguments(config.schedule, config.schedule_arguments)
-    return make_optimizer(config.optimizer, schedule=schedule, **optimizer_arguments(config.hyperparameters))
+    return wire.build_optimizer(
+        config.optimizer,
+        config.hyperparameters,
+        config.schedule,
+        config.schedule_arguments,
+        field_prefix="config.optimizer.",
+    )
 
 
 def checkpoint_path(root: Path, config: ShardConfig) -> Path:

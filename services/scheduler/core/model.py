@@ -18,7 +18,7 @@ from typing import Any, Generic, TypeVar
 
 from shared.datasets import DatasetSpec
 from shared.errors import AlreadyExists, InvalidArgument, NotFound
-from shared.optim import Optimizer, make_optimizer
+from shared.optim import Optimizer, wire
 
 T = TypeVar("T")
 
@@ -26,12 +26,6 @@ T = TypeVar("T")
 #: which a core cannot import: that module depends on protobuf).
 DEFAULT_TENANT = "default"
 
-#: Hyperparameters that travel as doubles but are booleans (0 or 1) for :func:`shared.optim.make_optimizer`.
-BOOL_HYPERPARAMETERS = ("nesterov", "amsgrad", "decoupled_weight_decay")
-#: Adam's betas travel as two doubles; a missing one takes torch's default.
-DEFAULT_BETAS = (0.9, 0.999)
-#: Schedule arguments that are step counts (integers).
-INT_SCHEDULE_ARGUMENTS = ("step_size", "total_steps", "warmup_steps")
 #: Codec options that are integers (options travel as doubles).
 INT_CODEC_OPTIONS = ("bucket_size",)
 
@@ -79,10 +73,6 @@ class ResourceRequest:
     memory_bytes: int = 0
 
 
-def _integral(value: float) -> int | float:
-    return int(value) if isinstance(value, float) and value.is_integer() else value
-
-
 @dataclass(frozen=True)
 class OptimizerSpec:
     """The parameter servers' optimizer, as on the wire (flat doubles).
@@ -102,20 +92,7 @@ class OptimizerSpec:
         Raises:
             InvalidArgument: If a boolean hyperparameter is not 0 or 1 (field ``hyperparameters.<name>``).
         """
-        kwargs: dict[str, Any] = {}
-        for name, value in self.hyperparameters.items():
-            if name in BOOL_HYPERPARAMETERS:
-                if value not in (0, 1):
-                    raise InvalidArgument.field(f"hyperparameters.{name}", f"must be 0 or 1, got {value!r}")
-                kwargs[name] = bool(value)
-            elif name not in ("beta1", "beta2"):
-                kwargs[name] = value
-        if "beta1" in self.hyperparameters or "beta2" in self.hyperparameters:
-            kwargs["betas"] = (
-                self.hyperparameters.get("beta1", DEFAULT_BETAS[0]),
-                self.hyperparameters.get("beta2", DEFAULT_BETAS[1]),
-            )
-        return kwargs
+        return wire.optimizer_arguments(self.hyperparameters)
 
     def schedule_config(self) -> dict[str, Any] | None:
         """A :func:`shared.optim.make_schedule` config (None: a constant rate).
@@ -123,21 +100,11 @@ class OptimizerSpec:
         Raises:
             InvalidArgument: On arguments without a schedule (field ``schedule_arguments``).
         """
-        if not self.schedule:
-            if self.schedule_arguments:
-                raise InvalidArgument.field("schedule_arguments", "given without a schedule")
-            return None
-        if "kind" in self.schedule_arguments:
-            raise InvalidArgument.field("schedule_arguments", "'kind' is the schedule field")
-        params: dict[str, Any] = {
-            name: _integral(value) if name in INT_SCHEDULE_ARGUMENTS else value
-            for name, value in self.schedule_arguments.items()
-        }
-        return {**params, "kind": self.schedule}
+        return wire.schedule_config(self.schedule, self.schedule_arguments)
 
     def make(self) -> Optimizer:
         """The validated optimizer (raises InvalidArgument as :func:`shared.optim.make_optimizer`)."""
-        return make_optimizer(self.name, schedule=self.schedule_config(), **self.kwargs())
+        return wire.build_optimizer(self.name, self.hyperparameters, self.schedule, self.schedule_arguments)
 
 
 @dataclass(frozen=True)
@@ -190,9 +157,8 @@ class TrainingJobSpec:
 
     def codec_kwargs(self) -> dict[str, Any]:
         """``codec_options`` as :func:`shared.compression.get_codec` keyword arguments (integral ints)."""
-        return {
-            name: _integral(value) if name in INT_CODEC_OPTIONS else value for name, value in self.codec_options.items()
-        }
+        options = self.codec_options
+        return {name: wire.integral(value) if name in INT_CODEC_OPTIONS else value for name, value in options.items()}
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (what the job store keeps); :meth:`from_dict` reverses it."""
