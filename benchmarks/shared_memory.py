@@ -83,7 +83,6 @@ async def run(size_mib: int, runs: int, burst: int, settle_s: float = 1.0) -> di
     from maas.inference.v1 import worker_pb2, worker_pb2_grpc
     from maas.scheduler.v1 import scheduler_pb2 as spb
 
-    from services.gateway.adapters.local import RecordingLoadSink, SnapshotFeeder
     from services.gateway.adapters.scheduler import deployment_from_pb
     from services.gateway.main import start as start_gateway
     from services.gateway.settings import GatewaySettings
@@ -94,6 +93,7 @@ async def run(size_mib: int, runs: int, burst: int, settle_s: float = 1.0) -> di
     from shared.clients.registry import RegistryClient
     from shared.kserve.batching import BatchingSettings
     from shared.kserve.convert import batching_to_pb
+    from tests.support.gateway import RecordingLoadSink, SnapshotFeeder
 
     rows = size_mib * MiB // (4 * IN_FEATURES)
     tensor_bytes = rows * IN_FEATURES * 4

@@ -9,12 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 import structlog
 
-from services.gateway.adapters.local import RecordingLoadSink
 from services.gateway.adapters.replicas import ReplicaPool
 from services.gateway.adapters.scheduler import SchedulerLink
 from services.gateway.api.servicer import AUTHORIZATION, SERVICE_NAME, InferenceServicer, handlers
@@ -28,6 +27,14 @@ from services.gateway.settings import GatewaySettings
 from shared.grpc.server import ServiceServer, start_service
 from shared.logging import configure_logging
 from shared.tracing import configure_tracing
+
+
+class _NoLoadSink:
+    """Where load goes when no scheduler is linked (fixed endpoints): nobody scales on it."""
+
+    async def report(self, ongoing: Mapping[str, float]) -> None:
+        return None
+
 
 log = structlog.get_logger("maas.gateway")
 
@@ -80,7 +87,7 @@ async def start(
         )
         closers.append(link.close)
     source: EndpointSource = endpoints or link  # type: ignore[assignment]
-    sink: LoadSink = load_sink or link or RecordingLoadSink()
+    sink: LoadSink = load_sink or link or _NoLoadSink()
     deployment_control: DeploymentControl = control or link  # type: ignore[assignment]
     pool: Replicas
     if replicas is None:

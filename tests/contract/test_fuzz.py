@@ -24,8 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.gateway.adapters.local import RecordingLoadSink, SnapshotFeeder
-from tests.support.gateway import NoScheduler
+from tests.support.gateway import NoScheduler, RecordingLoadSink, SnapshotFeeder
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

@@ -20,13 +20,12 @@ from maas.scheduler.v1 import scheduler_pb2 as spb
 from maas.scheduler.v1 import scheduler_pb2_grpc
 from opentelemetry import propagate
 
-from services.gateway.adapters.local import RecordingLoadSink, SnapshotFeeder
 from services.gateway.core.model import Deployment, Endpoint, ServedVersion
 from services.gateway.main import RunningGateway, start
 from services.gateway.settings import GatewaySettings
 from shared.artifacts import Signature, TensorSpec
 from shared.kserve.batching import BatchingSettings
-from tests.support.gateway import NoControl
+from tests.support.gateway import NoControl, RecordingLoadSink, SnapshotFeeder
 
 SIGNATURE = Signature(
     inputs=(TensorSpec("x", "FP32", (-1, 4)), TensorSpec("tag", "BYTES", (-1, 1))),

@@ -22,7 +22,6 @@ import pytest
 from inference import grpc_service_pb2 as kpb
 from inference import grpc_service_pb2_grpc
 
-from services.gateway.adapters.local import SnapshotFeeder
 from tests.contract.test_gateway import (  # noqa: F401 - real_replicas: a fixture used here too
     Harness,
     RealReplicas,
@@ -32,6 +31,7 @@ from tests.contract.test_gateway import (  # noqa: F401 - real_replicas: a fixtu
     infer_request,
     real_replicas,
 )
+from tests.support.gateway import SnapshotFeeder
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -387,7 +387,7 @@ def _no_control() -> Any:
 
 
 def _sink() -> Any:
-    from services.gateway.adapters.local import RecordingLoadSink
+    from tests.support.gateway import RecordingLoadSink
 
     return RecordingLoadSink()
 

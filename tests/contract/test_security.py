@@ -21,7 +21,6 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from maas.registry.v1 import registry_pb2 as rpb
 from maas.registry.v1 import registry_pb2_grpc
 
-from services.gateway.adapters.local import RecordingLoadSink, SnapshotFeeder
 from services.gateway.api.servicer import AUTHORIZATION as GATEWAY_TABLE
 from services.inference.api.servicer import AUTHORIZATION as WORKER_TABLE
 from services.paramserver.api.servicer import AUTHORIZATION as SHARD_TABLE
@@ -33,7 +32,7 @@ from shared.security.access import Access, missing_rules
 from shared.security.keys import KeyStore, Role
 from shared.security.pki import MESH_NAME, init_pki
 from shared.settings import CommonSettings
-from tests.support.gateway import NoControl
+from tests.support.gateway import NoControl, RecordingLoadSink, SnapshotFeeder
 
 INTERNAL_TOKEN = "internal-token-for-the-tests-0123456789abcdef"
 TABLES = {

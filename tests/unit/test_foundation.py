@@ -161,3 +161,10 @@ def test_settings_read_environment_and_are_documented(monkeypatch: pytest.Monkey
     rows = settings_table(RegistrySettings)
     assert all(description for _, _, description in rows)
     assert "MAAS_REGISTRY_DATABASE_URL" in {name for name, _, _ in rows}
+
+
+def test_unit_tests_cannot_start_ray() -> None:
+    import ray
+
+    with pytest.raises(RuntimeError, match="tests/integration"):
+        ray.init(num_cpus=1, include_dashboard=False)

@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator, Collection, Mapping
 
 import pytest
 
-from services.gateway.adapters.local import RecordingLoadSink
 from services.gateway.core.load import LoadTracker, report_forever
 from services.gateway.core.model import Deployment, Endpoint, ServedVersion
 from services.gateway.core.router import Router
@@ -17,6 +16,7 @@ from services.gateway.core.statistics import BatchStats, Duration, VersionStats,
 from services.gateway.core.table import EndpointTable
 from shared.artifacts import Signature, TensorSpec
 from shared.errors import DeadlineExceeded, NotFound, ResourceExhausted, Unavailable
+from tests.support.gateway import RecordingLoadSink
 
 SIG = Signature(inputs=(TensorSpec("x", "FP32", (-1, 2)),), outputs=(TensorSpec("y", "FP32", (-1, 1)),))
 
