@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from maas.registry.v1 import registry_pb2
 from maas.training.v1 import training_pb2, training_pb2_grpc
+from opentelemetry import trace
 
 from services.training.adapters.registry_sink import RegistrySink
 from services.training.adapters.shards import GrpcShard
@@ -26,7 +27,7 @@ from shared.clients.registry import RegistryClient
 from shared.datasets import DatasetSpec
 from shared.grpc.server import ServiceServer, start_service
 from shared.logging import configure_logging
-from shared.tracing import configure_tracing
+from shared.tracing import configure_tracing, continue_trace
 
 SERVICE_NAME = training_pb2.DESCRIPTOR.services_by_name["TrainingWorker"].full_name
 
@@ -104,6 +105,13 @@ async def hosted(options: dict[str, Any]) -> RunningWorker:
         [SERVICE_NAME],
         authorization=AUTHORIZATION,
     )
-    session.start()
+    # The rank's calls (to its shards, to the registry) belong to the job's trace, under one span per rank
+    # that lasts as long as the rank's work.
+    span = continue_trace(
+        "training rank", str(options.get("traceparent", "")), {"maas.job_id": spec.job_id, "maas.rank": spec.rank}
+    )
+    with trace.use_span(span, end_on_exit=False):
+        task = session.start()
+    task.add_done_callback(lambda _task: span.end())
     await asyncio.sleep(0)
     return RunningWorker(server=server, session=session, clients=[*shard_clients, registry])

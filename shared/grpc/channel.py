@@ -86,6 +86,45 @@ class _CallDefaults(
         return await continuation(self._details(details, False), request_iterator)
 
 
+class _UnaryStreamShape(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await self._inner.intercept_unary_stream(continuation, details, request)
+
+
+class _StreamUnaryShape(grpc.aio.StreamUnaryClientInterceptor):
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    async def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
+        return await self._inner.intercept_stream_unary(continuation, details, request_iterator)
+
+
+class _StreamStreamShape(grpc.aio.StreamStreamClientInterceptor):
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    async def intercept_stream_stream(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
+        return await self._inner.intercept_stream_stream(continuation, details, request_iterator)
+
+
+def _every_shape(interceptor: Any) -> list[Any]:
+    """``interceptor`` (which handles all four call shapes) as grpc.aio must be given it to apply it to all.
+
+    A grpc.aio channel files each interceptor under the first shape it implements only (an if/elif chain
+    over the four classes), so one object implementing all four intercepted unary-unary calls alone: the
+    streaming ones (uploads, pulls, watches) carried no trace context and, on plaintext, no token.
+    """
+    return [
+        interceptor,
+        _UnaryStreamShape(interceptor),
+        _StreamUnaryShape(interceptor),
+        _StreamStreamShape(interceptor),
+    ]
+
+
 def make_channel(
     target: str,
     settings: CommonSettings,
@@ -114,8 +153,8 @@ def make_channel(
         channel_options.append(("grpc.ssl_target_name_override", settings.tls_server_name))
     # On TLS channels the token travels as call credentials instead.
     interceptors: list[Any] = [
-        TracingClientInterceptor(),
-        _CallDefaults(settings.rpc_timeout_s, None if secure else token),
+        *_every_shape(TracingClientInterceptor()),
+        *_every_shape(_CallDefaults(settings.rpc_timeout_s, None if secure else token)),
     ]
     if secure:
         root = settings.tls_ca_file.read_bytes() if settings.tls_ca_file else None

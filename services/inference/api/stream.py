@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 
+import structlog
 from google.protobuf.message import DecodeError
 from inference import grpc_service_pb2 as kpb
 from maas.inference.v1 import worker_pb2 as wpb
@@ -26,6 +29,8 @@ from shared.errors import InvalidArgument, MaasError, Unavailable
 from shared.grpc.status import status_bytes
 
 _tracer = trace.get_tracer("maas.inference.stream")
+log = structlog.get_logger("maas.inference.stream")
+_logger = logging.getLogger("maas.inference.stream")
 #: The name of the span each entry runs in (a child of the gateway's span for the request).
 ENTRY_SPAN = "/maas.inference.v1.InferenceWorker/InferStream entry"
 
@@ -49,12 +54,25 @@ async def _answer(host: ModelHost, entry: wpb.InferStreamRequest.Entry, maps: Sh
     except DecodeError:
         return Result(id=entry.id, status=status_bytes(InvalidArgument("undecodable ModelInferRequest")))
     with _entry_span(entry.traceparent):
+        started = time.perf_counter()
         try:
             shared = (entry.shared_memory, maps) if entry.HasField("shared_memory") else None
             response = await infer_one(host, request, entry.version or None, entry.timeout_s or None, shared)
         except MaasError as exc:
+            _entry_done(request, started, type(exc).__name__)
             return Result(id=entry.id, status=status_bytes(exc))
+        _entry_done(request, started, "OK")
     return Result(id=entry.id, response=response.SerializeToString())
+
+
+def _entry_done(request: kpb.ModelInferRequest, started: float, outcome: str) -> None:
+    """The entry's debug line, in its span: entries share their stream's RPC, whose ``rpc_done`` line (one
+    per call) tells of none of them. The level is asked first, as on every hot path."""
+    if _logger.isEnabledFor(logging.DEBUG):
+        elapsed_ms = round((time.perf_counter() - started) * 1000, 3)
+        log.debug(
+            "infer_entry_done", model=request.model_name, infer_id=request.id, outcome=outcome, duration_ms=elapsed_ms
+        )
 
 
 class StreamSession:

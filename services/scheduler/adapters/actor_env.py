@@ -3,7 +3,8 @@
 Replicas, parameter-server shards and training ranks serve gRPC and call other services, so each needs
 the mesh's transport security and identity exactly as the scheduler has them: on a cluster the actors start
 on other nodes with an empty environment, and nothing else would bring these there. They also build models
-from the zoo, under the same size cap the scheduler validated the job against.
+from the zoo, under the same size cap the scheduler validated the job against, and export their spans where
+the scheduler's go.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ PASSED_SETTINGS = (
     "client_token",
     # The zoo's size cap: a job the scheduler admitted must not be refused by its own ranks and shards.
     "zoo_max_elements",
+    # Where spans go: a job's or a request's trace continues in the actors and must reach the same place.
+    "otel_exporter",
+    "otel_endpoint",
 )
 
 

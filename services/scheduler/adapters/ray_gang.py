@@ -139,6 +139,14 @@ class Gang:
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, TimeoutError):
             return False
 
+    async def flush_telemetry(self, timeout_s: float = 5.0) -> None:
+        """Have every member export the spans it still holds, before :meth:`teardown` kills it (a member
+        that is gone or slow is not waited for beyond ``timeout_s``)."""
+        calls = [member.actor.flush.remote(timeout_s) for member in [*self.workers, *self.shards]]
+        if calls:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), timeout_s + 1)
+
     @staticmethod
     def kill(member: Member) -> None:
         with contextlib.suppress(Exception):  # already gone is fine

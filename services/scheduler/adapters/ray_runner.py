@@ -30,6 +30,7 @@ from maas.paramserver.v1 import paramserver_pb2 as ps
 from maas.registry.v1 import registry_pb2
 from maas.training.v1 import training_pb2 as tr
 from maas.training.v1 import training_pb2_grpc
+from opentelemetry import trace
 
 from services.scheduler.adapters import ray_cluster, ray_gang
 from services.scheduler.adapters.actor_env import actor_env
@@ -39,6 +40,7 @@ from services.scheduler.core.ports import JobReporter
 from services.scheduler.settings import SchedulerSettings
 from shared.clients.paramserver import ParamServerClient
 from shared.grpc.channel import make_channel
+from shared.tracing import continue_trace, current_traceparent
 
 log = structlog.get_logger("maas.scheduler.ray")
 TRAINING_SERVICE = tr.DESCRIPTOR.services_by_name["TrainingWorker"]
@@ -116,6 +118,13 @@ class RayJobRunner:
     # The job's life ----------------------------------------------------------------------------------
 
     async def _execute(self, job: Job, reporter: JobReporter, *, resume: bool) -> None:
+        # The run continues the trace of the job's submission: the calls to its shards, its workers (which
+        # get this span's context) and, through them, the registry all join that trace.
+        span = continue_trace("training job", job.trace_context, {"maas.job_id": job.id, "maas.resume": int(resume)})
+        with trace.use_span(span, end_on_exit=True):
+            await self._execute_gang(job, reporter, resume=resume)
+
+    async def _execute_gang(self, job: Job, reporter: JobReporter, *, resume: bool) -> None:
         self._cancelled.discard(job.id)  # preempted before, admitted again
         await asyncio.to_thread(self._connect)
         gang = await Gang.find(job) if resume else None
@@ -147,6 +156,7 @@ class RayJobRunner:
         finally:
             self._gangs.pop(job.id, None)
             if gang is not None and not shutting_down:
+                await gang.flush_telemetry()
                 gang.teardown()
 
     async def _supervise(self, job: Job, gang: Gang, reporter: JobReporter) -> None:
@@ -322,6 +332,8 @@ class RayJobRunner:
             "lineage_hex": lineage.SerializeToString().hex(),
             "tags": {"job": job.id, "codec": spec.codec, "consistency": spec.consistency},
             "settings": {"log_level": settings.log_level, "log_format": "json"},
+            # The rank's work is a child of this job's span (Ray carries no trace context of its own).
+            "traceparent": current_traceparent(),
         }
         if settings.ray_address:
             options["bind_host"] = "node"

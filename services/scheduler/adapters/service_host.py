@@ -9,6 +9,7 @@ liveness checks.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import os
 from typing import Any
@@ -16,6 +17,8 @@ from typing import Any
 import ray
 
 from shared.heap import settle_after_startup
+from shared.logging import configure_logging
+from shared.tracing import flush_tracing
 
 
 # Ray's stubs lack the concurrency_groups overload that its runtime accepts.
@@ -31,6 +34,10 @@ class ServiceHost:
         """Start the service; returns ``host:port`` reachable from other nodes."""
         os.environ.update(env)
         module_name, _, function = entrypoint.partition(":")
+        # This process is the service's alone: its lines get a service's shape (JSON with trace ids, level as
+        # the scheduler's), which only training ranks would otherwise set up (options' "settings" for them).
+        level = options.get("log_level") or options.get("settings", {}).get("log_level") or "info"
+        configure_logging(module_name.split(".")[1], level, "json")
         factory = getattr(importlib.import_module(module_name), function)
         self._hosted = await factory(options)
         # This actor's process hosts one service for its whole life: start-up is over.
@@ -49,6 +56,12 @@ class ServiceHost:
             # Only pass a grace to services whose stop() takes one (inference workers do).
             await (self._hosted.stop() if grace is None else self._hosted.stop(grace))
             self._hosted = None
+        await self.flush()
+
+    async def flush(self, timeout_s: float = 5.0) -> bool:
+        """Export the spans this process still holds: the scheduler ends actors with ``ray.kill``, which
+        runs no exit hook, so it calls this (or ``stop``) first."""
+        return await asyncio.to_thread(flush_tracing, timeout_s)
 
     @ray.method(concurrency_group="health")
     async def ping(self) -> bool:

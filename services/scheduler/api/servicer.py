@@ -32,6 +32,7 @@ from shared.security.access import (
     rules,
     tenant_scope,
 )
+from shared.tracing import current_traceparent
 
 # Who may call what (shared.security.access). Endpoint addresses and load reports are the mesh's own.
 AUTHORIZATION = rules(
@@ -78,7 +79,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                 "setting spec.priority directly needs an admin key; name a priority class instead",
                 reason="PRIORITY_NEEDS_ADMIN",
             )
-        job = await self._service.submit(dataclasses.replace(spec, tenant=tenant), request.request_id)
+        job = await self._service.submit(
+            dataclasses.replace(spec, tenant=tenant), request.request_id, trace_context=current_traceparent()
+        )
         return pb.SubmitTrainingJobResponse(job=convert.job_to_pb(job))
 
     async def GetJob(self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext) -> pb.GetJobResponse:

@@ -205,6 +205,8 @@ class Job:
         revision: Incremented by every stored change; orders snapshots of one job.
         request_id: The client's id of the submission that created it ("": none); unique per tenant.
         placement_attempts: Placements that timed out in a row (back to 0 once the job runs).
+        trace_context: The W3C ``traceparent`` of the submission ("": none): the job's run, however much
+            later and in whichever scheduler process, continues that trace.
     """
 
     id: str
@@ -226,6 +228,7 @@ class Job:
     queue_position: int = 0
     request_id: str = ""
     placement_attempts: int = 0
+    trace_context: str = ""
 
 
 def job_not_found(job_id: str) -> NotFound:

@@ -363,7 +363,7 @@ class JobService:
 
     # Use cases ----------------------------------------------------------------------------------------
 
-    async def submit(self, spec: TrainingJobSpec, request_id: str = "") -> Job:
+    async def submit(self, spec: TrainingJobSpec, request_id: str = "", trace_context: str = "") -> Job:
         """Validate ``spec`` (InvalidArgument naming the field otherwise) and queue the job.
 
         Its priority class (or the default one) gives its priority (InvalidArgument for an unknown class,
@@ -372,7 +372,7 @@ class JobService:
 
         A ``request_id`` makes the submission idempotent within the spec's tenant: a retry (also one
         racing the first) returns the job the first created; AlreadyExists if that job's normalised spec
-        differs from this one's.
+        differs from this one's. ``trace_context`` (a W3C ``traceparent``) is the trace the job's run continues.
         """
         check_request_id(request_id)
         if self._tenants is not None and (spec.priority_class or not spec.priority):
@@ -398,6 +398,7 @@ class JobService:
             total_steps=validated.total_steps,
             dataset_fingerprint=validated.dataset.fingerprint,
             request_id=request_id,
+            trace_context=trace_context,
         )
         stored, created = await self._inserts.submit(job)
         if not created:

@@ -62,8 +62,10 @@ class WorkerSession:
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
+    def start(self) -> asyncio.Task[None]:
+        """Start the rank in the background; returns its task (done once the rank ended, whatever way)."""
         self._task = asyncio.create_task(self._run())
+        return self._task
 
     async def _run(self) -> None:
         try:

@@ -57,6 +57,7 @@ def _to_job(row: sa.Row[Any]) -> Job:
         update_time=_utc(row.updated_at),
         request_id=row.request_id or "",
         placement_attempts=row.placement_attempts,
+        trace_context=row.trace_context or "",
     )
 
 
@@ -100,6 +101,7 @@ class SqlJobRepository:
             "updated_at": job.update_time,
             "request_id": job.request_id or None,
             "placement_attempts": job.placement_attempts,
+            "trace_context": job.trace_context or None,
         }
 
     def insert(self, job: Job) -> Job:

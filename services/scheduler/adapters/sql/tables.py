@@ -46,6 +46,8 @@ jobs = sa.Table(
     # Placements that timed out in a row (the job fails after scheduler_max_placement_attempts).
     sa.Column("placement_attempts", sa.Integer, nullable=False, server_default="0"),
     sa.Column("preemptions", sa.Integer, nullable=False, server_default="0"),
+    # The submission's W3C traceparent, which the job's run continues; NULL: none (jobs stored before 0005).
+    sa.Column("trace_context", sa.String(256), nullable=True),
     # Admission scans QUEUED jobs by priority then seq; listings filter by state and tenant.
     sa.Index("ix_jobs_state_priority_seq", "state", "priority", "seq"),
     sa.Index("ix_jobs_tenant_state", "tenant", "state"),
