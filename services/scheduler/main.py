@@ -224,5 +224,7 @@ async def serve(settings: SchedulerSettings) -> None:
 
 def main() -> None:
     settings = SchedulerSettings()
-    configure_logging("scheduler", settings.log_level, settings.log_format)
+    configure_logging(
+        "scheduler", settings.log_level, settings.log_format, settings.log_file, settings.log_file_max_bytes
+    )
     asyncio.run(serve(settings))
