@@ -91,7 +91,7 @@ async def read_status(settings: CliSettings, jobs: int = 10) -> MeshStatus:
 
 
 def _amount(quota: pb.Quota, name: str) -> float:
-    return float(getattr(quota, name)) if quota.HasField(name) else math.inf  # type: ignore[arg-type]
+    return float(getattr(quota, name)) if quota.HasField(name) else math.inf
 
 
 def _resources(cluster: pb.GetClusterResponse) -> str:
