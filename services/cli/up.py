@@ -52,7 +52,7 @@ async def wait_serving(
     try:
         while True:
             if child.process.poll() is not None:
-                raise RuntimeError(f"{describe_exit(child, logs)} while starting")
+                raise RuntimeError(describe_exit(child, logs, " while starting"))
             try:
                 reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
@@ -117,11 +117,11 @@ def stop_children(children: list[Child], grace_s: float) -> None:
         end_process_group(child.process.pid)
 
 
-def describe_exit(child: Child, logs: ServiceLogs) -> str:
+def describe_exit(child: Child, logs: ServiceLogs, when: str = "") -> str:
     code = child.process.returncode
     if code is not None and code < 0:
-        return f"{child.name} was killed by {signal.Signals(-code).name}"
-    return f"{child.name} exited with code {code} ({logs.last_words(child.name)})"
+        return f"{child.name} was killed by {signal.Signals(-code).name}{when}"
+    return f"{child.name} exited with code {code}{when}; {logs.last_words(child.name)}"
 
 
 async def run_up(
