@@ -32,6 +32,12 @@ class CommonSettings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = Field(
         "auto", description="json, console, or auto (console on a terminal, json otherwise)."
     )
+    log_file: Path | None = Field(
+        None,
+        description="Write log lines (JSON) to this file instead of stderr, rotated at log_file_max_bytes with 3 "
+        "older files kept; `maas up` on a terminal sets MAAS_HOME/logs/<service>.log.",
+    )
+    log_file_max_bytes: int = Field(16 * MiB, ge=4096, description="Size at which log_file is rotated.")
     otel_exporter: Literal["none", "console", "otlp"] = Field(
         "none", description="Where OpenTelemetry spans go; trace ids are logged whatever this is."
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from enum import StrEnum
 
 import typer
 
@@ -12,6 +13,7 @@ from services.cli.infer import generate, infer
 from services.cli.models import models_app
 from services.cli.security import certs_app, keys_app
 from services.cli.settings import CliSettings
+from services.cli.status import status
 from services.cli.tenants import tenants_app, usage
 from services.cli.train import train_app
 from shared.logging import configure_logging
@@ -26,6 +28,13 @@ app.add_typer(tenants_app, name="tenants", help="Tenants' quotas, borrowing limi
 app.command()(infer)
 app.command()(generate)
 app.command()(usage)
+app.command()(status)
+
+
+class LogFormat(StrEnum):
+    auto = "auto"
+    json = "json"
+    console = "console"
 
 
 @app.command()
@@ -36,14 +45,23 @@ def up(
     insecure: bool = typer.Option(
         False, help="Development only: plaintext and no authentication (also MAAS_INSECURE=1)."
     ),
+    log_format: LogFormat | None = typer.Option(
+        None,
+        show_default=False,
+        help="The services' logs: auto (default, or MAAS_LOG_FORMAT): files under MAAS_HOME/logs on a terminal, "
+        "JSON lines on stderr otherwise; json or console: on stderr in that format.",
+    ),
 ) -> None:
     """Start the mesh (registry, scheduler with a local Ray, gateway); Ctrl-C stops it."""
     from services.cli.up import run_up
+    from services.cli.up_logs import ServiceLogs
 
     settings = CliSettings()
-    configure_logging("cli", settings.log_level, settings.log_format)
+    logs = ServiceLogs.choose(settings.home, log_format.value if log_format else settings.log_format)
+    own_file = logs.directory / "up.log" if logs.directory is not None else None
+    configure_logging("cli", settings.log_level, logs.fmt, own_file, settings.log_file_max_bytes)
     try:
-        asyncio.run(run_up(settings, quickstart, console, insecure=insecure or settings.insecure))
+        asyncio.run(run_up(settings, quickstart, console, logs, insecure=insecure or settings.insecure))
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     except Exception as exc:  # noqa: BLE001 - `maas up` ends with one line, never a traceback

@@ -4,6 +4,7 @@ Each service is its own process (as in a deployment), started with this interpre
 grpc.health.v1, and stopped with SIGTERM (graceful: NOT_SERVING, drain, close) on Ctrl-C or SIGTERM. The
 services also get SIGTERM when ``maas up`` dies without stopping them (``kill -9``), and the next ``maas up``
 over the same home ends whatever a killed mesh left (``mesh_state``): it starts again any number of times.
+On a terminal the services' logs go to files (``up_logs``), so that the terminal shows this command's lines.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from services.cli.credentials import (
 )
 from services.cli.mesh_state import MeshLock, address_in_use
 from services.cli.settings import CliSettings
+from services.cli.up_logs import ServiceLogs
 from shared.grpc.channel import make_channel
 from shared.processes import end_process_group
 
@@ -40,7 +42,9 @@ class Child:
     process: subprocess.Popen[bytes]
 
 
-async def wait_serving(address: str, settings: CliSettings, child: Child, timeout_s: float = 60.0) -> None:
+async def wait_serving(
+    address: str, settings: CliSettings, child: Child, logs: ServiceLogs, timeout_s: float = 60.0
+) -> None:
     """Poll the health service until it answers SERVING (or the child dies, or time runs out)."""
     channel = make_channel(address, settings)
     stub = health_pb2_grpc.HealthStub(channel)
@@ -48,7 +52,7 @@ async def wait_serving(address: str, settings: CliSettings, child: Child, timeou
     try:
         while True:
             if child.process.poll() is not None:
-                raise RuntimeError(f"{describe_exit(child)} while starting")
+                raise RuntimeError(describe_exit(child, logs, " while starting"))
             try:
                 reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
@@ -75,18 +79,27 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def start_child(name: str, module: str, address: str, env: dict[str, str] | None = None) -> Child:
+def start_child(
+    name: str, module: str, address: str, env: dict[str, str] | None = None, logs: ServiceLogs | None = None
+) -> Child:
     # Ray forks helper processes after gRPC threads exist; gRPC's fork handlers only log noise there.
     child_env = {"GRPC_ENABLE_FORK_SUPPORT": "false", "GRPC_VERBOSITY": "ERROR", **os.environ, **(env or {})}
     parent = os.getpid()
+    output = logs.open_output(name) if logs is not None else None
     # Its own session: the processes it starts (a local Ray's) share its process group, so whatever
     # outlives the service's graceful stop can be ended with the group.
-    process = subprocess.Popen(
-        [sys.executable, "-m", module],
-        env=child_env,
-        start_new_session=True,
-        preexec_fn=lambda: _die_with_parent(parent),  # only ctypes and getppid run there
-    )
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", module],
+            env=child_env,
+            stdout=output,
+            stderr=subprocess.STDOUT if output is not None else None,
+            start_new_session=True,
+            preexec_fn=lambda: _die_with_parent(parent),  # only ctypes and getppid run there
+        )
+    finally:
+        if output is not None:
+            output.close()  # the child holds its own descriptor
     return Child(name, address, process)
 
 
@@ -104,21 +117,23 @@ def stop_children(children: list[Child], grace_s: float) -> None:
         end_process_group(child.process.pid)
 
 
-def describe_exit(child: Child) -> str:
+def describe_exit(child: Child, logs: ServiceLogs, when: str = "") -> str:
     code = child.process.returncode
     if code is not None and code < 0:
-        return f"{child.name} was killed by {signal.Signals(-code).name}"
-    return f"{child.name} exited with code {code} (its log lines above say why)"
+        return f"{child.name} was killed by {signal.Signals(-code).name}{when}"
+    return f"{child.name} exited with code {code}{when}; {logs.last_words(child.name)}"
 
 
-async def run_up(settings: CliSettings, quickstart: bool, console: Console, *, insecure: bool = False) -> None:
+async def run_up(
+    settings: CliSettings, quickstart: bool, console: Console, logs: ServiceLogs, *, insecure: bool = False
+) -> None:
     lock = MeshLock(settings.home)
     ended = lock.acquire()
     if ended:
         console.print(f"ended {len(ended)} processes left by an earlier `maas up` over {lock.home}")
     try:
         settings, service_env = _secure_or_not(settings, console, insecure)
-        await _run_mesh(settings, quickstart, console, lock, service_env)
+        await _run_mesh(settings, quickstart, console, lock, service_env, logs)
     finally:
         lock.release()
 
@@ -184,6 +199,7 @@ async def _run_mesh(
     console: Console,
     lock: MeshLock,
     service_env: Callable[[str], dict[str, str]],
+    logs: ServiceLogs,
 ) -> None:
     from services.cli.quickstart import run_quickstart
 
@@ -196,7 +212,7 @@ async def _run_mesh(
                     f"MAAS_{name.upper()}_ADDRESS or MAAS_{name.upper()}_INTERNAL_ADDRESS"
                 )
     children = [
-        start_child(name, module, address, {**env, **service_env(name), **lock.marker})
+        start_child(name, module, address, {**env, **service_env(name), **lock.marker, **logs.env(name)}, logs)
         for name, module, address, env in services
     ]
     lock.record([child.process.pid for child in children])
@@ -206,7 +222,7 @@ async def _run_mesh(
         loop.add_signal_handler(sig, stop.set)
     try:
         for child in children:
-            await wait_serving(child.address, settings, child)
+            await wait_serving(child.address, settings, child, logs)
             console.print(f"[green]✓[/] {child.name} serving on {child.address}")
         if quickstart:
             await run_quickstart(settings, console)
@@ -220,12 +236,19 @@ async def _run_mesh(
             "maas.registry.v1.RegistryService/ListModels)"
             f"\nscheduler: {settings.scheduler_address}   (try: maas train list, maas deploy list)"
             f"\ngateway:   {settings.gateway_address}   (KServe v2 gRPC; try: {grpcurl} "
-            f"{settings.gateway_address} inference.GRPCInferenceService/RepositoryIndex)\nCtrl-C stops the mesh."
+            f"{settings.gateway_address} inference.GRPCInferenceService/RepositoryIndex)"
         )
+        if logs.directory is not None:
+            console.print(
+                f"logs:      {logs.directory}/<service>.log (JSON; `maas status` shows the mesh); Ray's training "
+                f"ranks, shards and replicas: {logs.ray_logs()}",
+                soft_wrap=True,
+            )
+        console.print("Ctrl-C stops the mesh.")
         while not stop.is_set():
             for child in children:
                 if child.process.poll() is not None:
-                    raise RuntimeError(f"{describe_exit(child)}; the mesh was stopped, `maas up` starts it again")
+                    raise RuntimeError(f"{describe_exit(child, logs)}\nthe mesh was stopped; `maas up` starts it again")
             try:
                 await asyncio.wait_for(stop.wait(), 1.0)
             except TimeoutError:

@@ -181,5 +181,7 @@ async def serve(settings: GatewaySettings) -> None:
 
 def main() -> None:
     settings = GatewaySettings()
-    configure_logging("gateway", settings.log_level, settings.log_format)
+    configure_logging(
+        "gateway", settings.log_level, settings.log_format, settings.log_file, settings.log_file_max_bytes
+    )
     asyncio.run(serve(settings))

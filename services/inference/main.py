@@ -150,5 +150,7 @@ async def serve(settings: InferenceSettings) -> None:
 
 def main() -> None:
     settings = InferenceSettings()
-    configure_logging("inference", settings.log_level, settings.log_format)
+    configure_logging(
+        "inference", settings.log_level, settings.log_format, settings.log_file, settings.log_file_max_bytes
+    )
     asyncio.run(serve(settings))

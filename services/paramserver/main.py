@@ -85,5 +85,7 @@ async def serve(settings: ParamServerSettings) -> None:
 
 def main() -> None:
     settings = ParamServerSettings()
-    configure_logging("paramserver", settings.log_level, settings.log_format)
+    configure_logging(
+        "paramserver", settings.log_level, settings.log_format, settings.log_file, settings.log_file_max_bytes
+    )
     asyncio.run(serve(settings))

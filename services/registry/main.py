@@ -119,5 +119,7 @@ async def serve(settings: RegistrySettings) -> None:
 
 def main() -> None:
     settings = RegistrySettings()
-    configure_logging("registry", settings.log_level, settings.log_format)
+    configure_logging(
+        "registry", settings.log_level, settings.log_format, settings.log_file, settings.log_file_max_bytes
+    )
     asyncio.run(serve(settings))

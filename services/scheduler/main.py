@@ -21,6 +21,7 @@ from services.scheduler.adapters.sql.repository import SqlJobRepository
 from services.scheduler.adapters.sql.tables import MIGRATIONS
 from services.scheduler.adapters.sql.tenant_repository import SqlTenantRepository
 from services.scheduler.api.servicer import AUTHORIZATION, SchedulerServicer
+from services.scheduler.core.cluster import ClusterView
 from services.scheduler.core.deployment_ports import ReplicaPool
 from services.scheduler.core.deployments import DeploymentService
 from services.scheduler.core.events import EventBus
@@ -189,7 +190,8 @@ async def start(
         await resolver.close()
         await asyncio.to_thread(engine.dispose)
         raise
-    servicer = SchedulerServicer(service, deployments, tenants)
+    cluster = ClusterView(service, capacity, settings.scheduler_max_running_jobs)
+    servicer = SchedulerServicer(service, deployments, tenants, cluster)
     try:
         server = await start_service(
             settings,
@@ -225,5 +227,7 @@ async def serve(settings: SchedulerSettings) -> None:
 
 def main() -> None:
     settings = SchedulerSettings()
-    configure_logging("scheduler", settings.log_level, settings.log_format)
+    configure_logging(
+        "scheduler", settings.log_level, settings.log_format, settings.log_file, settings.log_file_max_bytes
+    )
     asyncio.run(serve(settings))

@@ -83,7 +83,9 @@ async def hosted(options: dict[str, Any]) -> RunningWorker:
         # Listen on every interface: the scheduler follows this rank from another host on a cluster.
         fields["training_address"] = "0.0.0.0:0"
     settings = TrainingSettings(**fields)
-    configure_logging("training", settings.log_level, settings.log_format)
+    configure_logging(
+        "training", settings.log_level, settings.log_format, settings.log_file, settings.log_file_max_bytes
+    )
     configure_tracing("training", settings.otel_exporter, settings.otel_endpoint)
     configure_zoo_limits(settings.zoo_max_elements)
     torch.set_num_threads(settings.training_torch_threads)

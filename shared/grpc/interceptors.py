@@ -28,6 +28,18 @@ log = structlog.get_logger("maas.rpc")
 _rpc_logger = logging.getLogger("maas.rpc")
 _tracer = trace.get_tracer("maas.grpc.server")
 
+# How loudly a domain error answered to a client is logged. The caller's own mistakes and lookups (a
+# NOT_FOUND is how `maas up` learns on a first start that nothing is trained yet) are part of normal
+# operation: info. A dependency that is down or slow is worth a look: warning. A server's own failure
+# (corrupt bytes, an error re-raised from a service it called) is an error.
+_ERROR_LEVELS = {
+    grpc.StatusCode.UNAVAILABLE: logging.WARNING,
+    grpc.StatusCode.DEADLINE_EXCEEDED: logging.WARNING,
+    grpc.StatusCode.INTERNAL: logging.ERROR,
+    grpc.StatusCode.DATA_LOSS: logging.ERROR,
+    grpc.StatusCode.UNKNOWN: logging.ERROR,
+}
+
 Behavior = Callable[..., Any]
 Wrapper = Callable[[Behavior, bool, bool, str], Behavior]
 
@@ -169,7 +181,9 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
     async def _handle(self, exc: BaseException, context: grpc.aio.ServicerContext, method: str) -> grpc.StatusCode:
         if isinstance(exc, errors.MaasError):
             code, message, trailing = to_status(exc)
-            log.info("rpc_error", code=code.name, error=message, reason=exc.reason)
+            log.log(
+                _ERROR_LEVELS.get(code, logging.INFO), "rpc_error", code=code.name, error=message, reason=exc.reason
+            )
             await context.abort(code, message, trailing_metadata=trailing)
         if isinstance(exc, grpc.aio.AbortError) or _is_cancellation(exc):
             raise exc

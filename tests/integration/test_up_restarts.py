@@ -5,16 +5,25 @@ trains; each later one finds the trained model and its deployment. Between them 
 SIGTERM, with SIGKILL of every process it had (stale Ray state, SQLite files, ports), and with SIGKILL of
 ``maas up`` alone (its services must not outlive it). Every start must end with predictions through the
 gateway, and one more from this test.
+
+The first start runs on a pseudo-terminal, as a person runs it: the terminal shows human lines only, the
+services' JSON logs go to files under ``MAAS_HOME/logs``, and ``maas status`` reports the mesh healthy while
+it runs and down (exit 1, no traceback) once it is stopped.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import termios
+import threading
 import time
 from pathlib import Path
 
@@ -39,20 +48,39 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class Mesh:
-    """One ``maas up --quickstart`` process, its output in a file."""
+MAAS = str(Path(sys.executable).with_name("maas"))
+_ESCAPES = re.compile(r"\x1b(\[[0-9;?]*[ -/]*[@-~]|\][^\x07]*\x07|[()][0-9A-Za-z])")
 
-    def __init__(self, home: Path, env: dict[str, str], run: int) -> None:
+
+class Mesh:
+    """One ``maas up --quickstart`` process, its output in a file; ``tty``: on a pseudo-terminal (200
+    columns), whose output this test copies to the file."""
+
+    def __init__(self, home: Path, env: dict[str, str], run: int, tty: bool = False) -> None:
         self.home = home
         self.log = home.parent / f"up-{run}.log"
-        maas = Path(sys.executable).with_name("maas")
         with self.log.open("wb") as out:
+            if not tty:
+                self.process = subprocess.Popen(
+                    [MAAS, "up", "--quickstart"], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                )
+                return
+            terminal, child_end = os.openpty()
+            fcntl.ioctl(child_end, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
             self.process = subprocess.Popen(
-                [str(maas), "up", "--quickstart"], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                [MAAS, "up", "--quickstart"],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=child_end,
+                stderr=child_end,
+                start_new_session=True,
             )
+            os.close(child_end)
+            threading.Thread(target=_copy_terminal, args=(terminal, self.log), daemon=True).start()
 
     def output(self) -> str:
-        return self.log.read_text(errors="replace")
+        """What the terminal showed, without its escape sequences."""
+        return _ESCAPES.sub("", self.log.read_text(errors="replace")).replace("\r\n", "\n")
 
     def wait_serving(self, timeout_s: float) -> str:
         deadline = time.monotonic() + timeout_s
@@ -67,6 +95,20 @@ class Mesh:
 
     def groups(self) -> list[int]:
         return [int(g) for g in json.loads((self.home / "run" / "mesh.json").read_text())["groups"]]
+
+
+def _copy_terminal(terminal: int, log: Path) -> None:
+    with log.open("ab") as out:
+        while True:
+            try:
+                data = os.read(terminal, 65536)
+            except OSError:  # EIO: every writer of the terminal has closed it
+                data = b""
+            if not data:
+                break
+            out.write(data)
+            out.flush()
+    os.close(terminal)
 
 
 def _human(text: str) -> str:
@@ -149,6 +191,47 @@ def _state(pid: int) -> str:
         return "Z"
 
 
+def _status(env: dict[str, str]) -> tuple[int, str]:
+    done = subprocess.run([MAAS, "status"], env=env, capture_output=True, text=True, timeout=60)
+    return done.returncode, done.stdout + done.stderr
+
+
+def _json_lines(path: Path) -> list[dict[str, object]]:
+    lines = path.read_text().splitlines()
+    assert lines, f"{path} is empty"
+    return [json.loads(line) for line in lines]  # every line is JSON
+
+
+def _assert_quiet_terminal_and_log_files(mesh: Mesh, env: dict[str, str]) -> None:
+    """The first start on a terminal: human lines there, JSON in the log files, `maas status` healthy."""
+    text = mesh.output()
+    assert not [line for line in text.splitlines() if line.lstrip().startswith("{")], _human(text)
+    logs = mesh.home.resolve() / "logs"
+    assert f"{logs}/<service>.log" in text and "ray/session_latest/logs" in text, text[-3000:]
+    lines = {name: _json_lines(logs / f"{name}.log") for name in ("registry", "scheduler", "gateway")}
+    for name, records in lines.items():
+        assert any(r["event"] == "serving" and r["service"] == name for r in records), name
+        # A first start is routine: nothing the services logged so far is a warning or an error.
+        loud = [r for r in records if r["level"] not in ("debug", "info")]
+        assert not loud, (name, loud)
+    # The lookup that finds no trained model yet is there, at info.
+    assert any(r.get("code") == "NOT_FOUND" and r["level"] == "info" for r in lines["registry"])
+    code, shown = _status(env)
+    assert code == 0, shown
+    for name in ("registry", "scheduler", "gateway"):
+        assert re.search(rf"^{name}\s+127\.0\.0\.1:\d+\s+serving\s*$", shown, re.M), shown
+    assert re.search(r"^digits\s+digits@1\s+DEPLOYMENT_READY\s+1/1", shown, re.M), shown
+    assert re.search(r"^job-\w+\s+default\s+SUCCEEDED\s+(\d+)/\1\s", shown, re.M), shown
+    assert "pool (placed / capacity" in shown and "Traceback" not in shown
+
+
+def _assert_status_reports_down(env: dict[str, str]) -> None:
+    code, shown = _status(env)
+    assert code == 1 and "Traceback" not in shown, shown
+    for name in ("registry", "scheduler", "gateway"):
+        assert re.search(rf"^{name}\s+127\.0\.0\.1:\d+\s+down", shown, re.M), shown
+
+
 def test_up_starts_again_after_sigterm_and_after_sigkill(tmp_path: Path) -> None:
     home = tmp_path / "home"
     gateway = f"127.0.0.1:{_free_port()}"
@@ -168,13 +251,16 @@ def test_up_starts_again_after_sigterm_and_after_sigkill(tmp_path: Path) -> None
     env.pop("MAAS_INSECURE", None)  # the secure default: TLS, keys, a locked-down Ray
     mesh = None
     try:
-        # 1: trains, deploys, serves; SIGTERM stops everything it started.
-        mesh = Mesh(home, env, 1)
+        # 1: on a terminal, trains, deploys, serves; SIGTERM stops everything it started.
+        on_terminal = {k: v for k, v in env.items() if k != "MAAS_LOG_FORMAT"}
+        mesh = Mesh(home, on_terminal, 1, tty=True)
         _assert_serves(mesh, gateway, timeout_s=420)
         assert "training digits" in mesh.output()
+        _assert_quiet_terminal_and_log_files(mesh, env)
         mesh.process.send_signal(signal.SIGTERM)
         assert mesh.process.wait(timeout=60) == 0
         assert not processes_with_env(MARKER, str(home.resolve()))
+        _assert_status_reports_down(env)
 
         # 2: the same home again (the bug this test was written for), then SIGKILL of every process.
         mesh = Mesh(home, env, 2)
@@ -199,9 +285,7 @@ def test_up_starts_again_after_sigterm_and_after_sigkill(tmp_path: Path) -> None
         mesh = Mesh(home, env, 4)
         _assert_serves(mesh, gateway, timeout_s=240)
         _assert_tritonclient_serves(gateway, home)
-        second = subprocess.run(
-            [str(Path(sys.executable).with_name("maas")), "up"], env=env, capture_output=True, text=True, timeout=60
-        )
+        second = subprocess.run([MAAS, "up"], env=env, capture_output=True, text=True, timeout=60)
         assert second.returncode != 0
         assert "another `maas up`" in second.stderr and "Traceback" not in second.stderr
         assert len([line for line in second.stderr.splitlines() if line.strip()]) == 1, second.stderr

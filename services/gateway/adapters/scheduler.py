@@ -166,17 +166,20 @@ class SchedulerLink:
         """
         backoff = 0.1
         failures = 0
+        followed = False
         while True:
             call = self._stub.WatchEndpoints(pb.WatchEndpointsRequest())
             try:
                 async for response in call:
                     apply([deployment_from_pb(d) for d in response.deployments])
-                    backoff, failures = 0.1, 0
+                    backoff, failures, followed = 0.1, 0, True
                 log.warning("endpoint_stream_ended")
             except grpc.aio.AioRpcError as exc:
-                # The scheduler starting after the gateway (every `maas up`) is expected: say it once quietly.
+                # The scheduler starting after the gateway (every `maas up`: it migrates its database first)
+                # is expected: until the first snapshot, an unreachable scheduler is said quietly.
                 failures += 1
-                level = log.info if failures == 1 and exc.code() == grpc.StatusCode.UNAVAILABLE else log.warning
+                quiet = exc.code() == grpc.StatusCode.UNAVAILABLE and (failures == 1 or not followed)
+                level = log.info if quiet else log.warning
                 level("endpoint_stream_failed", code=exc.code().name, error=exc.details(), retry_in_s=backoff)
             except asyncio.CancelledError:
                 call.cancel()

@@ -61,15 +61,18 @@ async def report_forever(
     scheduler drops a gateway silent for 10 s, so a short outage loses nothing).
     """
     failing = False
+    reported = False
     while True:
         await tracker.wait_urgent(interval_s)
         try:
             await sink.report(tracker.snapshot(deployments()))
         except Exception as exc:  # noqa: BLE001 - any failure of one report must not stop the loop
             if not failing:
-                log.warning("load_report_failed", error=str(exc), error_type=type(exc).__name__)
+                # Before the first report gets through, the scheduler is most likely still starting.
+                level = log.warning if reported else log.info
+                level("load_report_failed", error=str(exc), error_type=type(exc).__name__)
             failing = True
         else:
             if failing:
                 log.info("load_report_recovered")
-            failing = False
+            failing, reported = False, True

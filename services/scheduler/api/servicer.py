@@ -17,6 +17,7 @@ from maas.scheduler.v1 import scheduler_pb2_grpc
 
 from services.scheduler.api import convert, tenant_convert
 from services.scheduler.api import deployment_convert as dconvert
+from services.scheduler.core.cluster import ClusterView
 from services.scheduler.core.deployments import DeploymentService
 from services.scheduler.core.model import Job
 from services.scheduler.core.service import JobService
@@ -55,16 +56,21 @@ AUTHORIZATION = rules(
         "ListTenants": Access.DEVELOPER,
         "UpdateQuota": Access.ADMIN,
         "GetUsage": Access.DEVELOPER,
+        # Every tenant's placements summed: an operator's view, not one tenant's.
+        "GetCluster": Access.ADMIN,
         "WatchEvents": Access.DEVELOPER,
     },
 )
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
-    def __init__(self, service: JobService, deployments: DeploymentService, tenants: TenantService) -> None:
+    def __init__(
+        self, service: JobService, deployments: DeploymentService, tenants: TenantService, cluster: ClusterView
+    ) -> None:
         self._service = service
         self._deployments = deployments
         self._tenants = tenants
+        self._cluster = cluster
 
     async def SubmitTrainingJob(
         self, request: pb.SubmitTrainingJobRequest, context: grpc.aio.ServicerContext
@@ -195,6 +201,16 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             used=tenant_convert.quota_to_pb(usage.used),
             queued_jobs=usage.queued_jobs,
             running_jobs=usage.running_jobs,
+        )
+
+    async def GetCluster(
+        self, request: pb.GetClusterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetClusterResponse:
+        usage = await self._cluster.usage()
+        return pb.GetClusterResponse(
+            capacity=tenant_convert.quota_to_pb(usage.capacity),
+            used=tenant_convert.quota_to_pb(usage.used),
+            queued_jobs=usage.queued_jobs,
         )
 
     async def WatchEvents(
