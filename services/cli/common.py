@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 import typer
 from inference import grpc_service_pb2, grpc_service_pb2_grpc
+from maas import AsyncClient
 from maas.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 from rich.console import Console
 
@@ -104,3 +105,8 @@ class Gateway(_Client):
             grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"],
             grpc_service_pb2_grpc.GRPCInferenceServiceStub,
         )
+
+
+def client(settings: CliSettings | None = None) -> AsyncClient:
+    """The SDK's client with the command line's settings: every command calls the services through it."""
+    return AsyncClient(settings=settings or CliSettings())
