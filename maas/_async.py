@@ -98,6 +98,13 @@ class AsyncClient:
         """
         return await self._serving.infer(model, inputs, version)
 
+    async def infer_response(
+        self, model: str, inputs: Mapping[str, Any] | Any, *, version: str = ""
+    ) -> kpb.ModelInferResponse:
+        """As :meth:`infer`, but the KServe response itself (which version answered, its parameters);
+        ``maas.tensors.decode_outputs`` turns it into arrays."""
+        return await self._serving.infer_response(model, inputs, version)
+
     def generate(self, model: str, prompt: str, *, max_tokens: int = 64, version: str = "") -> AsyncIterator[str]:
         """Stream a continuation of ``prompt`` from a deployed byte-level language model, as text pieces."""
         return self._serving.generate(model, prompt, max_tokens=max_tokens, version=version)

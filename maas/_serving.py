@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 from inference import grpc_service_pb2 as kpb
 from maas._rpc import Connection, domain_error
-from maas._tensors import add_input, decode_outputs, named_inputs
+from maas.tensors import add_input, decode_outputs, named_inputs
 
 from shared.errors import InvalidArgument
 

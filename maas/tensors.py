@@ -1,4 +1,5 @@
-"""numpy arrays (and torch tensors) to KServe v2 tensors and back, with numpy alone.
+"""numpy arrays (and torch tensors) to KServe v2 tensors and back, with numpy alone (public: for callers of
+``infer_response``, which returns the raw KServe response).
 
 ``shared.artifacts`` has the same table but imports torch (seconds); an SDK call must not need torch
 unless the caller passes a tensor.
