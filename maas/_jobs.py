@@ -6,8 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import grpc
-from maas._rpc import Connection, domain_error
+from maas._rpc import Connection
 from maas.scheduler.v1 import scheduler_pb2 as pb
 
 from shared.grpc.calls import new_request_id
@@ -63,9 +62,9 @@ class AsyncJob:
 
     async def watch(self) -> AsyncIterator[JobProgress]:
         """The job's state changes and step metrics as they happen, until it ends (the last event's ``done``)."""
-        stream = self._scheduler.stream("WatchJob", pb.WatchJobRequest(id=self.id))
+        events = self._scheduler.stream("WatchJob", pb.WatchJobRequest(id=self.id))
         try:
-            async for event in stream:
+            async for event in events:
                 if event.HasField("job"):
                     self.info = event.job
                     yield JobProgress(self.info)
@@ -73,10 +72,8 @@ class AsyncJob:
                         return
                 else:
                     yield JobProgress(self.info, event.metrics)
-        except grpc.aio.AioRpcError as exc:
-            raise domain_error(exc) from None
         finally:
-            stream.cancel()
+            await events.aclose()
 
     async def wait(self, timeout_s: float | None = None) -> pb.Job:
         """Wait until the job ends and return it (check ``state``: a failed job is returned, not raised).

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 
-from shared.grpc.calls import RetryPolicy, idempotent_methods, unary
+from shared.grpc.calls import REQUEST_ID_KEY, RetryPolicy, idempotent_methods, new_request_id, unary
 from shared.grpc.channel import make_channel
 from shared.grpc.status import from_rpc_error
 from shared.settings import CommonSettings
@@ -39,14 +40,24 @@ class Connection:
             timeout=timeout or self.timeout_s,
         )
 
-    def stream(self, method: str, request: Any, *, timeout: float | None = None) -> Any:
-        """Start a streaming call (errors surface while iterating; see :func:`stream_errors`)."""
-        return getattr(self.stub, method)(request, timeout=timeout)
+    async def stream(
+        self, method: str, request: Any, *, timeout: float | None = None, request_id: str | None = None
+    ) -> AsyncGenerator[Any, None]:
+        """The messages of a server-streaming ``method`` (``request``: a message, or an async iterator of them
+        for a bidirectional one). Never retried: part of the answer may have been used already. Failures
+        raise ``maas.errors`` exceptions with the call's request id (``request_id``, or a fresh one); closing
+        the iterator early cancels the call."""
+        request_id = request_id or new_request_id()
+        call = getattr(self.stub, method)(request, timeout=timeout, metadata=((REQUEST_ID_KEY, request_id),))
+        try:
+            async for message in call:
+                yield message
+        except grpc.aio.AioRpcError as exc:
+            error = from_rpc_error(exc)
+            error.request_id = request_id
+            raise error from None
+        finally:
+            call.cancel()
 
     async def close(self) -> None:
         await self.channel.close()
-
-
-def domain_error(exc: grpc.aio.AioRpcError) -> Exception:
-    """The ``maas.errors`` exception a failed streaming call stands for."""
-    return from_rpc_error(exc)

@@ -6,13 +6,14 @@ import codecs
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-import grpc
 import numpy as np
 from inference import grpc_service_pb2 as kpb
-from maas._rpc import Connection, domain_error
+from maas._rpc import Connection
 from maas.tensors import add_input, decode_outputs, named_inputs
 
 from shared.errors import InvalidArgument
+from shared.grpc.calls import new_request_id
+from shared.grpc.status import STREAM_ERROR_CODE, STREAM_ERROR_REASON, error_from_code
 
 
 class Serving:
@@ -66,11 +67,21 @@ class Serving:
         async def requests() -> AsyncIterator[kpb.ModelInferRequest]:
             yield request
 
-        stream = self._gateway.stub.ModelStreamInfer(requests())
+        request_id = new_request_id()
+        replies = self._gateway.stream("ModelStreamInfer", requests(), request_id=request_id)
         try:
-            async for reply in stream:
+            async for reply in replies:
                 if reply.error_message:
-                    raise InvalidArgument(reply.error_message)
+                    parameters = reply.infer_response.parameters
+                    code = parameters.get(STREAM_ERROR_CODE)
+                    reason = parameters.get(STREAM_ERROR_REASON)
+                    error = error_from_code(
+                        code.string_param if code is not None else "INVALID_ARGUMENT",
+                        reply.error_message,
+                        reason.string_param if reason is not None else None,
+                    )
+                    error.request_id = request_id
+                    raise error
                 for token in decode_outputs(reply.infer_response).get("token_id", np.empty(0)).ravel():
                     text = decoder.decode(bytes([int(token) & 0xFF]))
                     if text:
@@ -78,10 +89,8 @@ class Serving:
                 final = reply.infer_response.parameters.get("triton_final_response")
                 if final is not None and final.bool_param:
                     break
-        except grpc.aio.AioRpcError as exc:
-            raise domain_error(exc) from None
         finally:
-            stream.cancel()
+            await replies.aclose()
         rest = decoder.decode(b"", final=True)
         if rest:
             yield rest

@@ -213,6 +213,9 @@ async def test_infer_takes_numpy_and_torch_and_returns_numpy(
             await client.infer("missing", x)
         pieces = [piece async for piece in client.generate("lm", "a", max_tokens=3)]
         assert "".join(pieces) == "bcd"  # the worker's tokens: the prompt's last byte + 1, + 2, + 3
+        with pytest.raises(maas.NotFound) as missing:
+            _ = [piece async for piece in client.generate("nothing", "a")]
+        assert missing.value.request_id, "a failed stream reports its request id too"
 
 
 async def test_blocking_infer_and_generate(gateway: tuple[Any, list[WorkerServer]], tmp_path: Path) -> None:
