@@ -4,7 +4,6 @@ against real servers on loopback."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,27 +11,16 @@ from typing import Any
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner, Result
 
-from services.cli.main import app
 from services.scheduler.main import RunningScheduler
 from services.scheduler.main import start as start_scheduler
 from tests.contract import test_sdk_workloads as workloads
+from tests.contract.test_cli_tenants import maas, ok
 from tests.contract.test_scheduler_deployments import LoopbackPool
 
 pytestmark = pytest.mark.timeout(120)
 database_url = workloads.database_url
 gateway = workloads.gateway
-
-
-async def maas(*args: str) -> Result:
-    return await asyncio.to_thread(CliRunner().invoke, app, list(args))
-
-
-async def ok(*args: str) -> str:
-    result = await maas(*args)
-    assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
-    return result.stdout
 
 
 @pytest.fixture
