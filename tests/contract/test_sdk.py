@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,7 @@ async def test_errors_are_typed_with_reason_and_request_id(client: maas.AsyncCli
     assert isinstance(bad.value, maas.MaasError)
 
 
-async def test_roles_and_keys_under_tls(mesh: security.Mesh, tmp_path: Path) -> None:
+async def test_roles_and_keys_under_tls(mesh: security.Mesh, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     running = await security._start_registry(mesh)
     settings = maas.ClientSettings(home=tmp_path / "client-home", tls_server_name=MESH_NAME)
 
@@ -105,6 +106,20 @@ async def test_roles_and_keys_under_tls(mesh: security.Mesh, tmp_path: Path) -> 
         async with client(mesh.tokens["revoked"]) as revoked:
             with pytest.raises(maas.Unauthenticated):
                 await revoked.models.list()
+        # What `maas up` leaves under MAAS_HOME: the key and the CA in a 0600 file, read when nothing is given.
+        home = tmp_path / "maas-home"
+        home.mkdir()
+        monkeypatch.delenv("MAAS_INSECURE")  # the environment wins over the file; here it says nothing
+        (home / "credentials.json").write_text(
+            json.dumps({"api_key": mesh.tokens["developer"], "ca_file": str(mesh.pki.ca.cert), "insecure": False})
+        )
+        from_file = maas.ClientSettings(home=home, tls_server_name=MESH_NAME)
+        assert from_file.client_token == mesh.tokens["developer"] and not from_file.insecure
+        async with maas.AsyncClient(
+            "127.0.0.1", registry_address=f"127.0.0.1:{running.port}", settings=from_file
+        ) as configured:
+            assert configured.settings.scheduler_address == "127.0.0.1:7002"  # the host given, the port kept
+            assert [m.name for m in await configured.models.list()] == ["secure"]
     finally:
         await running.server.stop(0.2)
 
