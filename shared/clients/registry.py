@@ -91,6 +91,7 @@ class RegistryClient:
         return response.model
 
     async def get_model(self, name: str) -> pb.Model:
+        """A model: its latest version number, aliases, tags."""
         response: pb.GetModelResponse = await self.call("GetModel", pb.GetModelRequest(name=name))
         return response.model
 
@@ -111,9 +112,11 @@ class RegistryClient:
         return response
 
     async def delete_model(self, name: str, *, force: bool = False) -> None:
+        """Delete a model with its versions (``force``: even while aliases point into it)."""
         await self.call("DeleteModel", pb.DeleteModelRequest(name=name, force=force))
 
     async def get_version(self, ref: pb.VersionRef, *, metadata: Metadata | None = None) -> pb.Version:
+        """The version ``ref`` names (a number, an alias, or the latest)."""
         response: pb.GetVersionResponse = await self.call(
             "GetVersion", pb.GetVersionRequest(ref=ref), metadata=metadata
         )
@@ -126,11 +129,13 @@ class RegistryClient:
         return response.version
 
     async def set_alias(self, model: str, alias: str, version: int, *, create_only: bool = False) -> pb.Alias:
+        """Point ``model@alias`` at ``version`` (moving it unless ``create_only``)."""
         request = pb.SetAliasRequest(model=model, alias=alias, version=version, create_only=create_only)
         response: pb.SetAliasResponse = await self.call("SetAlias", request)
         return response.alias
 
     async def delete_alias(self, model: str, alias: str) -> None:
+        """Remove an alias."""
         await self.call("DeleteAlias", pb.DeleteAliasRequest(model=model, alias=alias))
 
     async def get_trust_policy(self, model: str = "") -> pb.GetTrustPolicyResponse:
@@ -139,11 +144,13 @@ class RegistryClient:
         return response
 
     async def add_trusted_key(self, name: str, public_key_pem: str) -> pb.TrustedKey:
+        """Trust a public key's signatures in the caller's tenant (admin keys)."""
         request = pb.AddTrustedKeyRequest(name=name, public_key_pem=public_key_pem)
         response: pb.AddTrustedKeyResponse = await self.call("AddTrustedKey", request)
         return response.key
 
     async def remove_trusted_key(self, name: str) -> None:
+        """Stop trusting a key (admin keys)."""
         await self.call("RemoveTrustedKey", pb.RemoveTrustedKeyRequest(name=name))
 
     async def sign_version(self, ref: pb.VersionRef, signature: bytes, public_key_pem: str) -> pb.Version:

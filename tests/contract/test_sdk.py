@@ -63,6 +63,9 @@ async def test_create_list_get_alias_delete(client: maas.AsyncClient, tmp_path: 
     assert [m.name for m in await client.models.list()] == ["empty", "mlp"]
     assert [m.name for m in await client.models.list(tags={"team": "a"})] == ["empty"]
     assert (await client.models.get("mlp")).latest_version == 2
+    derived = await client.models.derive("mlp@2", "fp16")
+    assert derived.number == 3 and derived.lineage.parent_version == 2
+    assert derived.size_bytes < (await client.models.get_version("mlp@2")).size_bytes
     alias = await client.models.alias("mlp", "production", 1)
     assert (alias.name, alias.version) == ("production", 1)
     assert (await client.models.get_version("mlp@production")).number == 1

@@ -107,6 +107,23 @@ async def test_submit_watch_and_wait(job_scheduler: RunningScheduler, tmp_path: 
             await client.jobs.submit(digits_spec(workers=0))
 
 
+async def test_cancel_a_queued_job(tmp_path: Path) -> None:
+    # Admission paused: the job stays QUEUED until it is cancelled, and no runner is ever made.
+    running = await start_scheduler(scheduler_settings(tmp_path, scheduler_max_running_jobs=0), None)
+    try:
+        async with client_for(tmp_path, scheduler_address=f"127.0.0.1:{running.port}") as client:
+            job = await client.jobs.submit(digits_spec())
+            assert job.state == "QUEUED"
+            waiting = asyncio.create_task(job.wait(timeout_s=10))
+            assert (await job.cancel()).state == spb.CANCELLED
+            assert (await waiting).state == spb.CANCELLED
+            assert (await client.jobs.get(job.id)).state == "CANCELLED"
+            with pytest.raises(TimeoutError):
+                await (await client.jobs.submit(digits_spec())).wait(timeout_s=0.2)
+    finally:
+        await running.server.stop(0.2)
+
+
 async def test_blocking_jobs_watch(job_scheduler: RunningScheduler, tmp_path: Path) -> None:
     def use() -> list[str]:
         settings = maas.ClientSettings(home=tmp_path / "client-home")
