@@ -19,7 +19,7 @@ $(BIN)/python:
 
 # torch first, exactly 2.13.0 (a CPU wheel on this machine's disk); then the code generator; then the
 # project in editable mode, whose package list includes the generated code.
-$(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
+$(VENV)/.installed: pyproject.toml setup.py constraints.txt | $(BIN)/python
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0 grpcio-tools
 	$(MAKE) --no-print-directory proto
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'

@@ -91,7 +91,7 @@ async def worker_load(workdir: Path, artifact: Path, manifest_json: str) -> dict
         ref = pb.VersionRef(model="bench-load", version=str(version.number))
         await client.sign_file(ref, artifact, key_path)
         public = signing.public_key_of(key_path).decode()
-        await client.call("AddTrustedKey", pb.AddTrustedKeyRequest(name="bench", public_key_pem=public))
+        await client.add_trusted_key("bench", public)
         worker = await hosted(
             {
                 "home": workdir / "worker",

@@ -38,6 +38,8 @@ class MaasError(Exception):
         self.violations = list(violations or [])
         self.metadata = dict(metadata or {})
         self.retry_after_s = retry_after_s
+        # Set by clients: the id the failed call carried (``x-request-id``), which the server logged it under.
+        self.request_id: str | None = None
 
     def __str__(self) -> str:
         return self.message

@@ -1,4 +1,4 @@
-"""What every command shares: settings, the console, error reporting, clients of the services."""
+"""What every command shares: settings, the console, error reporting, the SDK's client."""
 
 from __future__ import annotations
 
@@ -9,14 +9,11 @@ from typing import Any
 
 import grpc
 import typer
-from inference import grpc_service_pb2, grpc_service_pb2_grpc
-from maas.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
+from maas import AsyncClient
 from rich.console import Console
 
 from services.cli.settings import CliSettings
-from shared.clients.registry import RegistryClient
 from shared.errors import MaasError
-from shared.grpc.channel import make_channel
 from shared.grpc.status import from_rpc_error
 
 console = Console(stderr=True)
@@ -52,55 +49,6 @@ def run_async(fn: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., Any]
     return wrapper
 
 
-def registry_client() -> RegistryClient:
-    settings = CliSettings()
-    return RegistryClient.connect(settings.registry_address, settings)
-
-
-class _Client:
-    """A service stub whose failures raise ``shared.errors`` exceptions."""
-
-    def __init__(self, address: str, settings: CliSettings, service: Any, stub_class: Any) -> None:
-        self.channel = make_channel(address, settings, [service])
-        self.stub = stub_class(self.channel)
-
-    async def call(self, method: str, request: object, timeout: float | None = None) -> Any:
-        try:
-            return await getattr(self.stub, method)(request, timeout=timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
-
-    async def close(self) -> None:
-        await self.channel.close()
-
-    async def __aenter__(self) -> Any:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-
-class Scheduler(_Client):
-    """The scheduler's stub with domain errors."""
-
-    def __init__(self, settings: CliSettings | None = None) -> None:
-        settings = settings or CliSettings()
-        super().__init__(
-            settings.scheduler_address,
-            settings,
-            scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"],
-            scheduler_pb2_grpc.SchedulerServiceStub,
-        )
-
-
-class Gateway(_Client):
-    """The gateway's KServe v2 stub with domain errors."""
-
-    def __init__(self, settings: CliSettings | None = None) -> None:
-        settings = settings or CliSettings()
-        super().__init__(
-            settings.gateway_address,
-            settings,
-            grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"],
-            grpc_service_pb2_grpc.GRPCInferenceServiceStub,
-        )
+def client(settings: CliSettings | None = None) -> AsyncClient:
+    """The SDK's client with the command line's settings: every command calls the services through it."""
+    return AsyncClient(settings=settings or CliSettings())

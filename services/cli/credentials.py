@@ -12,28 +12,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+from maas._settings import credentials_path, read_credentials
 
 from shared.security.files import write_atomic
 from shared.security.keys import KeyStore, Role
 from shared.security.pki import MESH_NAME, CertPaths, default_hosts, init_pki
 
+# The SDK reads the file (maas.ClientSettings); these names stay importable from here for the CLI's modules.
+__all__ = ["MeshCredentials", "credentials_path", "ensure_mesh_credentials", "read_credentials"]
 SERVICES = ("registry", "scheduler", "gateway")
 DEFAULT_TENANT = "default"
 ADMIN_KEY_NAME = "local-admin"
-
-
-def credentials_path(home: Path) -> Path:
-    return home / "credentials.json"
-
-
-def read_credentials(home: Path) -> dict[str, Any]:
-    """The CLI's credentials file (``{}`` when there is none or it is unreadable)."""
-    try:
-        data = json.loads(credentials_path(home).read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def write_private(path: Path, text: str) -> None:

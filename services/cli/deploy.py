@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from typing import Any
 
 import typer
+from maas import AsyncClient
 from maas.common.v1 import common_pb2
 from maas.inference.v1 import worker_pb2
 from maas.scheduler.v1 import scheduler_pb2 as pb
 from rich.table import Table
 
-from services.cli.common import Scheduler, console, out, run_async
+from services.cli.common import client, console, out, run_async
 
 deploy_app = typer.Typer(no_args_is_help=True)
 
@@ -85,16 +85,10 @@ def print_deployment(d: pb.Deployment) -> None:
     out.print(line, highlight=False)
 
 
-async def wait_ready(scheduler: Scheduler, name: str, timeout_s: float = 600.0) -> pb.Deployment:
-    """Poll until the deployment is READY (or FAILED, or time runs out); returns it."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
+async def wait_ready(sdk: AsyncClient, name: str, timeout_s: float = 600.0) -> pb.Deployment:
+    """Wait with a spinner until the deployment is READY; a FAILED one (or time running out) raises."""
     with console.status(f"waiting for {name} to be ready..."):
-        while True:
-            deployment = (await scheduler.call("GetDeployment", pb.GetDeploymentRequest(name=name))).deployment
-            if deployment.state in (pb.DEPLOYMENT_READY, pb.DEPLOYMENT_FAILED) or loop.time() > deadline:
-                return deployment
-            await asyncio.sleep(0.5)
+        return await sdk.deployments.wait_ready(name, timeout_s=timeout_s)
 
 
 def _spec_command(rpc: str, help_text: str) -> Callable[..., Any]:
@@ -120,15 +114,13 @@ def _spec_command(rpc: str, help_text: str) -> Callable[..., Any]:
     ) -> None:
         # locals() also holds the closure's free variable (rpc): take only the options.
         spec = _spec(**{k: v for k, v in locals().items() if k not in ("wait", "rpc")})
-        request = (
-            pb.CreateDeploymentRequest(spec=spec)
-            if rpc == "CreateDeployment"
-            else pb.UpdateDeploymentRequest(spec=spec)
-        )
-        async with Scheduler() as scheduler:
-            deployment = (await scheduler.call(rpc, request)).deployment
+        async with client() as sdk:
+            if rpc == "CreateDeployment":
+                deployment = await sdk.deployments.create(spec)
+            else:
+                deployment = await sdk.deployments.update(spec)
             if wait:
-                deployment = await wait_ready(scheduler, deployment.name)
+                deployment = await wait_ready(sdk, deployment.name)
             print_deployment(deployment)
 
     command.__doc__ = help_text
@@ -147,8 +139,8 @@ deploy_app.command("update")(
 @run_async
 async def show(name: str) -> None:
     """Show a deployment and its replicas."""
-    async with Scheduler() as scheduler:
-        deployment = (await scheduler.call("GetDeployment", pb.GetDeploymentRequest(name=name))).deployment
+    async with client() as sdk:
+        deployment = await sdk.deployments.get(name)
     print_deployment(deployment)
     table = Table("replica", "version", "state", "address")
     for r in deployment.replicas:
@@ -161,19 +153,14 @@ async def show(name: str) -> None:
 async def list_deployments() -> None:
     """List deployments."""
     table = Table("name", "state", "model", "version", "canary", "replicas", "message")
-    async with Scheduler() as scheduler:
-        token = ""
-        while True:
-            reply = await scheduler.call("ListDeployments", pb.ListDeploymentsRequest(page_token=token))
-            for d in reply.deployments:
-                ready = sum(1 for r in d.replicas if r.state == pb.REPLICA_READY)
-                canary = f"@{d.canary_version} {d.spec.canary.weight_percent}%" if d.canary_version else ""
-                table.add_row(
-                    d.name, _state(d), d.spec.model, str(d.version), canary, f"{ready}/{d.target_replicas}", d.message
-                )
-            token = reply.next_page_token
-            if not token:
-                break
+    async with client() as sdk:
+        deployments = await sdk.deployments.list()
+    for d in deployments:
+        ready = sum(1 for r in d.replicas if r.state == pb.REPLICA_READY)
+        canary = f"@{d.canary_version} {d.spec.canary.weight_percent}%" if d.canary_version else ""
+        table.add_row(
+            d.name, _state(d), d.spec.model, str(d.version), canary, f"{ready}/{d.target_replicas}", d.message
+        )
     out.print(table)
 
 
@@ -181,6 +168,6 @@ async def list_deployments() -> None:
 @run_async
 async def delete(name: str) -> None:
     """Remove a deployment: it leaves the gateway's endpoints, then its replicas drain and stop."""
-    async with Scheduler() as scheduler:
-        await scheduler.call("DeleteDeployment", pb.DeleteDeploymentRequest(name=name))
+    async with client() as sdk:
+        await sdk.deployments.delete(name)
     out.print(f"deleted {name}")

@@ -7,13 +7,13 @@ import contextlib
 import json
 from pathlib import Path
 
-from maas.registry.v1 import registry_pb2 as rpb
 from maas.scheduler.v1 import scheduler_pb2 as spb
+from maas.tensors import decode_outputs
 from rich.console import Console
 
+from services.cli.common import client
 from services.cli.settings import CliSettings
 from shared.artifacts import Manifest, build_model, save_artifact
-from shared.clients.registry import RegistryClient
 from shared.errors import MaasError, NotFound
 
 QUICKSTART_MODEL = "digits"
@@ -42,71 +42,61 @@ async def train_digits(settings: CliSettings, console: Console) -> bool:
 
     Returns whether a trained version exists now.
     """
-    from services.cli.common import Scheduler
-    from services.cli.train import _watch
+    from services.cli.train import watch_until_done
 
-    client = RegistryClient.connect(settings.registry_address, settings)
-    try:
+    async with client(settings) as sdk:
         try:
-            reply = await client.call("GetVersion", rpb.GetVersionRequest(ref=rpb.VersionRef(model=QUICKSTART_MODEL)))
-            accuracy = reply.version.lineage.metrics.get("accuracy")
+            version = await sdk.models.get_version(QUICKSTART_MODEL)
+            accuracy = version.lineage.metrics.get("accuracy")
             if accuracy is not None:
-                console.print(f"{QUICKSTART_MODEL}@{reply.version.number} is trained: held-out accuracy {accuracy:.4f}")
+                console.print(f"{QUICKSTART_MODEL}@{version.number} is trained: held-out accuracy {accuracy:.4f}")
                 return True
         except NotFound:
             pass
-    finally:
-        await client.close()
-    spec = spb.TrainingJobSpec(
-        architecture="cnn",
-        arguments_json=json.dumps({}),
-        dataset=spb.DatasetSpec(name="digits"),
-        optimizer={"name": "sgd", "hyperparameters": {"lr": 0.05, "momentum": 0.9}},
-        batch_size=32,
-        epochs=40,
-        workers=2,
-        shards=2,
-        consistency="bsp",
-        checkpoint_interval=100,
-        target_model=QUICKSTART_MODEL,
-        seed=7,
-    )
-    scheduler = Scheduler(settings)
-    try:
-        job = (await scheduler.call("SubmitTrainingJob", spb.SubmitTrainingJobRequest(spec=spec))).job
+        spec = spb.TrainingJobSpec(
+            architecture="cnn",
+            arguments_json=json.dumps({}),
+            dataset=spb.DatasetSpec(name="digits"),
+            optimizer={"name": "sgd", "hyperparameters": {"lr": 0.05, "momentum": 0.9}},
+            batch_size=32,
+            epochs=40,
+            workers=2,
+            shards=2,
+            consistency="bsp",
+            checkpoint_interval=100,
+            target_model=QUICKSTART_MODEL,
+            seed=7,
+        )
+        job = await sdk.jobs.submit(spec)
         console.print(f"training {QUICKSTART_MODEL}: job {job.id}, 2 workers x 2 parameter-server shards, BSP")
-        job = await _watch(scheduler, job.id)
-    finally:
-        await scheduler.close()
-    if job.state == spb.SUCCEEDED:
+        final = await watch_until_done(job)
+    if final.state == spb.SUCCEEDED:
         console.print(
-            f"[green]✓[/] {QUICKSTART_MODEL}@{job.model_version}: held-out accuracy {job.metrics['accuracy']:.4f}"
+            f"[green]✓[/] {QUICKSTART_MODEL}@{final.model_version}: held-out accuracy {final.metrics['accuracy']:.4f}"
         )
         return True
-    console.print(f"[red]training ended {spb.JobState.Name(job.state)}[/]: {job.message}")
+    console.print(f"[red]training ended {spb.JobState.Name(final.state)}[/]: {final.message}")
     return False
 
 
 async def deploy_digits(settings: CliSettings, console: Console) -> None:
     """Deploy the latest digits version (or roll the deployment to it) and wait until it is ready."""
-    from services.cli.common import Scheduler
     from services.cli.deploy import print_deployment, wait_ready
 
     spec = spb.DeploymentSpec(model=QUICKSTART_MODEL, min_replicas=1, max_replicas=1)
-    async with Scheduler(settings) as scheduler:
+    async with client(settings) as sdk:
         try:
-            current = (
-                await scheduler.call("GetDeployment", spb.GetDeploymentRequest(name=QUICKSTART_MODEL))
-            ).deployment
-            latest = await _latest_version(settings)
+            current = await sdk.deployments.get(QUICKSTART_MODEL)
+            latest = (await sdk.models.get_version(QUICKSTART_MODEL)).number
             if current.version != latest:
-                await scheduler.call("UpdateDeployment", spb.UpdateDeploymentRequest(spec=spec))
+                await sdk.deployments.update(spec)
         except NotFound:
-            await scheduler.call("CreateDeployment", spb.CreateDeploymentRequest(spec=spec))
-        deployment = await wait_ready(scheduler, QUICKSTART_MODEL)
+            await sdk.deployments.create(spec)
+        try:
+            deployment = await wait_ready(sdk, QUICKSTART_MODEL)
+        except MaasError as exc:
+            raise RuntimeError(f"the {QUICKSTART_MODEL} deployment is not ready: {exc.message}") from None
     print_deployment(deployment)
-    if deployment.state != spb.DEPLOYMENT_READY:
-        raise RuntimeError(f"the {QUICKSTART_MODEL} deployment is not ready: {deployment.message}")
 
 
 async def wait_model_ready(settings: CliSettings, timeout_s: float = 120.0) -> None:
@@ -115,17 +105,12 @@ async def wait_model_ready(settings: CliSettings, timeout_s: float = 120.0) -> N
     The scheduler's READY is not enough: a gateway started before the scheduler learns the endpoints
     only once its stream to the scheduler is up.
     """
-    from inference import grpc_service_pb2 as kpb
-
-    from services.cli.common import Gateway
-
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
-    async with Gateway(settings) as gateway:
+    async with client(settings) as sdk:
         while True:
             with contextlib.suppress(MaasError):
-                reply = await gateway.call("ModelReady", kpb.ModelReadyRequest(name=QUICKSTART_MODEL), timeout=5.0)
-                if reply.ready:
+                if await sdk.model_ready(QUICKSTART_MODEL, timeout=5.0):
                     return
             if loop.time() > deadline:
                 raise RuntimeError(
@@ -135,34 +120,16 @@ async def wait_model_ready(settings: CliSettings, timeout_s: float = 120.0) -> N
             await asyncio.sleep(0.2)
 
 
-async def _latest_version(settings: CliSettings) -> int:
-    client = RegistryClient.connect(settings.registry_address, settings)
-    try:
-        reply = await client.call("GetVersion", rpb.GetVersionRequest(ref=rpb.VersionRef(model=QUICKSTART_MODEL)))
-        return int(reply.version.number)
-    finally:
-        await client.close()
-
-
 async def show_predictions(settings: CliSettings, console: Console, count: int = 8) -> None:
     """Send the last ``count`` of scikit-learn's digits through the gateway and print what the model says."""
     import numpy as np
-    from inference import grpc_service_pb2 as kpb
     from sklearn.datasets import load_digits
-
-    from services.cli.common import Gateway
-    from services.cli.infer import decode_outputs
 
     digits = load_digits()
     images = (np.asarray(digits.images[-count:], dtype=np.float32) / 16.0).reshape(count, 1, 8, 8)
     labels = digits.target[-count:].tolist()
-    request = kpb.ModelInferRequest(model_name=QUICKSTART_MODEL)
-    request.inputs.add(name="input", datatype="FP32", shape=list(images.shape))
-    request.raw_input_contents.append(images.tobytes())
-    async with Gateway(settings) as gateway:
-        metadata = await gateway.call("ModelMetadata", kpb.ModelMetadataRequest(name=QUICKSTART_MODEL))
-        request.inputs[0].name = metadata.inputs[0].name
-        response = await gateway.call("ModelInfer", request)
+    async with client(settings) as sdk:
+        response = await sdk.infer_response(QUICKSTART_MODEL, images)
     scores = next(iter(decode_outputs(response).values()))
     predicted = scores.argmax(axis=1).tolist()
     right = sum(p == t for p, t in zip(predicted, labels, strict=True))

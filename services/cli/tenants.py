@@ -16,7 +16,7 @@ import typer
 from maas.scheduler.v1 import scheduler_pb2 as pb
 from rich.table import Table
 
-from services.cli.common import Scheduler, out, run_async
+from services.cli.common import client, out, run_async
 from shared.errors import InvalidArgument
 
 tenants_app = typer.Typer(no_args_is_help=True)
@@ -161,12 +161,12 @@ def _tenant_command(rpc: str, help_text: str) -> Callable[..., Any]:
         limits = (borrow_cpus, borrow_gpus, borrow_memory, borrow_jobs, borrow_replicas)
         if borrow or any(limit is not None for limit in limits):
             tenant.borrowing_limit.CopyFrom(_quota(*limits, "borrow-"))
-        request = (
-            pb.CreateTenantRequest(tenant=tenant) if rpc == "CreateTenant" else pb.UpdateQuotaRequest(tenant=tenant)
-        )
-        async with Scheduler() as scheduler:
-            reply = await scheduler.call(rpc, request)
-        print_tenant(reply.tenant)
+        async with client() as sdk:
+            if rpc == "CreateTenant":
+                saved = await sdk.tenants.create(tenant)
+            else:
+                saved = await sdk.tenants.update_quota(tenant)
+        print_tenant(saved)
 
     command.__doc__ = help_text
     return run_async(command)
@@ -192,9 +192,8 @@ tenants_app.command("quota")(
 @run_async
 async def get(name: str = typer.Argument(..., help="The tenant.")) -> None:
     """Show a tenant's quota, borrowing limit and priority classes."""
-    async with Scheduler() as scheduler:
-        reply = await scheduler.call("GetTenant", pb.GetTenantRequest(name=name))
-    print_tenant(reply.tenant)
+    async with client() as sdk:
+        print_tenant(await sdk.tenants.get(name))
 
 
 def _borrowing_summary(tenant: pb.Tenant) -> str:
@@ -211,10 +210,10 @@ def _borrowing_summary(tenant: pb.Tenant) -> str:
 @run_async
 async def list_tenants() -> None:
     """List the tenants with a record (admin: all; a tenant's key: its own)."""
-    async with Scheduler() as scheduler:
-        reply = await scheduler.call("ListTenants", pb.ListTenantsRequest())
+    async with client() as sdk:
+        tenants = await sdk.tenants.list()
     table = Table("name", *RESOURCES.values(), "borrowing limit", "priority classes")
-    for tenant in reply.tenants:
+    for tenant in tenants:
         table.add_row(
             tenant.name,
             *(amount(tenant.quota, field) for field in RESOURCES),
@@ -229,8 +228,8 @@ async def usage(
     tenant: str = typer.Argument("", help="The tenant (default: the caller's own)."),
 ) -> None:
     """Show what a tenant has placed now (every job's whole gang, every replica) against its quota."""
-    async with Scheduler() as scheduler:
-        reply = await scheduler.call("GetUsage", pb.GetUsageRequest(tenant=tenant))
+    async with client() as sdk:
+        reply = await sdk.tenants.usage(tenant)
     record = "" if reply.tenant.create_time.seconds else " (no record: the default quota)"
     out.print(
         f"tenant {reply.tenant.name}{record}: jobs running {reply.running_jobs}, queued {reply.queued_jobs}",

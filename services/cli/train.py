@@ -5,16 +5,15 @@ from __future__ import annotations
 import json
 
 import typer
+from maas import AsyncJob
 from maas.scheduler.v1 import scheduler_pb2 as pb
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from services.cli.common import Scheduler, console, out, run_async
+from services.cli.common import client, console, out, run_async
 from shared.errors import InvalidArgument
-from shared.grpc.status import from_rpc_error
 
 train_app = typer.Typer(no_args_is_help=True)
-TERMINAL = {pb.SUCCEEDED, pb.FAILED, pb.CANCELLED}
 
 
 def _floats(values: list[str], option: str) -> dict[str, float]:
@@ -82,48 +81,35 @@ async def submit(
         tenant=tenant,
         target_model=target_model,
     )
-    scheduler = Scheduler()
-    try:
-        reply = await scheduler.call("SubmitTrainingJob", pb.SubmitTrainingJobRequest(spec=spec))
-        job = reply.job
-        out.print(f"{job.id} {pb.JobState.Name(job.state)} ({job.total_steps} steps)")
+    async with client() as sdk:
+        job = await sdk.jobs.submit(spec)
+        out.print(f"{job.id} {job.state} ({job.info.total_steps} steps)")
         if watch_job:
-            await _watch(scheduler, job.id)
-    finally:
-        await scheduler.close()
+            await watch_until_done(job)
 
 
-async def _watch(scheduler: Scheduler, job_id: str) -> pb.Job:
-    import grpc
-
-    job = None
+async def watch_until_done(job: AsyncJob) -> pb.Job:
+    """Follow ``job`` with a live progress bar until it ends; print it and return it."""
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"))
     with Progress(*columns, TimeElapsedColumn(), console=console, transient=False) as progress:
-        task = progress.add_task(job_id, total=None, info="")
-        try:
-            async for event in scheduler.stub.WatchJob(pb.WatchJobRequest(id=job_id)):
-                if event.HasField("job"):
-                    job = event.job
-                    progress.update(
-                        task,
-                        total=job.total_steps or None,
-                        completed=job.step,
-                        description=f"{job_id} {pb.JobState.Name(job.state)}",
-                    )
-                    if job.state in TERMINAL:
-                        break
-                else:
-                    m = event.metrics
-                    progress.update(
-                        task,
-                        completed=max(m.step + 1, progress.tasks[0].completed),
-                        info=f"loss {m.loss:.4f}  {m.samples_per_s:,.0f} samples/s  {m.bytes_sent:,} B/step",
-                    )
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
-    if job is not None:
-        _print_job(job)
-    return job  # type: ignore[return-value]
+        task = progress.add_task(job.id, total=None, info="")
+        async for event in job.watch():
+            if event.metrics is None:
+                progress.update(
+                    task,
+                    total=event.job.total_steps or None,
+                    completed=event.job.step,
+                    description=f"{job.id} {event.state}",
+                )
+            else:
+                m = event.metrics
+                progress.update(
+                    task,
+                    completed=max(m.step + 1, progress.tasks[0].completed),
+                    info=f"loss {m.loss:.4f}  {m.samples_per_s:,.0f} samples/s  {m.bytes_sent:,} B/step",
+                )
+    _print_job(job.info)
+    return job.info
 
 
 def _print_job(job: pb.Job) -> None:
@@ -143,35 +129,25 @@ def _print_job(job: pb.Job) -> None:
 @run_async
 async def status(job_id: str) -> None:
     """Show a job."""
-    scheduler = Scheduler()
-    try:
-        reply = await scheduler.call("GetJob", pb.GetJobRequest(id=job_id))
-        _print_job(reply.job)
-    finally:
-        await scheduler.close()
+    async with client() as sdk:
+        job = await sdk.jobs.get(job_id)
+    _print_job(job.info)
 
 
 @train_app.command()
 @run_async
 async def watch(job_id: str) -> None:
     """Follow a job with a live progress bar (loss, samples/s, bytes per step)."""
-    scheduler = Scheduler()
-    try:
-        await _watch(scheduler, job_id)
-    finally:
-        await scheduler.close()
+    async with client() as sdk:
+        await watch_until_done(await sdk.jobs.get(job_id))
 
 
 @train_app.command()
 @run_async
 async def cancel(job_id: str) -> None:
     """Cancel a job."""
-    scheduler = Scheduler()
-    try:
-        reply = await scheduler.call("CancelJob", pb.CancelJobRequest(id=job_id))
-        _print_job(reply.job)
-    finally:
-        await scheduler.close()
+    async with client() as sdk:
+        _print_job(await sdk.jobs.cancel(job_id))
 
 
 @train_app.command("list")
@@ -181,33 +157,23 @@ async def list_jobs(
     tenant: str = typer.Option("", help="Only this tenant's jobs (admin keys; a tenant's key sees its own)."),
 ) -> None:
     """List jobs; a QUEUED job shows its place in the queue (1: next) and why it waits."""
-    scheduler = Scheduler()
-    try:
-        states = [pb.JobState.Value(s.upper()) for s in state]
-        table = Table("id", "tenant", "state", "queue", "priority", "step", "model", "message (why a job waits)")
-        token = ""
-        while True:
-            request = pb.ListJobsRequest(states=states, tenant=tenant, page_token=token)
-            reply = await scheduler.call("ListJobs", request)
-            for job in reply.jobs:
-                model = f"{job.spec.target_model}@{job.model_version}" if job.model_version else job.spec.target_model
-                position = str(job.queue_position) if job.queue_position else ""
-                priority = str(job.spec.priority)
-                if job.spec.priority_class:
-                    priority = f"{job.spec.priority_class} ({priority})"
-                table.add_row(
-                    job.id,
-                    job.spec.tenant,
-                    pb.JobState.Name(job.state),
-                    position,
-                    priority,
-                    f"{job.step}/{job.total_steps}",
-                    model,
-                    job.message,
-                )
-            token = reply.next_page_token
-            if not token:
-                break
-        out.print(table)
-    finally:
-        await scheduler.close()
+    async with client() as sdk:
+        jobs = await sdk.jobs.list(states=state, tenant=tenant)
+    table = Table("id", "tenant", "state", "queue", "priority", "step", "model", "message (why a job waits)")
+    for job in jobs:
+        model = f"{job.spec.target_model}@{job.model_version}" if job.model_version else job.spec.target_model
+        position = str(job.queue_position) if job.queue_position else ""
+        priority = str(job.spec.priority)
+        if job.spec.priority_class:
+            priority = f"{job.spec.priority_class} ({priority})"
+        table.add_row(
+            job.id,
+            job.spec.tenant,
+            pb.JobState.Name(job.state),
+            position,
+            priority,
+            f"{job.step}/{job.total_steps}",
+            model,
+            job.message,
+        )
+    out.print(table)

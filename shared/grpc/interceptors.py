@@ -21,6 +21,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from shared import errors
+from shared.grpc.calls import REQUEST_ID_KEY
 from shared.grpc.status import to_status
 from shared.metrics import RpcMetrics
 
@@ -175,7 +176,7 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
             parent = propagate.extract({key: value for key, value in metadata if isinstance(value, str)})
         span = _tracer.start_span(method, context=parent, kind=SpanKind.SERVER, attributes=attributes)
         token = otel_context.attach(trace.set_span_in_context(span))
-        structlog.contextvars.bind_contextvars(rpc_method=method, request_id=uuid.uuid4().hex[:16])
+        structlog.contextvars.bind_contextvars(rpc_method=method, request_id=_request_id(metadata))
         return span, token, time.perf_counter()
 
     async def _handle(self, exc: BaseException, context: grpc.aio.ServicerContext, method: str) -> grpc.StatusCode:
@@ -230,6 +231,15 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
             # A streaming handler may end in another context than it began (the generator closed from
             # elsewhere); the span has ended either way.
             otel_context.detach(token)  # type: ignore[arg-type]
+
+
+def _request_id(metadata: Any) -> str:
+    """The caller's ``x-request-id`` (clients send one and report it with a failure, so a user's error and
+    the server's log lines meet), when it is a short token; else a fresh one."""
+    given = next((v for k, v in metadata if k == REQUEST_ID_KEY), None)
+    if isinstance(given, str) and 0 < len(given) <= 64 and given.replace("-", "").isalnum():
+        return given
+    return uuid.uuid4().hex[:16]
 
 
 def _is_cancellation(exc: BaseException) -> bool:

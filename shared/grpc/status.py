@@ -10,6 +10,10 @@ from shared import errors
 
 ERROR_DOMAIN = "maas.dev"
 DETAILS_KEY = "grpc-status-details-bin"
+# Parameters of a ModelStreamInferResponse whose error_message reports one request's failure (the stream
+# goes on, so there is no call status): the status code's name and the ErrorInfo reason.
+STREAM_ERROR_CODE = "maas_error_code"
+STREAM_ERROR_REASON = "maas_error_reason"
 
 _CODES: dict[type[errors.MaasError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -91,6 +95,15 @@ def _error(code: grpc.StatusCode, message: str, status: status_pb2.Status | None
 
 
 _BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def error_from_code(code_name: str, message: str, reason: str | None = None) -> errors.MaasError:
+    """The domain error of a status code given by name (``NOT_FOUND``), as streams report one request's."""
+    code = grpc.StatusCode.__members__.get(code_name, grpc.StatusCode.UNKNOWN)
+    error = _error(code, message, None)
+    if reason:
+        error.reason = reason
+    return error
 
 
 def error_from_status(data: bytes) -> errors.MaasError:

@@ -7,7 +7,6 @@ from collections.abc import Callable, Mapping, Sequence
 
 import grpc
 import structlog
-from maas.registry.v1 import registry_pb2
 from maas.scheduler.v1 import scheduler_pb2 as pb
 from maas.scheduler.v1 import scheduler_pb2_grpc
 
@@ -257,9 +256,7 @@ class SchedulerLink:
         names: list[str] = []
         token = ""
         while True:
-            response = await self._registry.call(
-                "ListModels", registry_pb2.ListModelsRequest(page_size=100, page_token=token), metadata=metadata
-            )
+            response = await self._registry.list_models(page_size=100, page_token=token, metadata=metadata)
             names.extend(model.name for model in response.models)
             token = response.next_page_token
             if not token:

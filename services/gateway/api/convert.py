@@ -9,6 +9,7 @@ from inference import grpc_service_pb2 as kpb
 from services.gateway.core.model import IndexEntry, LoadOptions
 from services.gateway.core.statistics import Duration, VersionStats
 from shared.errors import InvalidArgument, MaasError
+from shared.grpc.status import STREAM_ERROR_CODE, STREAM_ERROR_REASON, status_code_for
 
 _INT_PARAMETERS = ("min_replicas", "max_replicas", "max_batch_size", "max_queue_delay_us")
 LOAD_PARAMETERS = ("version", *_INT_PARAMETERS)
@@ -104,8 +105,11 @@ def stats_to_pb(stats: Iterable[VersionStats]) -> kpb.ModelStatisticsResponse:
 
 
 def stream_error(request: kpb.ModelInferRequest | None, error: MaasError) -> bytes:
-    """A ModelStreamInferResponse carrying ``error`` (Triton's convention: the stream goes on)."""
+    """A ModelStreamInferResponse carrying ``error`` (Triton's convention: the stream goes on), with its
+    status code and reason as parameters, so that clients can raise the typed error, not just show text."""
     response = kpb.ModelStreamInferResponse(error_message=error.message)
+    response.infer_response.parameters[STREAM_ERROR_CODE].string_param = status_code_for(error).name
+    response.infer_response.parameters[STREAM_ERROR_REASON].string_param = error.reason
     if request is not None:
         response.infer_response.model_name = request.model_name
         response.infer_response.model_version = request.model_version

@@ -63,7 +63,7 @@ class RegistryArtifactSource:
 
     async def fetch(self, model: str, version: int) -> FetchedArtifact:
         ref = pb.VersionRef(model=model, version=str(version))
-        info: pb.Version = (await self.client.call("GetVersion", pb.GetVersionRequest(ref=ref))).version
+        info = await self.client.get_version(ref)
         if not _SHA256.fullmatch(info.sha256):
             raise Unavailable(f"the registry reported a malformed sha256 for {model}:{version}")
         dest = self.cache_dir / f"{info.sha256}.safetensors"
@@ -92,8 +92,7 @@ class RegistryArtifactSource:
         """
         if not info.signatures:
             return (), "the version is not signed"
-        request = pb.GetTrustPolicyRequest(model=info.model)
-        policy: pb.GetTrustPolicyResponse = await self.client.call("GetTrustPolicy", request)
+        policy = await self.client.get_trust_policy(info.model)
         trusted = {key.key_id: key for key in policy.keys}
         signers: list[str] = []
         problems: list[str] = []

@@ -24,12 +24,9 @@ class RegistryModelResolver:
 
     async def resolve(self, model: str, version: str, tenant: str) -> ResolvedVersion:
         # As the deployment's tenant sees the registry: another tenant's model is NOT_FOUND there.
-        response = await self._client.call(
-            "GetVersion",
-            rpb.GetVersionRequest(ref=rpb.VersionRef(model=model, version=version)),
-            metadata=((TENANT_METADATA, tenant),),
+        found = await self._client.get_version(
+            rpb.VersionRef(model=model, version=version), metadata=((TENANT_METADATA, tenant),)
         )
-        found = response.version
         return ResolvedVersion(
             version=found.number,
             architecture=found.architecture,
