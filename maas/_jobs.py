@@ -114,18 +114,23 @@ class AsyncJobs:
         response: pb.GetJobResponse = await self._scheduler.call("GetJob", pb.GetJobRequest(id=job_id))
         return AsyncJob(self._scheduler, response.job)
 
-    async def list(self, *, states: list[str] | None = None, tenant: str = "") -> list[pb.Job]:
-        """Every job (all pages), optionally only in ``states`` (names, e.g. ``RUNNING``) or of ``tenant``."""
+    async def list(
+        self, *, states: list[str] | None = None, tenant: str = "", limit: int | None = None
+    ) -> list[pb.Job]:
+        """Jobs newest first: every one (all pages), or the ``limit`` newest; optionally only in ``states``
+        (names, e.g. ``RUNNING``) or of ``tenant``."""
         wanted = [pb.JobState.Value(s.upper()) for s in states or ()]
         jobs: list[pb.Job] = []
         token = ""
-        while True:
-            request = pb.ListJobsRequest(states=wanted, tenant=tenant, page_token=token)
+        while limit is None or len(jobs) < limit:
+            size = 0 if limit is None else min(limit - len(jobs), 1000)
+            request = pb.ListJobsRequest(states=wanted, tenant=tenant, page_token=token, page_size=size)
             response: pb.ListJobsResponse = await self._scheduler.call("ListJobs", request)
             jobs.extend(response.jobs)
             token = response.next_page_token
             if not token:
-                return jobs
+                break
+        return jobs if limit is None else jobs[:limit]
 
     async def cancel(self, job_id: str) -> pb.Job:
         """Cancel a job."""

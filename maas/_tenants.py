@@ -40,3 +40,8 @@ class AsyncTenants:
         """What ``tenant`` (default: the caller's) has placed now, against its quota."""
         response: pb.GetUsageResponse = await self._scheduler.call("GetUsage", pb.GetUsageRequest(tenant=tenant))
         return response
+
+    async def cluster(self) -> pb.GetClusterResponse:
+        """The pool's capacity, what every tenant has placed on it, and how many jobs wait (admin keys)."""
+        response: pb.GetClusterResponse = await self._scheduler.call("GetCluster", pb.GetClusterRequest())
+        return response

@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from maas.scheduler.v1 import scheduler_pb2 as pb
 from rich.table import Table
 
-from services.cli.common import Scheduler, console, describe_failure, out, run_async
+from services.cli.common import client, console, describe_failure, out, run_async
 from services.cli.settings import CliSettings
 from shared.errors import MaasError
 from shared.grpc.channel import make_channel
@@ -76,15 +76,14 @@ async def read_status(settings: CliSettings, jobs: int = 10) -> MeshStatus:
     status = MeshStatus(list(health))
     if health[1].status != SERVING:
         return status
-    async with Scheduler(settings) as scheduler:
+    async with client(settings) as mesh:
         try:
-            status.cluster = await scheduler.call("GetCluster", pb.GetClusterRequest(), timeout=10)
+            status.cluster = await mesh.tenants.cluster()
         except MaasError as exc:
             status.problems.append(f"cluster: {describe_failure(exc)}")
         try:
-            listed = await scheduler.call("ListDeployments", pb.ListDeploymentsRequest(page_size=100), timeout=10)
-            status.deployments = list(listed.deployments)
-            status.jobs = list((await scheduler.call("ListJobs", pb.ListJobsRequest(page_size=jobs), timeout=10)).jobs)
+            status.deployments = await mesh.deployments.list()
+            status.jobs = await mesh.jobs.list(limit=jobs)
         except MaasError as exc:
             status.problems.append(f"deployments and jobs: {describe_failure(exc)}")
     return status
