@@ -15,7 +15,6 @@ import pytest
 import torch
 from maas.scheduler.v1 import scheduler_pb2 as spb
 
-from services.gateway.adapters.local import RecordingLoadSink, SnapshotFeeder
 from services.gateway.main import start as start_gateway
 from services.gateway.settings import GatewaySettings
 from services.scheduler.core.model import Job, StepMetrics
@@ -28,7 +27,7 @@ from tests.contract.test_gateway import LM_SIGNATURE, WorkerServer, deployment, 
 from tests.contract.test_scheduler_deployments import LoopbackPool
 from tests.contract.test_scheduler_jobs import digits_spec
 from tests.support.artifacts import tiny_artifact
-from tests.support.gateway import NoControl
+from tests.support.gateway import NoControl, RecordingLoadSink, SnapshotFeeder
 
 pytestmark = pytest.mark.timeout(60)
 
