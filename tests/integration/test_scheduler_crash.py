@@ -35,7 +35,11 @@ from shared.settings import CommonSettings
 from tests.support.artifacts import tiny_artifact
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
-SQLITE = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+# Every test on both stores: what a killed process leaves behind differs (SQLite's file lock and journal,
+# PostgreSQL's server-side transactions and connections that outlive the client until noticed).
+BOTH_STORES = pytest.mark.parametrize(
+    "database_url", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True
+)
 REPO = Path(__file__).resolve().parents[2]
 TERMINAL = {pb.SUCCEEDED, pb.FAILED, pb.CANCELLED}
 MLP = json.dumps({"in_features": 64, "hidden": [16], "out_features": 10})
@@ -230,7 +234,7 @@ def plant_stray() -> None:
     ray.get(actor.ping.remote(), timeout=30)
 
 
-@SQLITE
+@BOTH_STORES
 async def test_killed_during_admission(make_scheduler: Callable[..., SchedulerProcess]) -> None:
     scheduler = make_scheduler(scheduler_max_running_jobs="2")
     await scheduler.start()
@@ -299,7 +303,7 @@ async def test_killed_during_a_preemption(make_scheduler: Callable[..., Schedule
     await eventually(lambda: not leaked(set()), 30, "actors or placement groups of ended jobs")
 
 
-@SQLITE
+@BOTH_STORES
 async def test_killed_during_a_scale_up(
     make_scheduler: Callable[..., SchedulerProcess], registry_client, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
