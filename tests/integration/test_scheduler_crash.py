@@ -12,7 +12,6 @@ MLP, 1 worker, 1 shard) so that the file stays within a few minutes on 2 cores.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import socket
@@ -33,6 +32,7 @@ from maas.scheduler.v1 import scheduler_pb2_grpc
 from shared.grpc.channel import make_channel
 from shared.settings import CommonSettings
 from tests.support.artifacts import tiny_artifact
+from tests.support.jobs import tiny_job_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 # Every test on both stores: what a killed process leaves behind differs (SQLite's file lock and journal,
@@ -42,7 +42,6 @@ BOTH_STORES = pytest.mark.parametrize(
 )
 REPO = Path(__file__).resolve().parents[2]
 TERMINAL = {pb.SUCCEEDED, pb.FAILED, pb.CANCELLED}
-MLP = json.dumps({"in_features": 64, "hidden": [16], "out_features": 10})
 # What a killed scheduler leaves for the next one to find: a gang of a job no row accounts for.
 STRAY_JOB = "job-5742a7005742a700"
 
@@ -130,21 +129,7 @@ class SchedulerProcess:
                 self.process.wait(10)
 
     async def submit(self, **changes: Any) -> pb.Job:
-        fields: dict[str, Any] = {
-            "architecture": "mlp",
-            "arguments_json": MLP,
-            "dataset": pb.DatasetSpec(name="digits"),
-            "optimizer": {"name": "sgd", "hyperparameters": {"lr": 0.1}},
-            "batch_size": 64,
-            "epochs": 1,
-            "workers": 1,
-            "shards": 1,
-            "consistency": "bsp",
-            "checkpoint_interval": 10,
-            "target_model": "crash-digits",
-            "seed": 7,
-        }
-        spec = pb.TrainingJobSpec(**{**fields, **changes})
+        spec = tiny_job_spec("crash-digits", **{"checkpoint_interval": 10, **changes})
         return (await self.stub.SubmitTrainingJob(pb.SubmitTrainingJobRequest(spec=spec), timeout=30)).job
 
     async def job(self, job_id: str) -> pb.Job:
