@@ -93,7 +93,10 @@ class SchedulerProcess:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        self.channel = make_channel(self.address, CommonSettings())
+        # Polled while the process starts: gRPC's default reconnect backoff (1 s, growing 1.6x) would make
+        # the test wait seconds after the server is ready.
+        fast_reconnect = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 500)]
+        self.channel = make_channel(self.address, CommonSettings(), options=fast_reconnect)
         self.stub = scheduler_pb2_grpc.SchedulerServiceStub(self.channel)
         deadline = time.monotonic() + 90
         while True:
