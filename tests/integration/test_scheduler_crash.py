@@ -12,7 +12,6 @@ MLP, 1 worker, 1 shard) so that the file stays within a few minutes on 2 cores.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import socket
@@ -33,12 +32,16 @@ from maas.scheduler.v1 import scheduler_pb2_grpc
 from shared.grpc.channel import make_channel
 from shared.settings import CommonSettings
 from tests.support.artifacts import tiny_artifact
+from tests.support.jobs import tiny_job_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
-SQLITE = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+# Every test on both stores: what a killed process leaves behind differs (SQLite's file lock and journal,
+# PostgreSQL's server-side transactions and connections that outlive the client until noticed).
+BOTH_STORES = pytest.mark.parametrize(
+    "database_url", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True
+)
 REPO = Path(__file__).resolve().parents[2]
 TERMINAL = {pb.SUCCEEDED, pb.FAILED, pb.CANCELLED}
-MLP = json.dumps({"in_features": 64, "hidden": [16], "out_features": 10})
 # What a killed scheduler leaves for the next one to find: a gang of a job no row accounts for.
 STRAY_JOB = "job-5742a7005742a700"
 
@@ -90,7 +93,10 @@ class SchedulerProcess:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        self.channel = make_channel(self.address, CommonSettings())
+        # Polled while the process starts: gRPC's default reconnect backoff (1 s, growing 1.6x) would make
+        # the test wait seconds after the server is ready.
+        fast_reconnect = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 500)]
+        self.channel = make_channel(self.address, CommonSettings(), options=fast_reconnect)
         self.stub = scheduler_pb2_grpc.SchedulerServiceStub(self.channel)
         deadline = time.monotonic() + 90
         while True:
@@ -126,21 +132,7 @@ class SchedulerProcess:
                 self.process.wait(10)
 
     async def submit(self, **changes: Any) -> pb.Job:
-        fields: dict[str, Any] = {
-            "architecture": "mlp",
-            "arguments_json": MLP,
-            "dataset": pb.DatasetSpec(name="digits"),
-            "optimizer": {"name": "sgd", "hyperparameters": {"lr": 0.1}},
-            "batch_size": 64,
-            "epochs": 1,
-            "workers": 1,
-            "shards": 1,
-            "consistency": "bsp",
-            "checkpoint_interval": 10,
-            "target_model": "crash-digits",
-            "seed": 7,
-        }
-        spec = pb.TrainingJobSpec(**{**fields, **changes})
+        spec = tiny_job_spec("crash-digits", **{"checkpoint_interval": 10, **changes})
         return (await self.stub.SubmitTrainingJob(pb.SubmitTrainingJobRequest(spec=spec), timeout=30)).job
 
     async def job(self, job_id: str) -> pb.Job:
@@ -230,7 +222,7 @@ def plant_stray() -> None:
     ray.get(actor.ping.remote(), timeout=30)
 
 
-@SQLITE
+@BOTH_STORES
 async def test_killed_during_admission(make_scheduler: Callable[..., SchedulerProcess]) -> None:
     scheduler = make_scheduler(scheduler_max_running_jobs="2")
     await scheduler.start()
@@ -299,7 +291,7 @@ async def test_killed_during_a_preemption(make_scheduler: Callable[..., Schedule
     await eventually(lambda: not leaked(set()), 30, "actors or placement groups of ended jobs")
 
 
-@SQLITE
+@BOTH_STORES
 async def test_killed_during_a_scale_up(
     make_scheduler: Callable[..., SchedulerProcess], registry_client, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
