@@ -26,11 +26,6 @@ class PlacingRunner(HoldingRunner):
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-@pytest.mark.xfail(
-    strict=True,
-    reason="JobService.placing stores PLACING -> PLACING and publishes it: every admission on the Ray runner "
-    "is announced twice (JOB_ADMITTED, JOB_ADMITTED); found by tests/integration/test_contention.py",
-)
 async def test_one_admission_is_one_admitted_event(tmp_path: Path, database_url: str) -> None:
     settings = SchedulerSettings(
         home=tmp_path / "home",

@@ -107,6 +107,7 @@ _EVENT_OF = {
     JobState.CANCELLED: EventKind.JOB_CANCELLED,
 }
 _PREEMPTED = frozenset({JobState.PREEMPTED})
+_RUNNING = frozenset({JobState.RUNNING})
 _CANCEL_ATTEMPTS = 5
 
 
@@ -767,7 +768,9 @@ class JobService:
     # JobReporter --------------------------------------------------------------------------------------
 
     async def placing(self, job_id: str) -> None:
-        await self._transition(job_id, JobState.PLACING, ACTIVE_STATES, "placing workers and shards")
+        # From RUNNING only (placing again after a lost worker or shard): admission stored PLACING already,
+        # and storing it again would announce the admission twice.
+        await self._transition(job_id, JobState.PLACING, _RUNNING, "placing workers and shards")
 
     async def running(self, job_id: str) -> None:
         # Placed: the timeouts counted so far were a busy cluster, not a job that can never fit.
