@@ -6,7 +6,9 @@ resource ``node2``), Ray's token authentication on and every listener on loopbac
 ``MAAS_RAY_ADDRESS``, PostgreSQL as both services' database and moto's S3 server as the artifact store,
 with the default security (TLS, API keys, mutual TLS inside). The digits MLP is trained by a gang of 2
 shards and 2 workers of 1 CPU each on 2 + 2 CPUs, so it must span both nodes; it is deployed with 2
-replicas, which the scheduler spreads over the nodes, so one runs on the second node. Under load through
+replicas, which the scheduler spreads over the nodes, so one runs on the second node (by spreading, not
+by a pin: a deployment's resources cannot name a custom resource, and a replica pinned to the second node
+by one could not be replaced on the head anyway). Under load through
 the gateway the second node's raylet is SIGKILLed: the gateway retries on the head's replica (no request
 fails), and the scheduler replaces the lost replica on the head. Then the deployment is deleted, the mesh
 and the cluster stopped, and nothing of either may be left: no actor, no process.
@@ -43,7 +45,7 @@ from sklearn.datasets import load_digits
 from services.cli.mesh_state import MARKER as MESH_MARKER
 from shared.processes import processes_with_env
 from tests.support.postgres import postgres_server
-from tests.support.ray_cluster import RayCluster, free_port
+from tests.support.ray_cluster import RayCluster, RayNode, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.timeout(600)]
 
@@ -313,7 +315,7 @@ def _replica_nodes(cluster: RayCluster, replicas: list[pb.Replica]) -> list[str]
     return sorted(a["node"] for a in actors if a["name"] in ids and a["state"] == "ALIVE")
 
 
-def _serve_from_both_nodes_and_lose_one(cluster: RayCluster, mesh: Mesh, scheduler: Any, node2: Any) -> None:
+def _serve_from_both_nodes_and_lose_one(cluster: RayCluster, mesh: Mesh, scheduler: Any, node2: RayNode) -> None:
     spec = pb.DeploymentSpec(model="digits", min_replicas=2, max_replicas=2)
     scheduler.CreateDeployment(pb.CreateDeploymentRequest(spec=spec), metadata=mesh.auth, timeout=30)
     replicas = _wait("2 replicas were not ready", lambda: _ready_replicas(mesh, scheduler, 2), 180)

@@ -117,6 +117,9 @@ class RayCluster:
             f"--resources={json.dumps(node.resources)}",
             f"--node-manager-port={node.node_manager_port}",
             f"--object-manager-port={node.object_manager_port}",
+            # Workers on ports the OS picks: not Ray's fixed range, which other Rays of this machine use.
+            "--min-worker-port=0",
+            "--max-worker-port=0",
             "--object-store-memory=100000000",
             "--disable-usage-stats",
             "--log-style=record",
@@ -141,8 +144,6 @@ class RayCluster:
             f"--port={self.port}",
             "--include-dashboard=false",
             f"--ray-client-server-port={free_port()}",
-            f"--min-worker-port={free_port()}",
-            "--max-worker-port=0",
         )
         return node
 
