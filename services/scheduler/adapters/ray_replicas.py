@@ -81,6 +81,10 @@ class RayReplicaPool:
             max_restarts=0,
             num_cpus=spec.resources.cpus,
             num_gpus=spec.resources.gpus,
+            # A deployment's replicas on as many nodes as have room (Ray Serve's default for replicas too):
+            # losing a node then leaves replicas serving elsewhere while the lost ones are replaced. Ray's
+            # default packs them on the driver's node until it is half full.
+            scheduling_strategy="SPREAD",
         ).remote()
         self._actors[spec.replica_id] = actor
         try:
