@@ -14,9 +14,11 @@ from typing import Any
 
 import grpc
 import model_signing
+import numpy as np
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from inference import grpc_service_pb2_grpc
 from maas.inference.v1 import worker_pb2 as wpb
 from maas.inference.v1 import worker_pb2_grpc
 from maas.registry.v1 import registry_pb2 as pb
@@ -24,7 +26,7 @@ from maas.registry.v1 import registry_pb2 as pb
 from services.inference.main import RunningWorker
 from shared.artifacts import signing
 from tests.contract import test_inference_worker
-from tests.contract.test_inference_worker import MLP, push
+from tests.contract.test_inference_worker import MLP, output, push, raw_request
 
 
 @pytest.fixture
@@ -164,13 +166,20 @@ async def test_a_flipped_bit_in_the_worker_cache_is_evicted_and_downloaded_again
 ) -> None:
     artifact = await push(registry_client, tmp_path, "cached", "mlp", MLP)
     digest = hashlib.sha256(artifact.read_bytes()).hexdigest()
-    await load(control, "cached", 1, False)
-    await control.UnloadModel(wpb.UnloadModelRequest(ref=wpb.ModelRef(model="cached", version=1)))
-    cached = next((tmp_path / "home").rglob(f"{digest}.safetensors"))
-    data = bytearray(cached.read_bytes())
-    data[len(data) - 10] ^= 0x01  # a weight, not the header: only a hash can tell
-    cached.write_bytes(bytes(data))
-    loaded = await load(control, "cached", 1, False)
+    x = np.random.default_rng(0).standard_normal((8, MLP["in_features"])).astype(np.float32)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{worker.port}") as channel:
+        kserve = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        await load(control, "cached", 1, False)
+        expected = output(await kserve.ModelInfer(raw_request("cached", x)))
+        await control.UnloadModel(wpb.UnloadModelRequest(ref=wpb.ModelRef(model="cached", version=1)))
+        cached = next((tmp_path / "home").rglob(f"{digest}.safetensors"))
+        data = bytearray(cached.read_bytes())
+        data[len(data) - 10] ^= 0x40  # a weight, not the header: only a hash can tell
+        cached.write_bytes(bytes(data))
+        # The cached copy is loaded while it is re-hashed; the module built from the altered bytes is
+        # discarded, never served: the answers are those of the registry's bytes.
+        loaded = await load(control, "cached", 1, False)
+        np.testing.assert_array_equal(output(await kserve.ModelInfer(raw_request("cached", x))), expected)
     assert loaded.sha256 == digest
     assert hashlib.sha256(cached.read_bytes()).hexdigest() == digest
     assert not list(cached.parent.glob("*.part"))
