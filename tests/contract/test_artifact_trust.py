@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from inference import grpc_service_pb2 as kpb
 from inference import grpc_service_pb2_grpc
 from maas.inference.v1 import worker_pb2 as wpb
 from maas.inference.v1 import worker_pb2_grpc
@@ -80,7 +81,14 @@ async def sign_version(client: Any, model: str, version: str, bundle: bytes, pub
     return (await client.stub.SignVersion(request)).version
 
 
-async def test_signatures_trust_policy_and_require_signature(registry_client, control, tmp_path) -> None:  # type: ignore[no-untyped-def]
+async def metadata(worker: RunningWorker, model: str) -> kpb.ModelMetadataResponse:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{worker.port}") as channel:
+        stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        response: kpb.ModelMetadataResponse = await stub.ModelMetadata(kpb.ModelMetadataRequest(name=model))
+        return response
+
+
+async def test_signatures_trust_policy_and_require_signature(registry_client, control, worker, tmp_path) -> None:  # type: ignore[no-untyped-def]
     artifact = await push(registry_client, tmp_path, "signed", "mlp", MLP)
     digest = hashlib.sha256(artifact.read_bytes()).hexdigest()
     alice_key, alice_pub = make_key(tmp_path, "alice")
@@ -89,6 +97,7 @@ async def test_signatures_trust_policy_and_require_signature(registry_client, co
     # Unsigned: refused where a signature is required, loaded where it is not.
     assert "not signed" in await refused(control, "signed", 1)
     assert (await load(control, "signed", 1, False)).sha256 == digest
+    assert not (await metadata(worker, "signed")).parameters  # no signer to report
     assert "unsigned" in await refused(control, "signed", 1)  # loaded without one is not good enough
     await control.UnloadModel(wpb.UnloadModelRequest(ref=wpb.ModelRef(model="signed", version=1)))
 
@@ -123,6 +132,9 @@ async def test_signatures_trust_policy_and_require_signature(registry_client, co
     loaded = await load(control, "signed", 1, True)
     assert loaded.sha256 == digest
     assert loaded.signers == [f"alice ({signing.key_id(alice_pub)[:16]})"]
+    # ModelMetadata reports them too (a maas extension of Triton's response: its parameters).
+    parameters = (await metadata(worker, "signed")).parameters
+    assert {k: v.string_param for k, v in parameters.items()} == {"signers": loaded.signers[0], "sha256": digest}
     policy = await registry_client.stub.GetTrustPolicy(pb.GetTrustPolicyRequest(model="signed"))
     assert [k.name for k in policy.keys] == ["alice", "mallory"]
 
