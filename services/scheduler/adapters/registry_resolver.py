@@ -37,5 +37,18 @@ class RegistryModelResolver:
             aliases=tuple(sorted(found.aliases)),
         )
 
+    async def signature_problem(self, model: str, version: int, tenant: str) -> str:
+        metadata = ((TENANT_METADATA, tenant),)
+        ref = rpb.VersionRef(model=model, version=str(version))
+        found = (await self._client.call("GetVersion", rpb.GetVersionRequest(ref=ref), metadata=metadata)).version
+        if not found.signatures:
+            return "the version is not signed"
+        policy = await self._client.call("GetTrustPolicy", rpb.GetTrustPolicyRequest(model=model), metadata=metadata)
+        trusted = {key.key_id for key in policy.keys}
+        if any(s.key_id in trusted and s.sha256 == found.sha256 for s in found.signatures):
+            return ""
+        untrusted = ", ".join(s.key_id[:16] for s in found.signatures)
+        return f"it is signed only by keys tenant {policy.tenant!r} does not trust ({untrusted})"
+
     async def close(self) -> None:
         await self._client.close()
