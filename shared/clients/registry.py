@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import os
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -115,13 +116,23 @@ class RegistryClient:
         return response.version
 
     async def sign_file(
-        self, ref: pb.VersionRef, path: Path, private_key: Path, password: str | None = None
+        self,
+        ref: pb.VersionRef,
+        path: Path,
+        private_key: Path,
+        password: str | None = None,
+        *,
+        certificate: Path | None = None,
+        chain: tuple[Path, ...] = (),
     ) -> pb.Version:
         """Sign ``path`` (the version's bytes) with an EC private key (OpenSSF Model Signing, offline) and add
-        the signature to the version; the registry checks it signs exactly the version's sha256."""
+        the signature to the version; the registry checks it signs exactly the version's sha256. With
+        ``certificate`` (the key's signing certificate) and ``chain`` (its issuers) the signature carries
+        them, for tenants that trust the issuing CA."""
         from shared.artifacts import signing
 
-        bundle = await asyncio.to_thread(signing.sign_file, path, private_key, password)
+        sign = functools.partial(signing.sign_file, certificate=certificate, chain=chain)
+        bundle = await asyncio.to_thread(sign, path, private_key, password)
         public = signing.public_key_of(private_key, password)
         request = pb.SignVersionRequest(ref=ref, signature=bundle, public_key_pem=public.decode())
         response: pb.SignVersionResponse = await self.call("SignVersion", request)

@@ -7,6 +7,7 @@ a key trusted by the model's tenant signed.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,8 +17,10 @@ import grpc
 import model_signing
 import numpy as np
 import pytest
-from cryptography.hazmat.primitives import serialization
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from inference import grpc_service_pb2 as kpb
 from inference import grpc_service_pb2_grpc
 from maas.inference.v1 import worker_pb2 as wpb
@@ -28,6 +31,8 @@ from services.inference.main import RunningWorker
 from shared.artifacts import signing
 from tests.contract import test_inference_worker
 from tests.contract.test_inference_worker import MLP, output, push, raw_request
+
+PUBLIC_INFO = serialization.PublicFormat.SubjectPublicKeyInfo
 
 
 @pytest.fixture
@@ -227,3 +232,87 @@ async def test_cli_pushes_signed_and_signs_later(registry, registry_client, tmp_
         version = (await registry_client.stub.GetVersion(pb.GetVersionRequest(ref=ref))).version
         assert [s.key_id for s in version.signatures] == [signing.key_id(public)]
         assert version.signatures[0].sha256 == version.sha256
+
+
+def mint(
+    directory: Path, name: str, issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None, *, ca: bool
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey, Path, Path]:
+    """A certificate (a CA's, or a code-signing leaf's) and its key, issued by ``issuer`` (None: self-signed).
+    Returns them with the PEM files of the certificate and the key."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    issuer_cert, issuer_key = issuer if issuer is not None else (None, key)
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer_cert.subject if issuer_cert is not None else subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if ca:
+        usage = x509.KeyUsage(False, False, False, False, False, True, True, False, False)  # cert and CRL sign
+    else:
+        usage = x509.KeyUsage(True, False, False, False, False, False, False, False, False)  # digital signature
+        builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CODE_SIGNING]), critical=False)
+    cert = builder.add_extension(usage, critical=True).sign(issuer_key, hashes.SHA256())
+    cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert, key, cert_path, key_path
+
+
+async def test_a_trusted_ca_certificate_trusts_the_signing_certificates_it_issued(  # type: ignore[no-untyped-def]
+    registry_client, control, worker, tmp_path
+) -> None:
+    artifact = await push(registry_client, tmp_path, "certified", "mlp", MLP)
+    root_a, root_a_key, root_a_path, _ = mint(tmp_path, "root-a", None, ca=True)
+    middle, middle_key, middle_path, _ = mint(tmp_path, "intermediate-a", (root_a, root_a_key), ca=True)
+    leaf, _, leaf_path, leaf_key_path = mint(tmp_path, "team-a", (middle, middle_key), ca=False)
+    _, _, root_b_path, _ = mint(tmp_path, "root-b", None, ca=True)
+
+    # Signed with model_signing's certificate signer: the bundle carries the leaf and the intermediate, and
+    # the registry needs no public key for it (it checks the signature with the leaf's key).
+    bundle = signing.sign_file(artifact, leaf_key_path, certificate=leaf_path, chain=(middle_path,))
+    version = await sign_version(registry_client, "certified", "1", bundle, b"")
+    leaf_key_id = signing.key_id(leaf.public_key().public_bytes(serialization.Encoding.PEM, PUBLIC_INFO))
+    assert [s.key_id for s in version.signatures] == [leaf_key_id]
+    # The same signature verifies with model_signing's own certificate verifier and the root.
+    model_signing.verifying.Config().use_certificate_verifier(certificate_chain=[root_a_path]).verify(
+        artifact, _write(tmp_path / "model.sig", bundle)
+    )
+
+    assert "not trusted" in await refused(control, "certified", 1)
+    # A leaf certificate is no trust anchor: only CA certificates are.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await registry_client.stub.AddTrustedKey(
+            pb.AddTrustedKeyRequest(name="leaf", public_key_pem=leaf_path.read_text())
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a CA certificate" in (caught.value.details() or "")
+
+    # Another CA's root does not vouch for this certificate.
+    await registry_client.stub.AddTrustedKey(
+        pb.AddTrustedKeyRequest(name="ca-b", public_key_pem=root_b_path.read_text())
+    )
+    assert "'ca-b': the signature does not verify with the trusted CA" in await refused(control, "certified", 1)
+
+    # The issuing root does, through the intermediate the bundle carries.
+    await registry_client.stub.AddTrustedKey(
+        pb.AddTrustedKeyRequest(name="ca-a", public_key_pem=root_a_path.read_text())
+    )
+    loaded = await load(control, "certified", 1, True)
+    assert loaded.signers == [f"ca-a ({leaf_key_id[:16]})"]
+    policy = await registry_client.stub.GetTrustPolicy(pb.GetTrustPolicyRequest(model="certified"))
+    anchors = {k.name: k.key_id for k in policy.keys}
+    assert anchors["ca-a"] == hashlib.sha256(root_a.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path

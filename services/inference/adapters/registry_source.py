@@ -22,7 +22,7 @@ import structlog
 from maas.registry.v1 import registry_pb2 as pb
 
 from services.inference.core.host import FetchedArtifact
-from shared.artifacts import signing
+from shared.artifacts import trust
 from shared.clients.registry import RegistryClient, sha256_file
 from shared.errors import DataLoss, InvalidArgument, Unavailable
 
@@ -107,31 +107,20 @@ class RegistryArtifactSource:
     async def _check_signatures(self, info: pb.Version) -> tuple[tuple[str, ...], str]:
         """The signers whose signatures verify under the tenant's trust policy, and else why none does.
 
-        The bytes were just hashed to ``info.sha256``: a signature verifies when it was made by a trusted key
-        and signs that digest, so the artifact is not hashed again for it.
+        A signature counts when a trusted key made it, or a certificate a trusted CA issued, and it signs
+        ``info.sha256``: the bytes are checked against that digest for this load, not hashed again here.
         """
         if not info.signatures:
             return (), "the version is not signed"
         request = pb.GetTrustPolicyRequest(model=info.model)
         policy: pb.GetTrustPolicyResponse = await self.client.call("GetTrustPolicy", request)
-        trusted = {key.key_id: key for key in policy.keys}
-        signers: list[str] = []
-        problems: list[str] = []
-        for signature in info.signatures:
-            key = trusted.get(signature.key_id)
-            if key is None:
-                problems.append(f"key {signature.key_id[:16]} is not trusted by tenant {policy.tenant!r}")
-                continue
-            try:
-                signed = await asyncio.to_thread(signing.verify_with_key, signature.bundle, key.public_key_pem.encode())
-            except signing.SignatureError as exc:
-                problems.append(str(exc))
-                continue
-            if signed.sha256 != info.sha256:
-                problems.append(f"the signature by {key.name!r} signs sha256 {signed.sha256}, not the bytes loaded")
-                continue
-            signers.append(f"{key.name} ({key.key_id[:16]})")
-        return tuple(signers), "; ".join(problems)
+        return await asyncio.to_thread(
+            trust.trusted_signers,
+            [trust.RecordedSignature(s.key_id, s.bundle) for s in info.signatures],
+            [trust.TrustAnchor(k.name, k.key_id, k.public_key_pem.encode()) for k in policy.keys],
+            info.sha256,
+            policy.tenant,
+        )
 
     async def _download(self, ref: pb.VersionRef, dest: Path, digest: str) -> None:
         # The client verifies the digest before it renames the download into place. One retry from scratch

@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from maas.registry.v1 import registry_pb2 as rpb
 
 from services.scheduler.core.deployment_model import ResolvedVersion
+from shared.artifacts import trust
 from shared.clients.registry import RegistryClient
 from shared.kserve.convert import signature_from_pb
 from shared.security.access import TENANT_METADATA
@@ -44,11 +47,14 @@ class RegistryModelResolver:
         if not found.signatures:
             return "the version is not signed"
         policy = await self._client.call("GetTrustPolicy", rpb.GetTrustPolicyRequest(model=model), metadata=metadata)
-        trusted = {key.key_id for key in policy.keys}
-        if any(s.key_id in trusted and s.sha256 == found.sha256 for s in found.signatures):
-            return ""
-        untrusted = ", ".join(s.key_id[:16] for s in found.signatures)
-        return f"it is signed only by keys tenant {policy.tenant!r} does not trust ({untrusted})"
+        _, problem = await asyncio.to_thread(
+            trust.trusted_signers,
+            [trust.RecordedSignature(s.key_id, s.bundle) for s in found.signatures],
+            [trust.TrustAnchor(k.name, k.key_id, k.public_key_pem.encode()) for k in policy.keys],
+            found.sha256,
+            policy.tenant,
+        )
+        return str(problem)
 
     async def close(self) -> None:
         await self._client.close()
