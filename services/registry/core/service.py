@@ -306,11 +306,15 @@ class RegistryCore:
         hasher = hashlib.sha256()
         position = 0
         held: bytes | None = None
+        # One chunk read ahead: reading (and decrypting) the next one overlaps sending this one.
+        ahead: asyncio.Future[bytes] | None = None
         try:
+            ahead = asyncio.ensure_future(self._run(_next_hashed, reader, hasher))
             while True:
-                chunk = await self._run(_next_hashed, reader, hasher)
+                chunk = await ahead
                 if not chunk:
                     break
+                ahead = asyncio.ensure_future(self._run(_next_hashed, reader, hasher))
                 start, position = position, position + len(chunk)
                 if position <= offset:
                     continue
@@ -324,6 +328,11 @@ class RegistryCore:
         except BlobIntegrityError as exc:
             raise _corrupt(digest, str(exc)) from None
         finally:
+            if ahead is not None and not ahead.done():
+                # The reading thread must be done with the reader before it is closed.
+                await asyncio.wait([ahead])
+            if ahead is not None and ahead.done() and not ahead.cancelled():
+                ahead.exception()  # retrieved: a read failing after the client left is nobody's error
             reader.close()  # type: ignore[attr-defined]
 
     async def derive_version(
