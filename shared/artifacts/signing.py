@@ -175,13 +175,15 @@ def signing_certificate(bundle: bytes) -> x509.Certificate | None:
         SignatureError: If ``bundle`` is not a Sigstore bundle, or its certificate is malformed.
     """
     read_key_hint(bundle)
-    chain = json.loads(bundle).get("verificationMaterial", {}).get("x509CertificateChain", {})
-    certificates = chain.get("certificates") or []
-    if not certificates:
-        return None
     try:
-        return x509.load_der_x509_certificate(base64.b64decode(certificates[0]["rawBytes"]))
-    except (ValueError, KeyError, TypeError, binascii.Error):
+        chain = json.loads(bundle).get("verificationMaterial", {}).get("x509CertificateChain", {})
+        certificates = chain.get("certificates") or []
+        if not certificates:
+            return None
+        certificate = x509.load_der_x509_certificate(base64.b64decode(certificates[0]["rawBytes"]))
+        certificate.public_key()  # a key type cryptography cannot read fails here, not later
+        return certificate
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, binascii.Error):
         raise SignatureError("the bundle's signing certificate is malformed") from None
 
 
