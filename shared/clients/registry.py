@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import os
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -37,11 +38,20 @@ def parse_ref(text: str) -> pb.VersionRef:
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
+    return _hash_file(path, hashlib.sha256()).hexdigest()
+
+
+def _hash_file(path: Path, digest: Any) -> Any:
     with path.open("rb") as fh:
         while block := fh.read(4 * CHUNK_BYTES):
             digest.update(block)
-    return digest.hexdigest()
+    return digest
+
+
+def _write_hashed(fh: Any, digest: Any, chunk: bytes) -> None:
+    # One thread hop for both: hashlib releases the GIL, so the loop keeps receiving meanwhile.
+    fh.write(chunk)
+    digest.update(chunk)
 
 
 class RegistryClient:
@@ -199,22 +209,36 @@ class RegistryClient:
         return response.version
 
     async def sign_file(
-        self, ref: pb.VersionRef, path: Path, private_key: Path, password: str | None = None
+        self,
+        ref: pb.VersionRef,
+        path: Path,
+        private_key: Path,
+        password: str | None = None,
+        *,
+        certificate: Path | None = None,
+        chain: tuple[Path, ...] = (),
     ) -> pb.Version:
         """Sign ``path`` (the version's bytes) with an EC private key (OpenSSF Model Signing, offline) and add
-        the signature to the version; the registry checks it signs exactly the version's sha256."""
+        the signature to the version; the registry checks it signs exactly the version's sha256. With
+        ``certificate`` (the key's signing certificate) and ``chain`` (its issuers) the signature carries
+        them, for tenants that trust the issuing CA."""
         from shared.artifacts import signing
 
-        bundle = await asyncio.to_thread(signing.sign_file, path, private_key, password)
+        sign = functools.partial(signing.sign_file, certificate=certificate, chain=chain)
+        bundle = await asyncio.to_thread(sign, path, private_key, password)
         public = signing.public_key_of(private_key, password)
         return await self.sign_version(ref, bundle, public.decode())
 
     async def download_file(
         self, ref: pb.VersionRef, dest: Path, *, resume: bool = True, progress: Progress | None = None
     ) -> pb.Version:
-        """Download into ``dest`` (resuming a partial ``dest.part``) and verify the sha256."""
+        """Download into ``dest`` (resuming a partial ``dest.part``) and verify the sha256.
+
+        The bytes are hashed as they arrive (a resumed part's first), so the file is never read back.
+        """
         part = dest.with_name(dest.name + ".part")
         offset = part.stat().st_size if resume and part.exists() else 0
+        hasher = await asyncio.to_thread(_hash_file, part, hashlib.sha256()) if offset else hashlib.sha256()
         version: pb.Version | None = None
         try:
             with part.open("ab" if offset else "wb") as fh:
@@ -222,7 +246,7 @@ class RegistryClient:
                     if message.HasField("version"):
                         version = message.version
                         continue
-                    fh.write(message.chunk)
+                    await asyncio.to_thread(_write_hashed, fh, hasher, message.chunk)
                     if progress:
                         progress(len(message.chunk))
                 fh.flush()
@@ -230,7 +254,7 @@ class RegistryClient:
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from None
         assert version is not None, "the registry always sends the version first"
-        digest = await asyncio.to_thread(sha256_file, part)
+        digest = hasher.hexdigest()
         if digest != version.sha256:
             part.unlink(missing_ok=True)
             raise InvalidArgument(f"downloaded bytes hash to {digest}, expected {version.sha256}; retry the download")

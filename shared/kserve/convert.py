@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from inference import grpc_service_pb2, model_config_pb2
 from maas.common.v1 import common_pb2
@@ -151,14 +151,34 @@ def model_config_pb(
 
 
 def model_metadata_pb(
-    name: str, versions: Sequence[str | int], signature: Signature, platform: str = "pytorch"
+    name: str,
+    versions: Sequence[str | int],
+    signature: Signature,
+    platform: str = "pytorch",
+    provenance: Mapping[str, str] | None = None,
 ) -> grpc_service_pb2.ModelMetadataResponse:
-    """Builds the ``ModelMetadataResponse`` of a model (full shapes, -1 for variable dims)."""
+    """Builds the ``ModelMetadataResponse`` of a model (full shapes, -1 for variable dims).
+
+    ``provenance`` (see :func:`provenance`) goes to the response's ``parameters``, a maas extension.
+    """
     tensor = grpc_service_pb2.ModelMetadataResponse.TensorMetadata
-    return grpc_service_pb2.ModelMetadataResponse(
+    response = grpc_service_pb2.ModelMetadataResponse(
         name=name,
         versions=[str(v) for v in versions],
         platform=platform,
         inputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in signature.inputs],
         outputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in signature.outputs],
     )
+    for key, value in (provenance or {}).items():
+        response.parameters[key].string_param = value
+    return response
+
+
+def provenance(sha256: str, signers: Sequence[str]) -> dict[str, str]:
+    """ModelMetadata's ``parameters`` for a loaded version: its trusted signers and the digest they signed
+    (empty when no trusted signature verified)."""
+    return {"signers": ", ".join(signers), "sha256": sha256} if signers else {}
+
+
+def provenance_from_pb(response: grpc_service_pb2.ModelMetadataResponse) -> dict[str, str]:
+    return {key: value.string_param for key, value in response.parameters.items() if key in ("signers", "sha256")}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from typing import Any
 
 import grpc
@@ -18,6 +18,7 @@ from services.gateway.core.statistics import BatchStats, Duration, VersionStats
 from shared.errors import FailedPrecondition
 from shared.grpc.channel import make_channel
 from shared.grpc.status import from_rpc_error
+from shared.kserve.convert import provenance_from_pb
 from shared.kserve.metadata import SHARED_MEMORY_UNREACHABLE, VERSION_KEY
 from shared.settings import CommonSettings
 
@@ -27,6 +28,7 @@ _SERVICE = "/inference.GRPCInferenceService/"
 _INFER = _SERVICE + "ModelInfer"
 _STREAM = _SERVICE + "ModelStreamInfer"
 _STATISTICS = _SERVICE + "ModelStatistics"
+_METADATA = _SERVICE + "ModelMetadata"
 _INFER_STREAM = "/maas.inference.v1.InferenceWorker/InferStream"
 Metadata = tuple[tuple[str, str], ...]
 # One ModelInfer call: request bytes, version, timeout -> response bytes.
@@ -37,7 +39,7 @@ class _Worker:
     """A channel to one worker, its method callables (identity serializers for the data plane: bytes in,
     bytes out), and its InferStream link (None: plain calls)."""
 
-    __slots__ = ("channel", "link", "send_one", "shared_memory_unreachable", "statistics", "stream")
+    __slots__ = ("channel", "link", "metadata", "send_one", "shared_memory_unreachable", "statistics", "stream")
 
     def __init__(
         self,
@@ -57,6 +59,11 @@ class _Worker:
             _STATISTICS,
             request_serializer=kpb.ModelStatisticsRequest.SerializeToString,
             response_deserializer=kpb.ModelStatisticsResponse.FromString,
+        )
+        self.metadata = channel.unary_unary(
+            _METADATA,
+            request_serializer=kpb.ModelMetadataRequest.SerializeToString,
+            response_deserializer=kpb.ModelMetadataResponse.FromString,
         )
         infer_stream = channel.stream_stream(
             _INFER_STREAM,
@@ -215,6 +222,16 @@ class ReplicaPool:
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from None
         return [stats_from_pb(s) for s in response.model_stats]
+
+    async def provenance(self, address: str, name: str, version: int, timeout: float | None) -> Mapping[str, str]:
+        request = kpb.ModelMetadataRequest(name=name, version=str(version))
+        try:
+            response = await self._worker(address).metadata(
+                request, timeout=timeout, metadata=self._version_metadata(version)
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+        return provenance_from_pb(response)
 
     def retain(self, addresses: Collection[str]) -> None:
         for address in [a for a in self._workers if a not in addresses]:

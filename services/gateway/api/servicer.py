@@ -134,7 +134,8 @@ class InferenceServicer:
     ) -> kpb.ModelMetadataResponse:
         route = await self._gateway.describe(request.name, request.version, context.time_remaining(), caller_scope())
         versions = sorted(route.deployment.versions)
-        return model_metadata_pb(route.deployment.name, versions, route.served.signature)
+        signed = await self._gateway.provenance(route, context.time_remaining())
+        return model_metadata_pb(route.deployment.name, versions, route.served.signature, provenance=signed)
 
     async def ModelConfig(
         self, request: kpb.ModelConfigRequest, context: grpc.aio.ServicerContext

@@ -35,6 +35,11 @@ class Replicas(Protocol):
         """Every version's statistics at the worker at ``address``."""
         ...
 
+    async def provenance(self, address: str, name: str, version: int, timeout: float | None) -> Mapping[str, str]:
+        """What the worker at ``address`` reports of the bytes it serves ``version`` from: its trusted
+        ``signers`` and their ``sha256`` (empty when unsigned); the worker's ModelMetadata ``parameters``."""
+        ...
+
     def retain(self, addresses: Collection[str]) -> None:
         """Forget (close the connections of) workers not in ``addresses``."""
         ...

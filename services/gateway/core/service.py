@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 
 import structlog
 
@@ -279,6 +279,20 @@ class Gateway:
             f"no replica of model '{name}' version {version} became ready within {self._max_hold_s:g} s{detail}",
             retry_after_s=1.0,
         )
+
+    async def provenance(self, route: Route, timeout: float | None) -> Mapping[str, str]:
+        """Who signed the bytes ``route``'s version is served from, and their digest, as a ready replica
+        that loaded them reports it (see ``Replicas.provenance``); empty when none is ready or answers.
+
+        Asked of a replica rather than kept in the snapshot: only a worker knows which signatures verified
+        against the bytes it loaded under the tenant's trust policy.
+        """
+        for endpoint in route.deployment.ready(route.version):
+            try:
+                return await self._replicas.provenance(endpoint.address, route.deployment.name, route.version, timeout)
+            except MaasError as exc:
+                log.debug("provenance_unavailable", address=endpoint.address, error=str(exc))
+        return {}
 
     async def statistics(self, name: str, version: str, timeout: float, scope: str | None = None) -> list[VersionStats]:
         """Statistics summed over the ready replicas of one deployment (or all of ``scope``'s), one entry

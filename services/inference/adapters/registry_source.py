@@ -1,5 +1,7 @@
 """Artifacts from the registry, cached on local disk by their sha256 and verified on every load.
 
+A download is hashed as it arrives; a cached copy is re-hashed alongside its load (see ``FetchedArtifact``).
+
 Replicas on one node share the cache directory. A per-digest lock file (``fcntl.flock``) lets one process
 at a time check, download or evict an entry, and a download lands in ``<digest>.safetensors.part`` and is
 renamed into place only once its digest matches: a reader never sees a half-written or unverified file,
@@ -20,7 +22,7 @@ import structlog
 from maas.registry.v1 import registry_pb2 as pb
 
 from services.inference.core.host import FetchedArtifact
-from shared.artifacts import signing
+from shared.artifacts import trust
 from shared.clients.registry import RegistryClient, sha256_file
 from shared.errors import DataLoss, InvalidArgument, Unavailable
 
@@ -48,6 +50,19 @@ async def _file_lock(path: Path) -> AsyncIterator[None]:
         os.close(fd)  # releases the lock
 
 
+class _CachedCopy:
+    """A cached file to re-hash for this load (a flipped bit on disk, a tampered cache)."""
+
+    def __init__(self, path: Path, sha256: str) -> None:
+        self.path = path
+        self.sha256 = sha256
+        self.intact: bool | None = None
+
+    async def recheck(self) -> bool:
+        self.intact = await asyncio.to_thread(sha256_file, self.path) == self.sha256
+        return self.intact
+
+
 class RegistryArtifactSource:
     """Downloads versions into ``cache_dir/<sha256>.safetensors`` and re-hashes them on every fetch.
 
@@ -61,56 +76,50 @@ class RegistryArtifactSource:
         self.cache_dir = cache_dir
         self._locks: dict[str, asyncio.Lock] = {}
 
-    async def fetch(self, model: str, version: int) -> FetchedArtifact:
+    @contextlib.asynccontextmanager
+    async def fetch(self, model: str, version: int) -> AsyncIterator[FetchedArtifact]:
+        """The version's artifact; the digest's lock is held until the context exits, so no other replica
+        evicts or replaces the copy while this one is hashed and loaded."""
         ref = pb.VersionRef(model=model, version=str(version))
         info = await self.client.get_version(ref)
         if not _SHA256.fullmatch(info.sha256):
             raise Unavailable(f"the registry reported a malformed sha256 for {model}:{version}")
         dest = self.cache_dir / f"{info.sha256}.safetensors"
         await asyncio.to_thread(self.cache_dir.mkdir, parents=True, exist_ok=True)
+        signers, problem = await self._check_signatures(info)
         async with (
             self._locks.setdefault(info.sha256, asyncio.Lock()),
             _file_lock(self.cache_dir / f"{info.sha256}.lock"),
         ):
-            cached = False
+            cached: _CachedCopy | None = None
             if await asyncio.to_thread(dest.exists):
-                actual = await asyncio.to_thread(sha256_file, dest)
-                cached = actual == info.sha256
-                if not cached:
+                cached = _CachedCopy(dest, info.sha256)
+            else:
+                await self._download(ref, dest, info.sha256)  # hashed as it arrives
+            try:
+                yield FetchedArtifact(dest, info.sha256, signers, problem, cached.recheck if cached else None)
+            finally:
+                if cached is not None and cached.intact is False:
+                    # Evicted only now: the copy stays in place while it is loaded, whatever the check finds.
                     log.warning("cache_entry_corrupt_evicted", model=model, version=version, sha256=info.sha256)
                     await asyncio.to_thread(dest.unlink, missing_ok=True)
-            if not cached:
-                await self._download(ref, dest, info.sha256)
-        signers, problem = await self._check_signatures(info)
-        return FetchedArtifact(dest, info.sha256, signers, problem)
 
     async def _check_signatures(self, info: pb.Version) -> tuple[tuple[str, ...], str]:
         """The signers whose signatures verify under the tenant's trust policy, and else why none does.
 
-        The bytes were just hashed to ``info.sha256``: a signature verifies when it was made by a trusted key
-        and signs that digest, so the artifact is not hashed again for it.
+        A signature counts when a trusted key made it, or a certificate a trusted CA issued, and it signs
+        ``info.sha256``: the bytes are checked against that digest for this load, not hashed again here.
         """
         if not info.signatures:
             return (), "the version is not signed"
         policy = await self.client.get_trust_policy(info.model)
-        trusted = {key.key_id: key for key in policy.keys}
-        signers: list[str] = []
-        problems: list[str] = []
-        for signature in info.signatures:
-            key = trusted.get(signature.key_id)
-            if key is None:
-                problems.append(f"key {signature.key_id[:16]} is not trusted by tenant {policy.tenant!r}")
-                continue
-            try:
-                signed = await asyncio.to_thread(signing.verify_with_key, signature.bundle, key.public_key_pem.encode())
-            except signing.SignatureError as exc:
-                problems.append(str(exc))
-                continue
-            if signed.sha256 != info.sha256:
-                problems.append(f"the signature by {key.name!r} signs sha256 {signed.sha256}, not the bytes loaded")
-                continue
-            signers.append(f"{key.name} ({key.key_id[:16]})")
-        return tuple(signers), "; ".join(problems)
+        return await asyncio.to_thread(
+            trust.trusted_signers,
+            [trust.RecordedSignature(s.key_id, s.bundle) for s in info.signatures],
+            [trust.TrustAnchor(k.name, k.key_id, k.public_key_pem.encode()) for k in policy.keys],
+            info.sha256,
+            policy.tenant,
+        )
 
     async def _download(self, ref: pb.VersionRef, dest: Path, digest: str) -> None:
         # The client verifies the digest before it renames the download into place. One retry from scratch

@@ -22,7 +22,7 @@ from services.inference.api.stream import StreamSession
 from services.inference.core.host import ModelHost, ServedVersion
 from shared.errors import MaasError, NotFound
 from shared.kserve.codec import decode_inputs, validate_request
-from shared.kserve.convert import batching_from_pb, model_config_pb, model_metadata_pb
+from shared.kserve.convert import batching_from_pb, model_config_pb, model_metadata_pb, provenance
 from shared.kserve.metadata import STREAM_ACCEPTED
 from shared.security.access import Access, rules
 
@@ -83,7 +83,8 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     ) -> kpb.ModelMetadataResponse:
         served = self._resolve(request.name, request.version, context)
         versions = [v.version for v in self._host.loaded() if v.model == served.model]
-        return model_metadata_pb(served.model, versions, served.signature)
+        signed = provenance(served.sha256, served.signers)
+        return model_metadata_pb(served.model, versions, served.signature, provenance=signed)
 
     async def ModelConfig(
         self, request: kpb.ModelConfigRequest, context: grpc.aio.ServicerContext

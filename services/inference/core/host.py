@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from concurrent.futures import Executor
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -23,7 +24,7 @@ from services.inference.core.observer import NULL_HOST_OBSERVER, HostObserver
 from services.inference.core.runner import TorchRunner, model_bytes
 from services.inference.core.stats import BatchTimings, VersionStats
 from shared.artifacts import ArtifactError, Manifest, Signature, build_model, load_artifact, read_manifest
-from shared.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from shared.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from shared.kserve.batching import BatchingSettings
 
 __all__ = ["ArtifactSource", "FetchedArtifact", "ModelHost", "ServedVersion"]
@@ -33,21 +34,28 @@ log = structlog.get_logger("maas.inference")
 
 @dataclass(frozen=True)
 class FetchedArtifact:
-    """A local artifact whose bytes were hashed for this load and matched the version's digest."""
+    """A local copy of a version's artifact, hashed for this load against the version's digest.
+
+    A fresh download was hashed as it arrived. A cached copy is re-hashed by ``recheck`` while the host
+    loads it: the hash overlaps real work, and nothing is served before it has matched.
+    """
 
     path: Path
     sha256: str
-    #: Signers whose signatures verified against these bytes under the tenant's trust policy.
+    #: Signers whose signatures verified under the tenant's trust policy, for the digest ``sha256``.
     trusted_signers: tuple[str, ...] = ()
     #: Why no signature counts, when none does (shown in the FAILED_PRECONDITION of a required signature).
     signature_problem: str = "the version is not signed"
+    #: Re-hashes a cached copy; False when its bytes no longer match (the copy is evicted when the fetch's
+    #: context exits). None: the bytes were hashed already.
+    recheck: Callable[[], Awaitable[bool]] | None = None
 
 
 class ArtifactSource(Protocol):
     """Where artifacts come from (the registry, in production)."""
 
-    async def fetch(self, model: str, version: int) -> FetchedArtifact:
-        """Returns the version's artifact, verified against its digest (cache included) for this load.
+    def fetch(self, model: str, version: int) -> AbstractAsyncContextManager[FetchedArtifact]:
+        """The version's artifact, which stays in place until the context exits.
 
         Raises:
             NotFound: If the registry has no such version.
@@ -195,26 +203,15 @@ class ModelHost:
                     )
                 served.batcher.update(batching)
                 return served
-            artifact = await self.source.fetch(model, version)
-            if require_signature and not artifact.trusted_signers:
-                raise FailedPrecondition(
-                    f"model {model}:{version} cannot be loaded where a signature is required: "
-                    f"{artifact.signature_problem}",
-                    reason="SIGNATURE_REQUIRED",
-                )
-            path = artifact.path
-            planned = await asyncio.to_thread(_planned_bytes, path)
-            if planned > self.memory_budget_bytes:
-                raise ResourceExhausted(
-                    f"model {model}:{version} needs {planned} bytes, more than the worker's memory budget of "
-                    f"{self.memory_budget_bytes}; refused before loading"
-                )
-            manifest, module = await asyncio.to_thread(_load, path, self.device)
+            loaded = await self._load_verified(model, version, require_signature=require_signature)
+            if loaded is None:
+                # The cached copy's bytes changed: it was evicted, and this fetch downloads (hashing as it goes).
+                loaded = await self._load_verified(model, version, require_signature=require_signature)
+            if loaded is None:
+                raise DataLoss(f"model {model}:{version}: no copy of its artifact matches its digest")
+            artifact, manifest, module, runner = loaded
             size = model_bytes(module)
             await self._make_room(model, version, size)
-            runner = TorchRunner(module, manifest, self.device)
-            if self.warmup:
-                await self._warm_up(runner)
             name = f"{model}:{version}"
             stats = VersionStats(observer=self.observer.loaded(model, version, size))
             batcher = DynamicBatcher(
@@ -242,6 +239,47 @@ class ModelHost:
             self._versions[served.key] = served
             log.info("model_loaded", model=model, version=version, bytes=size, device=self.device)
             return served
+
+    async def _load_verified(
+        self, model: str, version: int, *, require_signature: bool
+    ) -> tuple[FetchedArtifact, Manifest, nn.Module, TorchRunner] | None:
+        """Fetches, loads and warms up a version while its bytes are re-hashed; None if they no longer match.
+
+        The digest check of a cached copy runs on its own thread alongside the load and the warm-up (both
+        read the same bytes), so it costs little wall time; the loaded module is discarded on a mismatch.
+        """
+        async with self.source.fetch(model, version) as artifact:
+            if require_signature and not artifact.trusted_signers:
+                raise FailedPrecondition(
+                    f"model {model}:{version} cannot be loaded where a signature is required: "
+                    f"{artifact.signature_problem}",
+                    reason="SIGNATURE_REQUIRED",
+                )
+            check = asyncio.ensure_future(artifact.recheck()) if artifact.recheck is not None else None
+            try:
+                built = await self._build(model, version, artifact.path)
+            except Exception:
+                # A load that failed on altered bytes is a corrupt copy, not a bad artifact: the check decides.
+                if check is not None and not await check:
+                    return None
+                raise
+            if check is not None and not await check:
+                log.warning("loaded_model_discarded", model=model, version=version, reason="digest mismatch")
+                return None
+            return (artifact, *built)
+
+    async def _build(self, model: str, version: int, path: Path) -> tuple[Manifest, nn.Module, TorchRunner]:
+        planned = await asyncio.to_thread(_planned_bytes, path)
+        if planned > self.memory_budget_bytes:
+            raise ResourceExhausted(
+                f"model {model}:{version} needs {planned} bytes, more than the worker's memory budget of "
+                f"{self.memory_budget_bytes}; refused before loading"
+            )
+        manifest, module = await asyncio.to_thread(_load, path, self.device)
+        runner = TorchRunner(module, manifest, self.device)
+        if self.warmup:
+            await self._warm_up(runner)
+        return manifest, module, runner
 
     async def _warm_up(self, runner: TorchRunner) -> None:
         inputs = runner.warmup_inputs()

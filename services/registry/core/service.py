@@ -306,11 +306,15 @@ class RegistryCore:
         hasher = hashlib.sha256()
         position = 0
         held: bytes | None = None
+        # One chunk read ahead: reading (and decrypting) the next one overlaps sending this one.
+        ahead: asyncio.Future[bytes] | None = None
         try:
+            ahead = asyncio.ensure_future(self._run(_next_hashed, reader, hasher))
             while True:
-                chunk = await self._run(_next_hashed, reader, hasher)
+                chunk = await ahead
                 if not chunk:
                     break
+                ahead = asyncio.ensure_future(self._run(_next_hashed, reader, hasher))
                 start, position = position, position + len(chunk)
                 if position <= offset:
                     continue
@@ -324,6 +328,11 @@ class RegistryCore:
         except BlobIntegrityError as exc:
             raise _corrupt(digest, str(exc)) from None
         finally:
+            if ahead is not None and not ahead.done():
+                # The reading thread must be done with the reader before it is closed.
+                await asyncio.wait([ahead])
+            if ahead is not None and ahead.done() and not ahead.cancelled():
+                ahead.exception()  # retrieved: a read failing after the client left is nobody's error
             reader.close()  # type: ignore[attr-defined]
 
     async def derive_version(
@@ -386,12 +395,13 @@ class RegistryCore:
     ) -> Version:
         """Add an OpenSSF Model Signing signature to a version (new signature, never new bytes).
 
-        The signature must verify with ``public_key_pem`` and sign exactly the version's sha256; whether the
-        key is trusted is each tenant's policy, checked where a version is loaded.
+        The signature must verify with ``public_key_pem`` (or, for a certificate signature, with its signing
+        certificate's key) and sign exactly the version's sha256; whether the key or the certificate's CA is
+        trusted is each tenant's policy, checked where a version is loaded.
         """
         version = await self.get_version(model, ref, tenant=tenant)
         try:
-            signed = await self._run(signing.verify_with_key, bundle, public_key_pem)
+            signed, signed_key_pem = await self._run(_verify_signature, bundle, public_key_pem)
         except signing.SignatureError as exc:
             raise InvalidArgument.field("signature", str(exc), reason="BAD_SIGNATURE") from None
         if signed.sha256 != version.sha256:
@@ -404,7 +414,7 @@ class RegistryCore:
             key_id=signed.key_id,
             sha256=signed.sha256,
             bundle=bundle,
-            public_key_pem=signing.public_key_pem(public_key_pem),
+            public_key_pem=signed_key_pem,
             create_time=datetime.now(UTC),
         )
         return await self._mutate(self._repo.add_signature, model, version.number, record, tenant=tenant)
@@ -417,12 +427,16 @@ class RegistryCore:
         return (await self.get_model(model, tenant=tenant)).tenant
 
     async def add_trusted_key(self, name: str, public_key_pem: bytes, *, owner: str) -> TrustedKey:
+        """Trust a public key's signatures, or (CA certificates) those of certificates the CA issued."""
         names.check_name(name, "name")
         try:
-            pem = signing.public_key_pem(public_key_pem)
+            if signing.is_certificate(public_key_pem):
+                pem = signing.ca_certificates_pem(public_key_pem)
+            else:
+                pem = signing.public_key_pem(public_key_pem)
         except signing.SignatureError as exc:
             raise InvalidArgument.field("public_key_pem", str(exc), reason="BAD_KEY") from None
-        key = TrustedKey(owner, name, signing.key_id(pem), pem, datetime.now(UTC))
+        key = TrustedKey(owner, name, signing.anchor_id(pem), pem, datetime.now(UTC))
         return await self._run(self._repo.add_trusted_key, key)
 
     async def remove_trusted_key(self, name: str, *, owner: str) -> None:
@@ -532,6 +546,20 @@ def _next_hashed(reader: Iterator[bytes], hasher: Any) -> bytes:
     chunk = next(reader, b"")
     hasher.update(chunk)
     return chunk
+
+
+def _verify_signature(bundle: bytes, public_key_pem: bytes) -> tuple[signing.SignedDigest, bytes]:
+    """What a signature signs and the signing key's PEM: a key signature is checked with ``public_key_pem``,
+    a certificate signature with its certificate's key (``public_key_pem``, if given, must be that key)."""
+    certificate = signing.signing_certificate(bundle)
+    if certificate is None:
+        if not public_key_pem.strip():
+            raise signing.SignatureError("a key signature needs the public key that made it (public_key_pem)")
+        return signing.verify_with_key(bundle, public_key_pem), signing.public_key_pem(public_key_pem)
+    signed = signing.verify_self_consistent(bundle)
+    if public_key_pem.strip() and signing.key_id(public_key_pem) != signed.key_id:
+        raise signing.SignatureError("public_key_pem is not the key of the signature's signing certificate")
+    return signed, signing.certificate_key_pem(certificate)
 
 
 def _corrupt(digest: str, detail: str) -> DataLoss:

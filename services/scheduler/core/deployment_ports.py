@@ -106,3 +106,8 @@ class ModelResolver(Protocol):
         """Resolve as ``tenant`` sees the registry (the deployment's tenant: a deployment serves its own
         tenant's models only). NotFound if the model or version does not exist, or is another tenant's."""
         ...
+
+    async def signature_problem(self, model: str, version: int, tenant: str) -> str:
+        """Why no signature of the version counts under ``tenant``'s trust policy, from the registry's
+        records ("the version is not signed", untrusted keys); empty when a trusted key signed it."""
+        ...

@@ -202,6 +202,7 @@ class DeploymentService:
             self._quota.check_create(tenant, spec)
         resolved = await self._resolver.resolve(spec.model, spec.version, tenant)
         canary = await self._resolve_canary(spec, resolved, tenant)
+        await self._check_signed(spec, tenant, resolved, canary)
         now = datetime.now(UTC)
         deployment = Deployment(
             name=spec.name,
@@ -284,6 +285,23 @@ class DeploymentService:
             raise InvalidArgument.field("spec.canary.version", f"resolves to the default version {canary.version}")
         return canary
 
+    async def _check_signed(self, spec: DeploymentSpec, tenant: str, *versions: ResolvedVersion | None) -> None:
+        """With ``require_signature``, refuses up front a version no key the tenant trusts signed, rather than
+        letting its replicas fail to load it over and over. The workers still verify each signature against
+        the bytes they load: this check reads the registry's records only."""
+        if not spec.require_signature:
+            return
+        for resolved in versions:
+            if resolved is None:
+                continue
+            problem = await self._resolver.signature_problem(spec.model, resolved.version, tenant)
+            if problem:
+                raise FailedPrecondition(
+                    f"model {spec.model} version {resolved.version} cannot be deployed with require_signature: "
+                    f"{problem}",
+                    reason="SIGNATURE_REQUIRED",
+                )
+
     async def _visible(self, name: str, scope: str | None) -> Deployment:
         """The deployment called ``name`` as the caller of ``scope`` may see it (live if served here);
         NotFound, as for a missing one, if it is another tenant's."""
@@ -328,6 +346,7 @@ class DeploymentService:
             raise FailedPrecondition(f"deployment {spec.name} is being deleted", reason="DEPLOYMENT_DELETING")
         resolved = await self._resolver.resolve(spec.model, spec.version, tenant)
         canary = await self._resolve_canary(spec, resolved, tenant)
+        await self._check_signed(spec, tenant, resolved, canary)
         async with reconciler.lock:
             if reconciler.deleting:
                 raise FailedPrecondition(f"deployment {spec.name} is being deleted", reason="DEPLOYMENT_DELETING")
