@@ -365,6 +365,35 @@ async def test_busy_executor_sends_lone_requests_to_the_compute_thread_where_can
     await other_batcher.close()
 
 
+async def test_a_request_that_more_are_expected_to_join_waits_for_them_instead_of_running_inline(
+    executor: ThreadPoolExecutor,
+) -> None:
+    model = ThreadRecordingModel()
+    settings = BatchingSettings(max_batch_size=8, max_queue_delay_us=200_000)
+    batcher = DynamicBatcher("m:1", model, executor, settings, VersionStats())
+    await batcher.submit(x(0), 1)
+    await batcher.submit(x(1), 1)
+    assert model.threads[-1] == threading.get_ident()
+    # Clients that overlap: a batch of several just ran, so the next lone request waits for the others
+    # (batching under load), and they run together on the compute thread.
+    holder = FakeModel()
+    holder.gate.clear()
+    other = DynamicBatcher("other:1", holder, executor, BatchingSettings(max_batch_size=8), VersionStats())
+    held = asyncio.ensure_future(other.submit(x(9), 1))
+    await asyncio.to_thread(holder.entered.wait, 5)
+    burst = [asyncio.ensure_future(batcher.submit(x(10 + i), 1)) for i in range(4)]
+    await asyncio.sleep(0.01)
+    holder.gate.set()
+    await asyncio.gather(held, *burst)
+    assert model.batches[-1] == [10.0, 11.0, 12.0, 13.0]
+    follow = [asyncio.ensure_future(batcher.submit(x(20 + i), 1)) for i in range(3)]
+    await asyncio.gather(*follow)
+    assert model.batches[-1] == [20.0, 21.0, 22.0]
+    assert model.threads[-1] != threading.get_ident()
+    await batcher.close()
+    await other.close()
+
+
 async def test_lone_request_whose_deadline_passed_is_not_computed(executor: ThreadPoolExecutor) -> None:
     model = FakeModel()
     batcher = make(model, executor, max_batch_size=8)

@@ -11,8 +11,9 @@ It waits (at most ``max_queue_delay_us`` from the oldest request's arrival) only
 a batch runs (requests pile up by themselves), or just after a batch that served more requests than are
 queued now (their clients tend to send their next requests right away).
 
-A request that finds the queue empty and the compute executor idle, for a version whose executions of one
-request take at most ``inline_max_us``, runs at once on the caller's (event loop) thread: the hand-off to
+A request that finds the queue empty and the compute executor idle, that the batcher would not hold for
+others to join, for a version whose executions of one request take at most ``inline_max_us``, runs at once
+on the caller's (event loop) thread: the hand-off to
 the compute thread and back, and the batching task's wake-up, cost more than such a forward (a lone MLP
 request: about 0.4 ms of hand-offs and cold wake-ups against a 0.13 ms forward). Nothing can be queued
 behind it meanwhile (the loop is busy with it), so batching under load is unchanged; a version whose
@@ -49,7 +50,7 @@ DEFAULT_PRIORITY = 2**62
 DEFAULT_MAX_QUEUE_BYTES = 256 * 1024 * 1024
 
 #: Longest execution of one request (smoothed) that a lone request runs on the event loop by default.
-DEFAULT_INLINE_MAX_US = 1000
+DEFAULT_INLINE_MAX_US = 2000
 
 #: Runs one execution: inputs concatenated along dim 0 -> outputs with the same dim 0. Fills the timings.
 BatchRunner = Callable[[Mapping[str, np.ndarray], BatchTimings], dict[str, np.ndarray]]
@@ -210,6 +211,7 @@ class DynamicBatcher:
             self.stats.record_request(False, 0)
             raise DeadlineExceeded(f"model {self.name}: the request's deadline passed before it was queued")
         loop = asyncio.get_running_loop()
+        self._concurrency += _EWMA * (self.ongoing + 1 - self._concurrency)
         if self._runs_inline(batch_size):
             return self._submit_inline(inputs, batch_size, loop)
         entry = _Pending(
@@ -221,7 +223,6 @@ class DynamicBatcher:
             future=loop.create_future(),
             nbytes=nbytes,
         )
-        self._concurrency += _EWMA * (self.ongoing + 1 - self._concurrency)
         if timeout_s is not None:
             entry.timer = loop.call_later(max(0.0, timeout_s), self._expire, entry)
         self._insert(entry)
@@ -242,11 +243,12 @@ class DynamicBatcher:
 
     def _runs_inline(self, batch_size: int) -> bool:
         """Whether this request runs at once on the event loop: nothing queued or running on the executor,
-        and its execution is expected to be short."""
+        the batcher would not wait for more requests to join it, and its execution is expected to be short."""
         return (
             not self._queue
             and not _executions.get(self._executor)
             and 0 < self._solo_ns_per_sample * batch_size <= self.inline_max_ns
+            and not self._more_expected(batch_size, 1, time.monotonic_ns())
         )
 
     def _submit_inline(
@@ -264,7 +266,6 @@ class DynamicBatcher:
             state=_RUNNING,
             dispatched_ns=now,
         )
-        self._concurrency += _EWMA * (self.ongoing + 1 - self._concurrency)
         self.stats.record_queued(0)
         timings = BatchTimings()
         try:
@@ -345,23 +346,26 @@ class DynamicBatcher:
                     samples += entry.batch_size
         return chosen, samples
 
-    def _delay_s(self, samples: int, queued: int) -> float:
-        """How long to wait for more requests before dispatching ``samples``; 0 dispatches now."""
+    def _more_expected(self, samples: int, queued: int, now_ns: int) -> bool:
+        """Whether waiting for more requests is worth it: the batch is not full or preferred, and more requests
+        are likely right after a batch that served more requests than are queued (their clients answer back),
+        or when requests have been overlapping more than the queue holds now."""
         settings = self.settings
         if not self._merge or self._closing or samples >= settings.max_batch_size:
-            return 0.0
+            return False
         if samples in settings.preferred_batch_sizes:
-            return 0.0
-        now = time.monotonic_ns()
-        delay_ns = settings.max_queue_delay_us * 1000
-        # More requests are likely right after a batch that served more requests than are queued (their
-        # clients answer back), or when requests have been overlapping more than the queue holds now.
+            return False
         expected = round(self._concurrency)
-        if now - self._last_batch_end_ns < delay_ns:
+        if now_ns - self._last_batch_end_ns < settings.max_queue_delay_us * 1000:
             expected = max(expected, self._last_batch_requests)
-        if expected <= queued:
+        return expected > queued
+
+    def _delay_s(self, samples: int, queued: int) -> float:
+        """How long to wait for more requests before dispatching ``samples``; 0 dispatches now."""
+        now = time.monotonic_ns()
+        if not self._more_expected(samples, queued, now):
             return 0.0
-        remaining_ns = self._queue[0].arrived_ns + delay_ns - now
+        remaining_ns = self._queue[0].arrived_ns + self.settings.max_queue_delay_us * 1000 - now
         return max(0.0, remaining_ns / 1e9)
 
     async def _loop(self) -> None:
