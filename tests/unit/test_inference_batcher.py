@@ -316,6 +316,22 @@ async def test_lone_fast_request_runs_on_the_event_loop(executor: ThreadPoolExec
     await batcher.close()
 
 
+async def test_requests_arriving_together_are_batched_not_run_inline_one_by_one(
+    executor: ThreadPoolExecutor,
+) -> None:
+    model = ThreadRecordingModel()
+    batcher = DynamicBatcher("m:1", model, executor, BatchingSettings(max_batch_size=8), VersionStats())
+    await batcher.submit(x(0), 1)
+    await batcher.submit(x(1), 1)
+    assert model.threads[-1] == threading.get_ident()
+    # As the entries of one stream message: their tasks start in the same turn of the event loop.
+    outs = await asyncio.gather(*(batcher.submit(x(10 + i), 1) for i in range(4)))
+    assert [out["y"].tolist() for out in outs] == [[[2 * (10 + i)] * 2] for i in range(4)]
+    assert model.batches[-1] == [10.0, 11.0, 12.0, 13.0]
+    assert batcher.stats.execution_count == 3
+    await batcher.close()
+
+
 @pytest.mark.parametrize(("seconds", "inline_max_us"), [(0.003, 1000), (0.0, 0)])
 async def test_slow_or_opted_out_versions_stay_on_the_compute_thread(
     executor: ThreadPoolExecutor, seconds: float, inline_max_us: int

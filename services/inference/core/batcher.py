@@ -211,9 +211,6 @@ class DynamicBatcher:
             self.stats.record_request(False, 0)
             raise DeadlineExceeded(f"model {self.name}: the request's deadline passed before it was queued")
         loop = asyncio.get_running_loop()
-        self._concurrency += _EWMA * (self.ongoing + 1 - self._concurrency)
-        if self._runs_inline(batch_size):
-            return self._submit_inline(inputs, batch_size, loop)
         entry = _Pending(
             inputs=inputs,
             batch_size=batch_size,
@@ -223,9 +220,15 @@ class DynamicBatcher:
             future=loop.create_future(),
             nbytes=nbytes,
         )
+        self._concurrency += _EWMA * (self.ongoing + 1 - self._concurrency)
         if timeout_s is not None:
             entry.timer = loop.call_later(max(0.0, timeout_s), self._expire, entry)
-        self._insert(entry)
+        inline = self._runs_inline(batch_size, timeout_s)
+        self._insert(entry, wake=not inline)
+        if inline:
+            # Once the requests that arrived together with this one (the other entries of its stream
+            # message, already scheduled) have queued too: alone then, it runs there and then.
+            loop.call_soon(self._run_inline, entry)
         self._ensure_task()
         try:
             outputs = await entry.future
@@ -241,45 +244,35 @@ class DynamicBatcher:
         self.stats.record_request(True, time.monotonic_ns() - entry.arrived_ns)
         return outputs
 
-    def _runs_inline(self, batch_size: int) -> bool:
+    def _runs_inline(self, batch_size: int, timeout_s: float | None) -> bool:
         """Whether this request runs at once on the event loop: nothing queued or running on the executor,
-        the batcher would not wait for more requests to join it, and its execution is expected to be short."""
+        the batcher would not wait for more requests to join it, its execution is expected to be short, and
+        to end before its deadline (else the queue's deadline answers it, as for any request)."""
+        expected_ns = self._solo_ns_per_sample * batch_size
         return (
             not self._queue
             and not _executions.get(self._executor)
-            and 0 < self._solo_ns_per_sample * batch_size <= self.inline_max_ns
+            and 0 < expected_ns <= self.inline_max_ns
+            and (timeout_s is None or timeout_s * 1e9 > expected_ns)
             and not self._more_expected(batch_size, 1, time.monotonic_ns())
         )
 
-    def _submit_inline(
-        self, inputs: Mapping[str, np.ndarray], batch_size: int, loop: asyncio.AbstractEventLoop
-    ) -> dict[str, np.ndarray]:
-        now = time.monotonic_ns()
-        entry = _Pending(
-            inputs=inputs,
-            batch_size=batch_size,
-            key=(),
-            nbytes=0,
-            rank=(0, 0),
-            arrived_ns=now,
-            future=loop.create_future(),
-            state=_RUNNING,
-            dispatched_ns=now,
-        )
-        self.stats.record_queued(0)
+    def _run_inline(self, entry: _Pending) -> None:
+        if entry.state != _QUEUED:
+            return  # cancelled or expired meanwhile
+        if len(self._queue) > 1 or _executions.get(self._executor) or self._closing:
+            self._wakeup.set()  # others came along: the batching task dispatches them together
+            return
+        self._dispatch([entry])
         timings = BatchTimings()
         try:
             results = self._compute([entry], timings)
-        except Exception as exc:
-            log.warning("batch_failed", model=self.name, error_type=type(exc).__name__)
-            self.stats.record_request(False, time.monotonic_ns() - now)
-            raise
+        except Exception as exc:  # noqa: BLE001 - the request gets the error
+            self._settle([entry], entry.batch_size, None, timings, exc)
+        else:
+            self._settle([entry], entry.batch_size, results, timings)
         finally:
-            self._last_batch_requests = 1
-            self._last_batch_end_ns = time.monotonic_ns()
-        self.stats.record_execution(batch_size, 1, timings)
-        self.stats.record_request(True, self._last_batch_end_ns - now)
-        return results[0] if results else {}  # never empty: this request is not cancelled
+            self._finish([entry])
 
     async def close(self) -> None:
         """Refuses new requests, lets queued and running ones finish, then stops the batching task."""
@@ -295,7 +288,7 @@ class DynamicBatcher:
 
     # --- queue -----------------------------------------------------------------------------------
 
-    def _insert(self, entry: _Pending) -> None:
+    def _insert(self, entry: _Pending, *, wake: bool = True) -> None:
         # Most inserts go last (same level, later sequence number): scan from the end.
         index = len(self._queue)
         while index and self._queue[index - 1].rank > entry.rank:
@@ -305,7 +298,8 @@ class DynamicBatcher:
         self._queued_bytes += entry.nbytes
         self.stats.observer.queue_depth(self._queued)
         self._idle.clear()
-        self._wakeup.set()
+        if wake:
+            self._wakeup.set()
 
     def _drop(self, entry: _Pending, error: BaseException | None) -> None:
         if entry.state != _QUEUED:
@@ -389,6 +383,22 @@ class DynamicBatcher:
             await self._execute(chosen, samples)
 
     async def _execute(self, chosen: list[_Pending], samples: int) -> None:
+        self._dispatch(chosen)
+        timings = BatchTimings()
+        loop = asyncio.get_running_loop()
+        _executions[self._executor] = _executions.get(self._executor, 0) + 1
+        try:
+            results = await loop.run_in_executor(self._executor, self._compute, chosen, timings)
+        except Exception as exc:  # noqa: BLE001 - every request of the batch gets the error
+            self._settle(chosen, samples, None, timings, exc)
+        else:
+            self._settle(chosen, samples, results, timings)
+        finally:
+            _executions[self._executor] -= 1
+            self._finish(chosen)
+
+    def _dispatch(self, chosen: list[_Pending]) -> None:
+        """Takes the chosen requests off the queue: they run now."""
         now = time.monotonic_ns()
         for entry in chosen:
             self._queue.remove(entry)
@@ -401,35 +411,39 @@ class DynamicBatcher:
         self._queued -= len(chosen)
         self.stats.observer.queue_depth(self._queued)
         self._running += len(chosen)
-        timings = BatchTimings()
-        loop = asyncio.get_running_loop()
-        _executions[self._executor] = _executions.get(self._executor, 0) + 1
-        try:
-            results = await loop.run_in_executor(self._executor, self._compute, chosen, timings)
-        except Exception as exc:  # noqa: BLE001 - every request of the batch gets the error
-            log.warning("batch_failed", model=self.name, error_type=type(exc).__name__)
+
+    def _settle(
+        self,
+        chosen: list[_Pending],
+        samples: int,
+        results: list[dict[str, np.ndarray]] | None,
+        timings: BatchTimings,
+        error: Exception | None = None,
+    ) -> None:
+        """Hands each request its outputs, or the execution's error (or Cancelled when it was skipped)."""
+        if error is not None:
+            log.warning("batch_failed", model=self.name, error_type=type(error).__name__)
             for entry in chosen:
                 if not entry.future.done():
-                    entry.future.set_exception(exc)
+                    entry.future.set_exception(error)
+        elif results is not None:
+            self.stats.record_execution(samples, len(chosen), timings)
+            for entry, outputs in zip(chosen, results, strict=True):
+                if not entry.future.done():
+                    entry.future.set_result(outputs)
         else:
-            if results is not None:
-                self.stats.record_execution(samples, len(chosen), timings)
-                for entry, outputs in zip(chosen, results, strict=True):
-                    if not entry.future.done():
-                        entry.future.set_result(outputs)
-            else:
-                for entry in chosen:
-                    if not entry.future.done():
-                        entry.future.set_exception(Cancelled("the request was cancelled"))
-        finally:
-            _executions[self._executor] -= 1
             for entry in chosen:
-                entry.state = _DONE
-            self._running -= len(chosen)
-            self._last_batch_requests = len(chosen)
-            self._last_batch_end_ns = time.monotonic_ns()
-            if not self.ongoing:
-                self._idle.set()
+                if not entry.future.done():
+                    entry.future.set_exception(Cancelled("the request was cancelled"))
+
+    def _finish(self, chosen: list[_Pending]) -> None:
+        for entry in chosen:
+            entry.state = _DONE
+        self._running -= len(chosen)
+        self._last_batch_requests = len(chosen)
+        self._last_batch_end_ns = time.monotonic_ns()
+        if not self.ongoing:
+            self._idle.set()
 
     def _compute(self, chosen: list[_Pending], timings: BatchTimings) -> list[dict[str, np.ndarray]] | None:
         """Runs on the compute thread: concatenate, execute, split."""
