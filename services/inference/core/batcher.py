@@ -12,13 +12,13 @@ a batch runs (requests pile up by themselves), or just after a batch that served
 queued now (their clients tend to send their next requests right away).
 
 A request that finds the queue empty and the compute executor idle, that the batcher would not hold for
-others to join, for a version whose executions of one request take at most ``inline_max_us``, runs at once
-on the caller's (event loop) thread: the hand-off to
-the compute thread and back, and the batching task's wake-up, cost more than such a forward (a lone MLP
-request: about 0.4 ms of hand-offs and cold wake-ups against a 0.13 ms forward). Nothing can be queued
-behind it meanwhile (the loop is busy with it), so batching under load is unchanged; a version whose
-executions are slower (or not measured yet) always runs on the compute thread, which keeps the event loop
-free for health checks and cancellations.
+others to join, of a version whose executions of one request take at most ``inline_max_us``, runs on the
+event loop itself, in a callback right after it is queued: the hand-off to the compute thread and back and
+the batching task's wake-up cost more than such a forward (a lone MLP request: about 0.4 ms of hand-offs
+and cold wake-ups against a 0.13 ms forward). Requests that arrived with it (the other entries of one stream
+message, already scheduled) queue before that callback runs; it then leaves them all to the batching task,
+so batching under load is unchanged. A version whose executions are slower (or not measured yet) always runs
+on the compute thread, which keeps the event loop free for health checks and cancellations.
 """
 
 from __future__ import annotations
