@@ -182,9 +182,4 @@ async def serve(settings: GatewaySettings) -> None:
 def main() -> None:
     settings = GatewaySettings()
     configure_logging("gateway", settings.log_level, settings.log_format)
-    if settings.gateway_event_loop == "uvloop":
-        import uvloop  # only where chosen: tests and embedders run the gateway on their own loop
-
-        uvloop.run(serve(settings))
-    else:
-        asyncio.run(serve(settings))
+    asyncio.run(serve(settings))

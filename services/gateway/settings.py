@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import Field
 
 from shared.settings import CommonSettings, MiB
@@ -40,11 +38,6 @@ class GatewaySettings(CommonSettings):
         ge=MiB,
         description="Request bytes that may wait in the gateway for one worker's stream (see "
         "gateway_stream_hold_after); beyond it, RESOURCE_EXHAUSTED, as the worker's full queue would answer.",
-    )
-    gateway_event_loop: Literal["uvloop", "asyncio"] = Field(
-        "uvloop",
-        description="The gateway's event loop: uvloop (libuv) costs about 15 % less CPU per request than the "
-        "standard library's asyncio loop on the gateway's path (benchmarks/README.md, Serving).",
     )
     gateway_retries: int = Field(
         2, ge=0, description="Extra attempts of an inference on another replica after one answers UNAVAILABLE."
