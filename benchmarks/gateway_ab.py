@@ -9,13 +9,20 @@ p90, p99 and requests/s per system, and the CPU each process used per request (`
 
     python -m benchmarks.gateway_ab --concurrency 32 --rounds 4
     python -m benchmarks.gateway_ab --concurrency 1 --env MAAS_GATEWAY_WORKER_STREAMS=false
+    python -m benchmarks.gateway_ab --concurrency 1 --rounds 2 --profile /tmp/ab-profile
+
+``--profile DIR`` then samples the gateway and the worker actor with py-spy (1 kHz, every thread, idle ones
+left out) during one more block through gateway-a, and writes each one's collapsed stacks and a summary
+(where their busy samples were: self and inclusive, by function) to DIR.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -60,7 +67,52 @@ async def _block(call: Callable[[], Awaitable[object]], requests: int, concurren
     return latencies, time.perf_counter() - started
 
 
-async def run(concurrency: int, rounds: int, block: int, env: dict[str, str]) -> None:
+def _summary(raw: Path, top: int = 30) -> str:
+    """The busiest functions of a py-spy raw (collapsed) file: self and inclusive shares of all samples."""
+    selfs: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        count = int(count_text)
+        frames = [frame.split(" (")[0] + " (" + frame.rsplit("/", 1)[-1] for frame in stack.split(";") if frame]
+        total += count
+        if frames:
+            selfs[frames[-1]] += count
+        for frame in set(frames):
+            inclusive[frame] += count
+    lines = [f"{raw.name}: {total} samples"]
+    for title, counter in (("self", selfs), ("inclusive", inclusive)):
+        lines.append(f"  {title}:")
+        lines += [f"    {100 * n / max(total, 1):5.1f}%  {frame}" for frame, n in counter.most_common(top)]
+    return "\n".join(lines)
+
+
+async def _profile(
+    directory: Path, pids: dict[str, int], call: Callable[[], Awaitable[object]], requests: int, concurrency: int
+) -> None:
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    directory.mkdir(parents=True, exist_ok=True)
+    samplers = [
+        await asyncio.create_subprocess_exec(
+            spy, "record", "-r", "1000", "--nonblocking", "-f", "raw", "-o", str(directory / f"{name}.txt"),
+            "-p", str(pid), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )
+        for name, pid in pids.items()
+    ]  # fmt: skip
+    await asyncio.sleep(1.0)  # py-spy attaches
+    await _block(call, requests, concurrency)
+    for sampler in samplers:
+        sampler.send_signal(2)  # SIGINT: py-spy writes its file and exits
+        await sampler.wait()
+    for name in pids:
+        if (directory / f"{name}.txt").exists():
+            summary = _summary(directory / f"{name}.txt")
+            (directory / f"{name}-summary.txt").write_text(summary + "\n")
+            print(summary)
+
+
+async def run(concurrency: int, rounds: int, block: int, env: dict[str, str], profile: Path | None = None) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="maas-gateway-ab-"))
     path, manifest_json, _ = build_artifacts(workdir)["mlp"]
     bare_target = f"127.0.0.1:{free_port()}"
@@ -134,6 +186,12 @@ async def run(concurrency: int, rounds: int, block: int, env: dict[str, str]) ->
                 f"  {name:10s} p50 {values[count // 2]:7.3f} p90 {values[int(count * 0.9)]:7.3f} "
                 f"p99 {values[int(count * 0.99)]:7.3f} ms  {count / seconds[name]:6.0f} req/s  CPU us/req: {used}"
             )
+        if profile is not None:
+            busiest = sorted(cpu["worker"].items(), key=lambda item: -item[1])
+            worker_pid = next(pid for pid, _ in busiest if int(pid) != os.getpid())
+            gateway_pid = next(s.proc.pid for s in mesh.servers if s.name == "gateway")
+            pids = {"gateway": gateway_pid, "worker": int(worker_pid)}
+            await _profile(profile, pids, calls["gateway-a"], block * rounds, concurrency)
     finally:
         for channel in channels:
             await channel.close()
@@ -153,9 +211,10 @@ def main() -> None:
         metavar="NAME=VALUE",
         help="a setting of gateway-b (repeatable; default MAAS_GATEWAY_STREAM_HOLD_AFTER=0)",
     )
+    parser.add_argument("--profile", type=Path, help="sample the gateway and the worker with py-spy into DIR")
     args = parser.parse_args()
     env = dict(item.split("=", 1) for item in args.env) or {"MAAS_GATEWAY_STREAM_HOLD_AFTER": "0"}
-    asyncio.run(run(args.concurrency, args.rounds, args.block, env))
+    asyncio.run(run(args.concurrency, args.rounds, args.block, env, args.profile))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,15 @@ def _p50(point: Point | None) -> float | None:
     return point.percentile(50) if point is not None else None
 
 
+def _p99(point: Point | None) -> float | None:
+    return point.percentile(99) if point is not None else None
+
+
+def _target(value: float | None, target: float, at_most: bool = False) -> dict[str, Any]:
+    bound = "target_at_most" if at_most else "target"
+    return {"ratio": _round(value), bound: target, "verdict": _verdict(value, target, at_most)}
+
+
 def _round(value: float | None, digits: int = 2) -> float | None:
     return None if value is None else round(value, digits)
 
@@ -39,9 +48,7 @@ def summarize(
     maas32, ray32 = _find(points, "maas", "mlp", 32), _find(points, "ray-serve", "mlp", 32)
     bare32, batched32 = _find(points, "bare", "mlp", 32), _find(points, "bare-batched", "mlp", 32)
     maas1, bare1 = _find(points, "maas", "mlp", 1), _find(points, "bare", "mlp", 1)
-    vs_ray = ratio(_rps(maas32), _rps(ray32))
-    vs_bare = ratio(_rps(maas32), _rps(bare32))
-    p50_vs_bare = ratio(_p50(maas1), _p50(bare1))
+    maas8, bare8 = _find(points, "maas", "mlp", 8), _find(points, "bare", "mlp", 8)
     mlp_raw = raw.get("mlp", [])
     raw_best = max(mlp_raw, key=lambda r: r["samples_per_s"]) if mlp_raw else None
     transformer_raw = raw.get("transformer", [])
@@ -49,21 +56,15 @@ def summarize(
     transformer = _find(points, "maas", "transformer", 32)
     summary: dict[str, Any] = {
         "mlp": {
-            "maas_vs_ray_serve_c32": {
-                "ratio": _round(vs_ray),
-                "target": targets["maas_vs_ray_c32"],
-                "verdict": _verdict(vs_ray, targets["maas_vs_ray_c32"]),
-            },
-            "maas_vs_bare_c32": {
-                "ratio": _round(vs_bare),
-                "target": targets["maas_vs_bare_c32"],
-                "verdict": _verdict(vs_bare, targets["maas_vs_bare_c32"]),
-            },
-            "maas_p50_vs_bare_p50_c1": {
-                "ratio": _round(p50_vs_bare),
-                "target_at_most": targets["maas_p50_vs_bare_c1_max"],
-                "verdict": _verdict(p50_vs_bare, targets["maas_p50_vs_bare_c1_max"], at_most=True),
-            },
+            "maas_vs_ray_serve_c32": _target(ratio(_rps(maas32), _rps(ray32)), targets["maas_vs_ray_c32"]),
+            "maas_vs_bare_c32": _target(ratio(_rps(maas32), _rps(bare32)), targets["maas_vs_bare_c32"]),
+            "maas_vs_bare_c8": _target(ratio(_rps(maas8), _rps(bare8)), targets["maas_vs_bare_c8"]),
+            "maas_p50_vs_bare_p50_c1": _target(
+                ratio(_p50(maas1), _p50(bare1)), targets["maas_p50_vs_bare_c1_max"], at_most=True
+            ),
+            "maas_p99_vs_bare_p99_c32": _target(
+                ratio(_p99(maas32), _p99(bare32)), targets["maas_p99_vs_bare_c32_max"], at_most=True
+            ),
             "maas_vs_bare_batched_c32": _round(ratio(_rps(maas32), _rps(batched32))),
             "maas_c32_vs_raw_best_batch": _round(ratio(_rps(maas32), raw_best["samples_per_s"] if raw_best else None)),
             "raw_best_batch": raw_best["batch"] if raw_best else None,
@@ -125,7 +126,9 @@ def markdown(result: dict[str, Any]) -> str:
     for key, label, bound in (
         ("maas_vs_ray_serve_c32", "maas / Ray Serve, req/s at c=32", ">= "),
         ("maas_vs_bare_c32", "maas / bare one-hop, req/s at c=32", ">= "),
-        ("maas_p50_vs_bare_p50_c1", "maas p50 / bare p50 at c=1", "< "),
+        ("maas_vs_bare_c8", "maas / bare one-hop, req/s at c=8", ">= "),
+        ("maas_p50_vs_bare_p50_c1", "maas p50 / bare p50 at c=1", "<= "),
+        ("maas_p99_vs_bare_p99_c32", "maas p99 / bare p99 at c=32", "<= "),
     ):
         entry = mlp[key]
         target = entry.get("target", entry.get("target_at_most"))

@@ -26,12 +26,16 @@ from maas.inference.v1 import worker_pb2_grpc
 from services.inference.main import RunningWorker, hosted
 from shared.artifacts import Manifest, build_model, greedy_generate, load_artifact, save_artifact
 from shared.artifacts.decoder import DecoderLM
-from shared.errors import InvalidArgument, MaasError, Unavailable
+from shared.errors import DeadlineExceeded, InvalidArgument, MaasError, Unavailable
 from shared.grpc.status import error_from_status
 
 MLP = {"in_features": 16, "hidden": [32], "out_features": 4}
 # Big enough that one execution takes a while on one thread (the health and queue-full tests need that).
 SLOW_MLP = {"in_features": 256, "hidden": [2048, 2048, 2048], "out_features": 4}
+# One row takes well under a millisecond (the batcher's fast path); LANE_BUSY_ROWS hold the compute thread
+# for a good fraction of a second.
+LANE_MLP = {"in_features": 256, "hidden": [1024, 1024], "out_features": 4}
+LANE_BUSY_ROWS = 4096
 LM = {"vocab_size": 64, "context": 32, "width": 32, "depth": 1, "heads": 2}
 
 
@@ -449,6 +453,46 @@ async def test_infer_stream_cancel_drops_a_queued_entry(
     assert stats.execution_count == 2 and stats.inference_count == 2 * BUSY_ROWS, stats
     assert stats.inference_stats.success.count == 2 and stats.inference_stats.fail.count == 1, stats
     assert [b.batch_size for b in stats.batch_stats] == [BUSY_ROWS], stats
+
+
+async def test_infer_stream_lone_requests_keep_deadlines_and_cancellation(
+    registry_client: Any, channel: grpc.aio.Channel, tmp_path: Path
+) -> None:
+    """Lone requests of a short forward run at once on the worker's event loop (the batcher's fast path);
+    while a long execution holds the compute thread, they queue, and their deadlines and cancellations hold."""
+    path = await push(registry_client, tmp_path, "lane", "mlp", LANE_MLP)
+    await load(channel, "lane", max_batch_size=LANE_BUSY_ROWS)
+    reference = load_artifact(path).eval()
+    small = np.full((1, 256), 0.5, np.float32)
+    call = open_stream(channel)
+    for entry_id in range(1, 4):  # one at a time, as a client at concurrency 1 sends them
+        await call.write(wpb.InferStreamRequest(entries=[entry(entry_id, raw_request("lane", small))]))
+        (result,) = await read_results(call, 1)
+        assert result.id == entry_id
+        with torch.inference_mode():
+            expected = reference(torch.from_numpy(small)).numpy()
+        np.testing.assert_allclose(output(answer(result)), expected, rtol=1e-5, atol=1e-5)
+    busy = raw_request("lane", np.zeros((LANE_BUSY_ROWS, 256), np.float32))
+    await call.write(wpb.InferStreamRequest(entries=[entry(10, busy)]))
+    await asyncio.sleep(0.05)  # the busy execution has started: these two find the compute thread taken
+    lone = [entry(11, raw_request("lane", small), timeout_s=0.02), entry(12, raw_request("lane", small))]
+    await call.write(wpb.InferStreamRequest(entries=lone))
+    await call.write(wpb.InferStreamRequest(cancel=[12]))
+    results = {r.id: r for r in await read_results(call, 2, within_s=20)}
+    assert sorted(results) == [10, 11], "a cancelled entry gets no result"
+    assert list(answer(results[10]).outputs[0].shape) == [LANE_BUSY_ROWS, 4]
+    expired = failure(results[11])
+    assert isinstance(expired, DeadlineExceeded) and "waited" in expired.message, expired
+    # Idle again: a lone request is answered at once.
+    await call.write(wpb.InferStreamRequest(entries=[entry(13, raw_request("lane", small))]))
+    (last,) = await read_results(call, 1)
+    assert last.id == 13 and list(answer(last).outputs[0].shape) == [1, 4]
+    await call.done_writing()
+    assert await read_to_end(call) == []
+    stats = await statistics(channel, "lane")
+    # Neither the expired nor the cancelled entry was computed.
+    assert stats.execution_count == 5 and stats.inference_count == 4 + LANE_BUSY_ROWS, stats
+    assert stats.inference_stats.success.count == 5 and stats.inference_stats.fail.count == 2, stats
 
 
 async def test_infer_stream_rejects_an_id_already_in_flight(

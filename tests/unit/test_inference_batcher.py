@@ -288,3 +288,133 @@ async def test_observer_sees_what_the_statistics_count(executor: ThreadPoolExecu
     assert sorted(observer.outcomes) == ["rejected", "rejected", "success", "success", "success"]
     assert stats.rejected == 2 and stats.success.count == 3
     assert observer.depths == [1, 0, 1, 2, 0]
+
+
+class ThreadRecordingModel(FakeModel):
+    """A FakeModel that also records which thread ran each execution."""
+
+    def __init__(self, seconds: float = 0.0) -> None:
+        super().__init__(seconds)
+        self.threads: list[int] = []
+
+    def __call__(self, inputs: Mapping[str, np.ndarray], timings: BatchTimings) -> dict[str, np.ndarray]:
+        self.threads.append(threading.get_ident())
+        return super().__call__(inputs, timings)
+
+
+async def test_lone_fast_request_runs_on_the_event_loop(executor: ThreadPoolExecutor) -> None:
+    model = ThreadRecordingModel()
+    batcher = DynamicBatcher("m:1", model, executor, BatchingSettings(max_batch_size=8), VersionStats())
+    outs = [await batcher.submit(x(i), 1) for i in range(4)]
+    assert [out["y"].tolist() for out in outs] == [[[2 * i, 2 * i]] for i in range(4)]
+    loop_thread = threading.get_ident()
+    # The first execution is not measured yet: the compute thread; then short ones run where they arrive.
+    assert model.threads[0] != loop_thread
+    assert model.threads[1:] == [loop_thread] * 3
+    stats = batcher.stats
+    assert stats.execution_count == 4 and stats.success.count == 4 and stats.inference_count == 4
+    await batcher.close()
+
+
+async def test_requests_arriving_together_are_batched_not_run_inline_one_by_one(
+    executor: ThreadPoolExecutor,
+) -> None:
+    model = ThreadRecordingModel()
+    batcher = DynamicBatcher("m:1", model, executor, BatchingSettings(max_batch_size=8), VersionStats())
+    await batcher.submit(x(0), 1)
+    await batcher.submit(x(1), 1)
+    assert model.threads[-1] == threading.get_ident()
+    # As the entries of one stream message: their tasks start in the same turn of the event loop.
+    outs = await asyncio.gather(*(batcher.submit(x(10 + i), 1) for i in range(4)))
+    assert [out["y"].tolist() for out in outs] == [[[2 * (10 + i)] * 2] for i in range(4)]
+    assert model.batches[-1] == [10.0, 11.0, 12.0, 13.0]
+    assert batcher.stats.execution_count == 3
+    await batcher.close()
+
+
+@pytest.mark.parametrize(("seconds", "inline_max_us"), [(0.003, 1000), (0.0, 0)])
+async def test_slow_or_opted_out_versions_stay_on_the_compute_thread(
+    executor: ThreadPoolExecutor, seconds: float, inline_max_us: int
+) -> None:
+    model = ThreadRecordingModel(seconds)
+    batcher = DynamicBatcher(
+        "m:1", model, executor, BatchingSettings(max_batch_size=8), VersionStats(), inline_max_us=inline_max_us
+    )
+    for i in range(3):
+        await batcher.submit(x(i), 1)
+    assert threading.get_ident() not in model.threads
+    await batcher.close()
+
+
+async def test_busy_executor_sends_lone_requests_to_the_compute_thread_where_cancellation_holds(
+    executor: ThreadPoolExecutor,
+) -> None:
+    fast = ThreadRecordingModel()
+    batcher = DynamicBatcher("fast:1", fast, executor, BatchingSettings(max_batch_size=8), VersionStats())
+    await batcher.submit(x(0), 1)
+    await batcher.submit(x(1), 1)
+    loop_thread = threading.get_ident()
+    assert fast.threads[-1] == loop_thread  # idle: inline
+    # Another version holds the shared compute thread: a lone request of this one must not run beside it.
+    other = FakeModel()
+    other.gate.clear()
+    other_batcher = DynamicBatcher("other:1", other, executor, BatchingSettings(max_batch_size=8), VersionStats())
+    running = asyncio.ensure_future(other_batcher.submit(x(9), 1))
+    await asyncio.to_thread(other.entered.wait, 5)
+    cancelled = asyncio.ensure_future(batcher.submit(x(3), 1))
+    await asyncio.sleep(0.01)
+    cancelled.cancel()
+    waiting = asyncio.ensure_future(batcher.submit(x(2), 1))
+    await asyncio.sleep(0.01)
+    assert not waiting.done() and fast.batches == [[0.0], [1.0]]
+    other.gate.set()
+    assert (await running)["y"].tolist() == [[18, 18]]
+    assert (await waiting)["y"].tolist() == [[4, 4]]
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    assert fast.batches == [[0.0], [1.0], [2.0]], "the cancelled request must not be computed"
+    assert fast.threads[-1] != loop_thread
+    # Idle again: the next lone request runs inline again.
+    assert (await batcher.submit(x(4), 1))["y"].tolist() == [[8, 8]]
+    assert fast.threads[-1] == loop_thread
+    await batcher.close()
+    await other_batcher.close()
+
+
+async def test_a_request_that_more_are_expected_to_join_waits_for_them_instead_of_running_inline(
+    executor: ThreadPoolExecutor,
+) -> None:
+    model = ThreadRecordingModel()
+    settings = BatchingSettings(max_batch_size=8, max_queue_delay_us=200_000)
+    batcher = DynamicBatcher("m:1", model, executor, settings, VersionStats())
+    await batcher.submit(x(0), 1)
+    await batcher.submit(x(1), 1)
+    assert model.threads[-1] == threading.get_ident()
+    # Clients that overlap: a batch of several just ran, so the next lone request waits for the others
+    # (batching under load), and they run together on the compute thread.
+    holder = FakeModel()
+    holder.gate.clear()
+    other = DynamicBatcher("other:1", holder, executor, BatchingSettings(max_batch_size=8), VersionStats())
+    held = asyncio.ensure_future(other.submit(x(9), 1))
+    await asyncio.to_thread(holder.entered.wait, 5)
+    burst = [asyncio.ensure_future(batcher.submit(x(10 + i), 1)) for i in range(4)]
+    await asyncio.sleep(0.01)
+    holder.gate.set()
+    await asyncio.gather(held, *burst)
+    assert model.batches[-1] == [10.0, 11.0, 12.0, 13.0]
+    follow = [asyncio.ensure_future(batcher.submit(x(20 + i), 1)) for i in range(3)]
+    await asyncio.gather(*follow)
+    assert model.batches[-1] == [20.0, 21.0, 22.0]
+    assert model.threads[-1] != threading.get_ident()
+    await batcher.close()
+    await other.close()
+
+
+async def test_lone_request_whose_deadline_passed_is_not_computed(executor: ThreadPoolExecutor) -> None:
+    model = FakeModel()
+    batcher = make(model, executor, max_batch_size=8)
+    await batcher.submit(x(0), 1)
+    with pytest.raises(DeadlineExceeded):
+        await batcher.submit(x(1), 1, timeout_s=0.0)
+    assert model.batches == [[0.0]]
+    await batcher.close()
