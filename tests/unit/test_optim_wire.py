@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.paramserver.core.host import ShardConfig, build_optimizer
+from services.paramserver.core.config import ShardConfig, build_optimizer
 from services.scheduler.core.model import OptimizerSpec
 from shared.errors import InvalidArgument
 from shared.optim import wire

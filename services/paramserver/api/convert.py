@@ -11,7 +11,7 @@ from typing import Any
 
 from maas.paramserver.v1 import paramserver_pb2 as pb
 
-from services.paramserver.core.host import InitResult, ShardConfig, ShardStatus
+from services.paramserver.core.config import InitResult, ShardConfig, ShardStatus
 from shared.errors import InvalidArgument
 
 
