@@ -22,14 +22,14 @@ from services.scheduler.adapters.sql.tables import MIGRATIONS
 from services.scheduler.adapters.sql.tenant_repository import SqlTenantRepository
 from services.scheduler.api.servicer import AUTHORIZATION, SchedulerServicer
 from services.scheduler.core.cluster import ClusterView
-from services.scheduler.core.deployment_ports import ReplicaPool
-from services.scheduler.core.deployments import DeploymentService
+from services.scheduler.core.deployments.ports import ReplicaPool
+from services.scheduler.core.deployments.reconciler import ReconcilerConfig
+from services.scheduler.core.deployments.service import DeploymentService
 from services.scheduler.core.events import EventBus
+from services.scheduler.core.jobs.ports import JobRunner
+from services.scheduler.core.jobs.service import JobService
 from services.scheduler.core.policy import UNLIMITED, Candidate
-from services.scheduler.core.ports import JobRunner
 from services.scheduler.core.quota import ReplicaQuota
-from services.scheduler.core.reconciler import ReconcilerConfig
-from services.scheduler.core.service import JobService
 from services.scheduler.core.tenants import TenantService
 from services.scheduler.settings import SchedulerSettings
 from shared.artifacts import configure_zoo_limits

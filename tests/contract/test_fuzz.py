@@ -216,7 +216,7 @@ class _NoReplicas:
         return None
 
     async def ping(self, replica_id: str, timeout_s: float) -> Any:
-        from services.scheduler.core.deployment_ports import ReplicaHealth
+        from services.scheduler.core.deployments.ports import ReplicaHealth
 
         return ReplicaHealth.DEAD
 

@@ -19,15 +19,15 @@ from maas.scheduler.v1 import scheduler_pb2_grpc
 
 from services.scheduler.adapters.sql.deployment_repository import SqlDeploymentRepository
 from services.scheduler.adapters.sql.tables import MIGRATIONS
-from services.scheduler.core.deployment_model import (
+from services.scheduler.core.deployments.model import (
     Batching,
     Deployment,
     DeploymentSpec,
     DeploymentState,
     ResolvedVersion,
 )
-from services.scheduler.core.deployment_ports import FoundReplica, ReplicaHealth, ReplicaSpec
-from services.scheduler.core.model import ResourceRequest
+from services.scheduler.core.deployments.ports import FoundReplica, ReplicaHealth, ReplicaSpec
+from services.scheduler.core.jobs.model import ResourceRequest
 from services.scheduler.main import RunningScheduler, start
 from services.scheduler.settings import SchedulerSettings
 from shared.artifacts import Signature, TensorSpec
@@ -474,7 +474,7 @@ def test_tenants_use_deployment_request_ids_independently(database_url: str) -> 
 async def test_replicas_above_the_minimum_are_preempted_for_a_higher_priority_job(
     settings: SchedulerSettings, pool: LoopbackPool, models: list[int]
 ) -> None:
-    from services.scheduler.core.model import JobState
+    from services.scheduler.core.jobs.model import JobState
     from tests.contract.test_scheduler_jobs import digits_spec
     from tests.contract.test_scheduler_tenants import HoldingRunner
 

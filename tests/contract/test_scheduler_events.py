@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from maas.scheduler.v1 import scheduler_pb2 as pb
 
-from services.scheduler.core.model import Job
-from services.scheduler.core.ports import JobReporter
+from services.scheduler.core.jobs.model import Job
+from services.scheduler.core.jobs.ports import JobReporter
 from services.scheduler.main import start
 from services.scheduler.settings import SchedulerSettings
 from tests.contract.test_scheduler_jobs import Client, digits_spec, submit

@@ -23,7 +23,7 @@ from maas.scheduler.v1 import scheduler_pb2 as pb
 from maas.scheduler.v1 import scheduler_pb2_grpc
 
 from services.scheduler.adapters.sql.tables import MIGRATIONS, VERSION_TABLE, metadata
-from services.scheduler.core.ports import JobRunner
+from services.scheduler.core.jobs.ports import JobRunner
 from services.scheduler.main import RunningScheduler, start
 from services.scheduler.settings import SchedulerSettings
 from shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound

@@ -13,8 +13,8 @@ import pytest
 from maas.common.v1 import common_pb2
 from maas.scheduler.v1 import scheduler_pb2 as pb
 
-from services.scheduler.core.model import Job
-from services.scheduler.core.ports import JobReporter
+from services.scheduler.core.jobs.model import Job
+from services.scheduler.core.jobs.ports import JobReporter
 from services.scheduler.main import RunningScheduler, start
 from services.scheduler.settings import SchedulerSettings
 from shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied

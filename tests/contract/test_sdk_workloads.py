@@ -17,8 +17,8 @@ from maas.scheduler.v1 import scheduler_pb2 as spb
 
 from services.gateway.main import start as start_gateway
 from services.gateway.settings import GatewaySettings
-from services.scheduler.core.model import Job, StepMetrics
-from services.scheduler.core.ports import JobReporter
+from services.scheduler.core.jobs.model import Job, StepMetrics
+from services.scheduler.core.jobs.ports import JobReporter
 from services.scheduler.main import RunningScheduler
 from services.scheduler.main import start as start_scheduler
 from services.scheduler.settings import SchedulerSettings

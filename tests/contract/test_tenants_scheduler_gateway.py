@@ -34,8 +34,8 @@ from maas.scheduler.v1 import scheduler_pb2_grpc
 from services.gateway.core.statistics import VersionStats
 from services.scheduler.adapters.sql.deployment_repository import SqlDeploymentRepository
 from services.scheduler.adapters.sql.tables import MIGRATIONS
-from services.scheduler.core.deployment_model import DeploymentSpec, ResolvedVersion
-from services.scheduler.core.deployment_ports import FoundReplica, ReplicaHealth, ReplicaSpec
+from services.scheduler.core.deployments.model import DeploymentSpec, ResolvedVersion
+from services.scheduler.core.deployments.ports import FoundReplica, ReplicaHealth, ReplicaSpec
 from shared.artifacts import Signature, TensorSpec
 from shared.kserve.convert import signature_to_pb
 from shared.security.access import TENANT_METADATA

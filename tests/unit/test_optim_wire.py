@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from services.paramserver.core.config import ShardConfig, build_optimizer
-from services.scheduler.core.model import OptimizerSpec
+from services.scheduler.core.jobs.model import OptimizerSpec
 from shared.errors import InvalidArgument
 from shared.optim import wire
 

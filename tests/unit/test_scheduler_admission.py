@@ -12,7 +12,7 @@ import pytest
 
 from services.scheduler.adapters.sql.repository import SqlJobRepository
 from services.scheduler.adapters.sql.tables import MIGRATIONS
-from services.scheduler.core.model import (
+from services.scheduler.core.jobs.model import (
     Job,
     JobChanges,
     JobState,
@@ -20,8 +20,8 @@ from services.scheduler.core.model import (
     StepMetrics,
     TrainingJobSpec,
 )
-from services.scheduler.core.ports import JobReporter
-from services.scheduler.core.service import JobService
+from services.scheduler.core.jobs.ports import JobReporter
+from services.scheduler.core.jobs.service import JobService
 from shared.datasets import DatasetSpec
 from shared.errors import FailedPrecondition
 from shared.sql import create_engine, migrate

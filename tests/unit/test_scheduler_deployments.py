@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from services.scheduler.core.autoscaler import Autoscaler, split_replicas
-from services.scheduler.core.deployment_model import (
+from services.scheduler.core.deployments.autoscaler import Autoscaler, split_replicas
+from services.scheduler.core.deployments.model import (
     Autoscaling,
     Batching,
     Canary,
     DeploymentSpec,
     validate_deployment_spec,
 )
-from services.scheduler.core.model import ResourceRequest
-from services.scheduler.core.reconciler import parse_replica_id, replica_id
+from services.scheduler.core.deployments.reconciler import parse_replica_id, replica_id
+from services.scheduler.core.jobs.model import ResourceRequest
 from shared.errors import InvalidArgument
 
 AUTO = Autoscaling(target_ongoing_requests=2, upscale_delay_s=2, downscale_delay_s=30)

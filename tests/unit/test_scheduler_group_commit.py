@@ -14,8 +14,8 @@ import pytest
 from services.scheduler.adapters.sql.repository import SqlJobRepository
 from services.scheduler.adapters.sql.tables import MIGRATIONS
 from services.scheduler.core.group_commit import GroupCommit
-from services.scheduler.core.model import Job, JobState
-from services.scheduler.core.service import new_job_id
+from services.scheduler.core.jobs.model import Job, JobState
+from services.scheduler.core.jobs.service import new_job_id
 from shared.sql import create_engine, migrate
 from tests.unit.test_scheduler_admission import spec
 

@@ -15,11 +15,11 @@ import pytest
 from services.scheduler.adapters.sql.deployment_repository import SqlDeploymentRepository
 from services.scheduler.adapters.sql.repository import SqlJobRepository
 from services.scheduler.adapters.sql.tables import MIGRATIONS
-from services.scheduler.core.deployment_ports import FoundReplica
-from services.scheduler.core.deployments import DeploymentService
-from services.scheduler.core.model import Job, JobChanges, JobState
-from services.scheduler.core.ports import JobReporter
-from services.scheduler.core.service import JobService
+from services.scheduler.core.deployments.ports import FoundReplica
+from services.scheduler.core.deployments.service import DeploymentService
+from services.scheduler.core.jobs.model import Job, JobChanges, JobState
+from services.scheduler.core.jobs.ports import JobReporter
+from services.scheduler.core.jobs.service import JobService
 from shared.sql import create_engine, migrate
 from tests.unit.test_scheduler_admission import Factory, RecordingRunner, eventually, spec
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from services.scheduler.core.model import JobState, OptimizerSpec, ResourceRequest, TrainingJobSpec
-from services.scheduler.core.validation import steps_per_epoch, validate_spec
+from services.scheduler.core.jobs.model import JobState, OptimizerSpec, ResourceRequest, TrainingJobSpec
+from services.scheduler.core.jobs.validation import steps_per_epoch, validate_spec
 from shared.compression import get_codec
 from shared.datasets import DatasetSpec
 from shared.errors import InvalidArgument

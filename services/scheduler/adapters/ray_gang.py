@@ -21,7 +21,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from services.scheduler.adapters.service_host import ServiceHost
-from services.scheduler.core.model import Job, ResourceRequest
+from services.scheduler.core.jobs.model import Job, ResourceRequest
 
 NAMESPACE = "maas"
 SHARD_ENTRYPOINT = "services.paramserver.main:hosted"

@@ -19,7 +19,7 @@ import structlog
 from services.scheduler.adapters import ray_cluster
 from services.scheduler.adapters.actor_env import actor_env
 from services.scheduler.adapters.service_host import ServiceHost
-from services.scheduler.core.deployment_ports import FoundReplica, ReplicaHealth, ReplicaSpec
+from services.scheduler.core.deployments.ports import FoundReplica, ReplicaHealth, ReplicaSpec
 from services.scheduler.settings import SchedulerSettings
 from shared.errors import MaasError
 

@@ -35,8 +35,8 @@ from opentelemetry import trace
 from services.scheduler.adapters import ray_cluster, ray_gang
 from services.scheduler.adapters.actor_env import actor_env
 from services.scheduler.adapters.ray_gang import Gang, Member
-from services.scheduler.core.model import Job, StepMetrics
-from services.scheduler.core.ports import JobReporter
+from services.scheduler.core.jobs.model import Job, StepMetrics
+from services.scheduler.core.jobs.ports import JobReporter
 from services.scheduler.settings import SchedulerSettings
 from shared.clients.paramserver import ParamServerClient
 from shared.grpc.channel import make_channel

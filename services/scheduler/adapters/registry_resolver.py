@@ -7,7 +7,7 @@ import asyncio
 
 from maas.registry.v1 import registry_pb2 as rpb
 
-from services.scheduler.core.deployment_model import ResolvedVersion
+from services.scheduler.core.deployments.model import ResolvedVersion
 from shared.artifacts import trust
 from shared.clients.registry import RegistryClient
 from shared.kserve.convert import signature_from_pb

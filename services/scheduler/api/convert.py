@@ -9,7 +9,7 @@ from maas.common.v1 import common_pb2
 from maas.paramserver.v1 import paramserver_pb2
 from maas.scheduler.v1 import scheduler_pb2 as pb
 
-from services.scheduler.core.model import (
+from services.scheduler.core.jobs.model import (
     Job,
     JobState,
     OptimizerSpec,

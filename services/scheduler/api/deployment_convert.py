@@ -6,7 +6,7 @@ from maas.inference.v1 import worker_pb2
 from maas.scheduler.v1 import scheduler_pb2 as pb
 
 from services.scheduler.api.convert import _resources_from_pb, _resources_to_pb, timestamp
-from services.scheduler.core.deployment_model import (
+from services.scheduler.core.deployments.model import (
     Autoscaling,
     Batching,
     Canary,

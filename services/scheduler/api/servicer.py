@@ -18,9 +18,9 @@ from maas.scheduler.v1 import scheduler_pb2_grpc
 from services.scheduler.api import convert, tenant_convert
 from services.scheduler.api import deployment_convert as dconvert
 from services.scheduler.core.cluster import ClusterView
-from services.scheduler.core.deployments import DeploymentService
-from services.scheduler.core.model import Job
-from services.scheduler.core.service import JobService
+from services.scheduler.core.deployments.service import DeploymentService
+from services.scheduler.core.jobs.model import Job
+from services.scheduler.core.jobs.service import JobService
 from services.scheduler.core.tenants import TenantService, tenant_not_found
 from shared import names
 from shared.errors import PermissionDenied

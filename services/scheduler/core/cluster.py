@@ -7,8 +7,8 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from services.scheduler.core.jobs.service import JobService
 from services.scheduler.core.policy import NONE, Resources
-from services.scheduler.core.service import JobService
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Mapping
 
-from services.scheduler.core.deployment_model import DeploymentSpec
+from services.scheduler.core.deployments.model import DeploymentSpec
 from services.scheduler.core.policy import NONE, Resources, Tenant, admit_one, check_feasible, replica_demand
 
 

@@ -12,8 +12,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any, TypeVar
 
+from services.scheduler.core.jobs.ports import TenantRepository
 from services.scheduler.core.policy import Resources, Tenant, validate_quota
-from services.scheduler.core.ports import TenantRepository
 from shared import names
 from shared.errors import FieldViolation, InvalidArgument, NotFound, PermissionDenied
 

@@ -8,7 +8,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from services.scheduler.adapters.sql.tables import deployments
-from services.scheduler.core.deployment_model import (
+from services.scheduler.core.deployments.model import (
     Deployment,
     DeploymentSpec,
     DeploymentState,

@@ -10,7 +10,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from services.scheduler.adapters.sql.tables import jobs
-from services.scheduler.core.model import (
+from services.scheduler.core.jobs.model import (
     ACTIVE_STATES,
     LIVE_STATES,
     Job,

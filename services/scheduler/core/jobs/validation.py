@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.scheduler.core.model import DEFAULT_TENANT, OptimizerSpec, ResourceRequest, TrainingJobSpec
+from services.scheduler.core.jobs.model import DEFAULT_TENANT, OptimizerSpec, ResourceRequest, TrainingJobSpec
 from shared import names
 from shared.artifacts import ArtifactError, Manifest, build_model, get_architecture, zoo_max_elements
 from shared.compression import CODECS, get_codec

@@ -1,7 +1,7 @@
 """Domain types of the scheduler: training jobs, their specs, states and step metrics.
 
 A :class:`TrainingJobSpec` mirrors the ``TrainingJobSpec`` message. The one the service stores (and hands to
-the runner) is the *normalised* spec: defaults filled in (see :mod:`services.scheduler.core.validation`), so a
+the runner) is the *normalised* spec: defaults filled in (see :mod:`services.scheduler.core.jobs.validation`), so a
 runner never needs to know what 0 or "" meant on the wire. Its helpers (:meth:`TrainingJobSpec.arguments`,
 :meth:`TrainingJobSpec.codec_kwargs`, :meth:`OptimizerSpec.make`) convert exactly as submit-time validation
 did, so what was validated is what runs.

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from services.scheduler.core.model import DEFAULT_TENANT, ResourceRequest
+from services.scheduler.core.jobs.model import DEFAULT_TENANT, ResourceRequest
 from shared import names
 from shared.artifacts import Signature
 from shared.errors import FieldViolation, InvalidArgument, NotFound

@@ -1,7 +1,7 @@
 """The scheduler's deployment use cases: create, get, list, update, delete, watch endpoints, report load.
 
 :class:`DeploymentService` stores deployments (a :class:`DeploymentRepository`), resolves versions in the
-registry (a :class:`ModelResolver`) and runs one :class:`~services.scheduler.core.reconciler.Reconciler`
+registry (a :class:`ModelResolver`) and runs one :class:`~services.scheduler.core.deployments.reconciler.Reconciler`
 per deployment over a :class:`ReplicaPool`. The replica set is the pool's truth: at start the service
 re-attaches to the replicas a previous process left (and stops those of deleted deployments).
 
@@ -26,8 +26,8 @@ from typing import Any, TypeVar
 
 import structlog
 
-from services.scheduler.core.autoscaler import Autoscaler
-from services.scheduler.core.deployment_model import (
+from services.scheduler.core.deployments.autoscaler import Autoscaler
+from services.scheduler.core.deployments.model import (
     Deployment,
     DeploymentEndpoints,
     DeploymentSpec,
@@ -39,12 +39,12 @@ from services.scheduler.core.deployment_model import (
     needs_new_generation,
     validate_deployment_spec,
 )
-from services.scheduler.core.deployment_ports import DeploymentRepository, ModelResolver, ReplicaPool
+from services.scheduler.core.deployments.ports import DeploymentRepository, ModelResolver, ReplicaPool
+from services.scheduler.core.deployments.reconciler import Reconciler, ReconcilerConfig, parse_replica_id
 from services.scheduler.core.events import EventBus, EventKind
-from services.scheduler.core.model import Page, check_request_id, request_conflict, visible_to
+from services.scheduler.core.jobs.model import Page, check_request_id, request_conflict, visible_to
 from services.scheduler.core.policy import NONE, Candidate, Resources, replica_demand
 from services.scheduler.core.quota import ReplicaQuota
-from services.scheduler.core.reconciler import Reconciler, ReconcilerConfig, parse_replica_id
 from shared import names
 from shared.errors import FailedPrecondition, InvalidArgument, Unavailable
 from shared.paging import encode_token, parse_page

@@ -2,7 +2,7 @@
 
 :class:`JobRepository` implementations are synchronous; the core runs them in threads. :class:`JobRunner`
 is what actually places and runs a job (on Ray, in production); it talks back through the
-:class:`JobReporter` the core hands it, which :class:`~services.scheduler.core.service.JobService` implements.
+:class:`JobReporter` the core hands it, which :class:`~services.scheduler.core.jobs.service.JobService` implements.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from services.scheduler.core.model import Job, JobChanges, JobState, StepMetrics
+from services.scheduler.core.jobs.model import Job, JobChanges, JobState, StepMetrics
 from services.scheduler.core.policy import Candidate, Tenant
 
 

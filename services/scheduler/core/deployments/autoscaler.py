@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from services.scheduler.core.deployment_model import Autoscaling
+from services.scheduler.core.deployments.model import Autoscaling
 
 DEFAULT_REPORT_TTL_S = 10.0
 

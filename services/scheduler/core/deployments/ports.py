@@ -11,8 +11,8 @@ import enum
 from dataclasses import dataclass
 from typing import Protocol
 
-from services.scheduler.core.deployment_model import Batching, Deployment, ResolvedVersion
-from services.scheduler.core.model import ResourceRequest
+from services.scheduler.core.deployments.model import Batching, Deployment, ResolvedVersion
+from services.scheduler.core.jobs.model import ResourceRequest
 
 
 class DeploymentRepository(Protocol):

@@ -21,15 +21,15 @@ from dataclasses import dataclass
 
 import structlog
 
-from services.scheduler.core.autoscaler import Autoscaler, split_replicas
-from services.scheduler.core.deployment_model import (
+from services.scheduler.core.deployments.autoscaler import Autoscaler, split_replicas
+from services.scheduler.core.deployments.model import (
     Deployment,
     DeploymentState,
     Replica,
     ReplicaState,
     ResolvedVersion,
 )
-from services.scheduler.core.deployment_ports import ReplicaHealth, ReplicaPool, ReplicaSpec
+from services.scheduler.core.deployments.ports import ReplicaHealth, ReplicaPool, ReplicaSpec
 
 log = structlog.get_logger("maas.scheduler.deployments")
 _REPLICA_ID = re.compile(r"^dep-(?P<name>.+)-g(?P<gen>\d+)-v(?P<version>\d+)-(?P<seq>\d+)$")

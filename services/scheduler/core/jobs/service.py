@@ -1,8 +1,8 @@
 """The scheduler's training-job use cases: submit, get, list, cancel, watch, and admission.
 
-:class:`JobService` owns the job store (through a :class:`~services.scheduler.core.ports.JobRepository`) and
-decides when a job runs; a :class:`~services.scheduler.core.ports.JobRunner` places and runs it and reports
-back through the service, which is its :class:`~services.scheduler.core.ports.JobReporter`.
+:class:`JobService` owns the job store (through a :class:`~services.scheduler.core.jobs.ports.JobRepository`) and
+decides when a job runs; a :class:`~services.scheduler.core.jobs.ports.JobRunner` places and runs it and reports
+back through the service, which is its :class:`~services.scheduler.core.jobs.ports.JobReporter`.
 
 Admission: one loop task runs :func:`~services.scheduler.core.policy.plan_admission` over the QUEUED jobs
 (priority, then fair share among tenants, then submission order; each tenant within its quota plus
@@ -54,7 +54,7 @@ import structlog
 
 from services.scheduler.core.events import EventBus, EventKind
 from services.scheduler.core.group_commit import GroupCommit
-from services.scheduler.core.model import (
+from services.scheduler.core.jobs.model import (
     ACTIVE_STATES,
     LIVE_STATES,
     PREEMPTIBLE_STATES,
@@ -69,6 +69,8 @@ from services.scheduler.core.model import (
     request_conflict,
     visible_to,
 )
+from services.scheduler.core.jobs.ports import ElasticReplicas, JobReporter, JobRepository, JobRunner
+from services.scheduler.core.jobs.validation import ValidatedSpec, validate_spec
 from services.scheduler.core.policy import (
     NONE,
     UNLIMITED,
@@ -81,9 +83,7 @@ from services.scheduler.core.policy import (
     gang_demand,
     plan_admission,
 )
-from services.scheduler.core.ports import ElasticReplicas, JobReporter, JobRepository, JobRunner
 from services.scheduler.core.tenants import TenantService
-from services.scheduler.core.validation import ValidatedSpec, validate_spec
 from shared import names
 from shared.errors import FailedPrecondition, MaasError, Unavailable
 from shared.paging import encode_token, parse_page
