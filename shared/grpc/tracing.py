@@ -9,6 +9,7 @@ call back at once, and end the span from a done callback, so ``call.cancel()`` r
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 from typing import Any
 
 import grpc
@@ -35,6 +36,16 @@ def _start(details: grpc.aio.ClientCallDetails) -> tuple[Span, grpc.aio.ClientCa
     return span, new
 
 
+# Tasks that end client spans: referenced until done, so that none is collected half way.
+_ending: set[asyncio.Task[None]] = set()
+
+
+def _spawn(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]) -> None:
+    task = loop.create_task(coro)
+    _ending.add(task)
+    task.add_done_callback(_ending.discard)
+
+
 def _finish_when_done(span: Span, call: Any) -> None:
     async def finish() -> None:
         try:
@@ -46,7 +57,24 @@ def _finish_when_done(span: Span, call: Any) -> None:
             span.set_status(Status(StatusCode.ERROR, code.name))
         span.end()
 
-    call.add_done_callback(lambda _call: asyncio.ensure_future(finish()))
+    loop = asyncio.get_running_loop()
+
+    def done(_call: Any) -> None:
+        # Called on the loop, except for a call collected in another thread (grpc cancels it in __del__):
+        # there no loop runs, so the span's end is handed to the call's own loop.
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            _spawn(loop, finish())
+            return
+        try:
+            loop.call_soon_threadsafe(lambda: _spawn(loop, finish()))
+        except RuntimeError:  # that loop is closed: nobody will read the status any more
+            span.end()
+
+    call.add_done_callback(done)
 
 
 class TracingClientInterceptor(

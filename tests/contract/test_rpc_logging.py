@@ -10,6 +10,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import structlog
 
 from shared.errors import DataLoss, NotFound
 from shared.grpc.server import start_server
@@ -22,6 +23,9 @@ def log_file(tmp_path: Path) -> Iterator[Path]:
     """This process's logging sent to a small rotated file for the test, then put back."""
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
+    # structlog's too: loggers cached before this test hold the session's processor list, and
+    # structlog.testing.capture_logs (later tests) captures by changing the configured list in place.
+    config = structlog.get_config()
     path = tmp_path / "logs" / "test.log"
     configure_logging("test", "info", "console", file=path, max_bytes=64 * 1024)
     yield path
@@ -29,6 +33,7 @@ def log_file(tmp_path: Path) -> Iterator[Path]:
         handler.close()
     root.handlers[:] = handlers
     root.setLevel(level)
+    structlog.configure(**config)
 
 
 def _lines(path: Path) -> list[dict[str, object]]:

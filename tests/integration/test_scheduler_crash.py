@@ -131,8 +131,8 @@ class SchedulerProcess:
                 self.process.kill()
                 self.process.wait(10)
 
-    async def submit(self, **changes: Any) -> pb.Job:
-        spec = tiny_job_spec("crash-digits", **{"checkpoint_interval": 10, **changes})
+    async def submit(self, target_model: str = "crash-digits", **changes: Any) -> pb.Job:
+        spec = tiny_job_spec(target_model, **{"checkpoint_interval": 10, **changes})
         return (await self.stub.SubmitTrainingJob(pb.SubmitTrainingJobRequest(spec=spec), timeout=30)).job
 
     async def job(self, job_id: str) -> pb.Job:
