@@ -242,7 +242,14 @@ class SqlRepository:
         with self._engine.begin() as conn:
             holder = conn.execute(sa.select(models.c.tenant).where(models.c.name == new.model)).scalar()
             if holder is None and create_model:
-                self._insert_model(conn, new.model, "", {}, owner)
+                try:
+                    self._insert_model(conn, new.model, "", {}, owner)
+                except AlreadyExists:
+                    # A concurrent upload created it after our read (PostgreSQL reads committed rows; two jobs
+                    # training one target model do this): add the version to it if the caller sees it.
+                    holder = conn.execute(sa.select(models.c.tenant).where(models.c.name == new.model)).scalar()
+                    if holder is None or not visible(holder, tenant):
+                        raise
             elif holder is not None and create_model and not visible(holder, tenant):
                 raise name_taken(new.model)
             # The row lock (PostgreSQL) or the write lock (SQLite) serialises allocation per model.
